@@ -1,0 +1,13 @@
+"""kidkernels: fused kernels for knowledge distillation of causal language models.
+
+Public API (a contract):
+
+- :func:`fused_linear_distill_loss`, :class:`FusedLinearDistillLoss`: divergence (FKL, RKL, JSD, TVD) plus MLE from
+  hidden states and lm_head weights, never holding the tokens x vocab logits.
+- :func:`distill_loss`: the same loss from logits the caller already holds.
+"""
+from .loss import FusedLinearDistillLoss, distill_loss, fused_linear_distill_loss
+
+__version__ = "0.1.0"
+
+__all__ = ["fused_linear_distill_loss", "FusedLinearDistillLoss", "distill_loss", "__version__"]

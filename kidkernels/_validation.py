@@ -1,0 +1,119 @@
+"""Checks of the public API's arguments: every bad input gets an exception that names the problem.
+
+None of these checks reads a CUDA tensor's values on the host.  The range of ``target`` is checked eagerly for CPU
+tensors (no device to synchronise with) and with a device-side assertion on CUDA; the kernels additionally turn an
+out-of-range target into a NaN row, so it can never pass silently.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from .ops.config import DIVERGENCES, REDUCTIONS
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def check_number(name: str, value, *, low=None, high=None, low_open=True, high_open=True) -> float:
+    if isinstance(value, torch.Tensor) or isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a Python number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if low is not None and (value <= low if low_open else value < low):
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
+    if high is not None and (value >= high if high_open else value > high):
+        raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {value}")
+    return value
+
+
+def check_options(divergence, beta, temperature, kd_weight, mle_weight, ignore_index, reduction):
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    beta = check_number("beta", beta, low=0.0, high=1.0)
+    temperature = check_number("temperature", temperature, low=0.0)
+    kd_weight = check_number("kd_weight", kd_weight)
+    mle_weight = check_number("mle_weight", mle_weight)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    return beta, temperature, kd_weight, mle_weight, int(ignore_index)
+
+
+def check_float_tensor(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {t.dtype}")
+
+
+def flatten_rows(name: str, t: torch.Tensor) -> torch.Tensor:
+    """``[..., D]`` -> ``[N, D]`` (a view when possible), with unit stride along D."""
+    if t.dim() < 2:
+        raise ValueError(f"{name} must have at least 2 dimensions [..., features], got shape {tuple(t.shape)}")
+    t = t.reshape(-1, t.shape[-1])
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def check_weight(name: str, w: torch.Tensor, hidden: int, input_name: str) -> None:
+    check_float_tensor(name, w)
+    if w.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [V, H] (nn.Linear layout), got shape {tuple(w.shape)}")
+    if w.shape[1] != hidden:
+        raise ValueError(f"{name} has hidden size {w.shape[1]} but {input_name} has {hidden} features")
+
+
+def check_bias(name: str, b, vocab: int) -> None:
+    if b is None:
+        return
+    check_float_tensor(name, b)
+    if b.shape != (vocab,):
+        raise ValueError(f"{name} must have shape [V] = [{vocab}], got {tuple(b.shape)}")
+
+
+def check_devices(**tensors) -> torch.device:
+    present = {k: v for k, v in tensors.items() if isinstance(v, torch.Tensor)}
+    devices = {v.device for v in present.values()}
+    if len(devices) > 1:
+        listing = ", ".join(f"{k} on {v.device}" for k, v in present.items())
+        raise ValueError(f"all tensors must be on the same device, got {listing}")
+    return next(iter(devices))
+
+
+def check_target(target, rows: int, vocab: int, ignore_index: int, leading_shape) -> torch.Tensor:
+    """Return the target as a contiguous int64 ``[N]`` tensor."""
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a torch.Tensor of token ids, got {type(target).__name__}")
+    if target.dtype == torch.bool or target.is_floating_point() or target.is_complex():
+        raise TypeError(f"target must hold integer token ids, got dtype {target.dtype}")
+    if target.numel() != rows or (target.dim() > 1 and tuple(target.shape) != tuple(leading_shape)):
+        raise ValueError(
+            f"target must have one entry per row: shape {tuple(leading_shape)} or [{rows}], got {tuple(target.shape)}"
+        )
+    target = target.reshape(-1).to(torch.int64).contiguous()
+    if rows == 0:
+        return target
+    bad = (target != ignore_index) & ((target < 0) | (target >= vocab))
+    message = f"target holds ids outside [0, {vocab}) that are not ignore_index={ignore_index}"
+    if target.device.type == "cpu":
+        if bool(bad.any()):
+            first = int(target[bad][0])
+            raise ValueError(f"{message} (e.g. {first})")
+    else:
+        torch._assert_async(~bad.any(), message)
+    return target
+
+
+def check_normalizer(normalizer, device):
+    if normalizer is None:
+        return None
+    if isinstance(normalizer, torch.Tensor):
+        if normalizer.numel() != 1 or normalizer.dim() > 1:
+            raise ValueError(f"normalizer must be a number or a 0-d tensor, got shape {tuple(normalizer.shape)}")
+        if normalizer.device != device and normalizer.device.type != "cpu":
+            raise ValueError(f"normalizer is on {normalizer.device} but the inputs are on {device}")
+        return normalizer.reshape(())
+    return check_number("normalizer", normalizer, low=0.0)

@@ -1,0 +1,1 @@
+"""Dispatch layer: shapes, dtypes, chunking, backend choice and the autograd functions built on the kernels."""

@@ -1,0 +1,61 @@
+"""Launchers of the Triton distillation kernels for one chunk of logits (the Triton twin of ``distill_torch``)."""
+from __future__ import annotations
+
+import torch
+import triton
+
+from ..kernels.distill_backward import distill_grad_kernel
+from ..kernels.distill_forward import distill_lse_kernel, distill_value_kernel
+from .config import DistillConfig
+
+# Widest vocabulary tile of one loop step; a row is processed in ceil(V / BLOCK_V) steps.
+MAX_BLOCK_V = 4096
+
+
+def block_v(vocab: int) -> int:
+    return min(MAX_BLOCK_V, triton.next_power_of_2(max(vocab, 16)))
+
+
+def _warps(block: int) -> int:
+    return 8 if block >= 2048 else 4
+
+
+def _target_arg(target, fallback):
+    # Triton needs a tensor for every pointer argument; an unused one is never read (HAS_TARGET=False).
+    return target if target is not None else fallback
+
+
+def stats_and_value(student, teacher, target, stats, cfg: DistillConfig) -> None:
+    """Fill the statistics rows for logits ``[rows, V]`` (unit stride along V); see kernels/distill_forward.py."""
+    rows, vocab = student.shape
+    if rows == 0:
+        return
+    block = block_v(vocab)
+    distill_lse_kernel[(rows,)](
+        student, student.stride(0), teacher, teacher.stride(0), stats, stats.stride(0),
+        vocab, cfg.inv_temp,
+        SEPARATE_CE_LSE=cfg.separate_ce_lse, BLOCK_V=block, num_warps=_warps(block),
+    )
+    distill_value_kernel[(rows,)](
+        student, student.stride(0), teacher, teacher.stride(0), _target_arg(target, stats), stats, stats.stride(0),
+        vocab, cfg.inv_temp, cfg.beta, cfg.log_beta, cfg.log_one_minus_beta, cfg.ignore_index,
+        DIVERGENCE=cfg.code, HAS_TARGET=cfg.has_target, HAS_MLE=cfg.computes_ce, BLOCK_V=block,
+        num_warps=_warps(block),
+    )
+
+
+def write_grad(student, teacher, target, stats, cfg: DistillConfig, row_weight, grad_out) -> None:
+    """Write the weighted gradient of the row losses w.r.t. the student logits into ``grad_out`` ``[rows, V]``."""
+    rows, vocab = student.shape
+    if rows == 0:
+        return
+    block = block_v(vocab)
+    distill_grad_kernel[(rows,)](
+        student, student.stride(0), teacher, teacher.stride(0), _target_arg(target, stats), stats, stats.stride(0),
+        row_weight if row_weight is not None else stats, row_weight.stride(0) if row_weight is not None else 0,
+        grad_out, grad_out.stride(0),
+        vocab, cfg.inv_temp, cfg.beta, cfg.log_beta, cfg.log_one_minus_beta,
+        cfg.kd_weight * cfg.inv_temp, cfg.mle_weight, cfg.ignore_index,
+        DIVERGENCE=cfg.code, HAS_TARGET=cfg.has_target, HAS_MLE=cfg.ce_in_grad,
+        HAS_ROW_WEIGHT=row_weight is not None, BLOCK_V=block, num_warps=_warps(block),
+    )

@@ -1,0 +1,37 @@
+"""The workspace budget: how many rows of logits a chunk may hold, independently of the number of rows N.
+
+The default budget (512 MiB, or ``KIDKERNELS_WORKSPACE_MB``) bounds every ``[rows, V]`` buffer a loss call allocates
+at once: the float32 student and teacher logits of one chunk, the low-precision gradient copy, and for the PyTorch
+backend its temporaries.  At V = 151,936 with bfloat16 inputs that is 353 rows per chunk.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+DEFAULT_WORKSPACE_BYTES = 512 << 20
+
+
+def workspace_budget(workspace_bytes: int | None = None) -> int:
+    if workspace_bytes is not None:
+        return int(workspace_bytes)
+    env = os.environ.get("KIDKERNELS_WORKSPACE_MB")
+    if env:
+        try:
+            mb = float(env)
+        except ValueError:
+            raise ValueError(f"KIDKERNELS_WORKSPACE_MB must be a number of MiB, got {env!r}") from None
+        if not mb > 0:
+            raise ValueError(f"KIDKERNELS_WORKSPACE_MB must be positive, got {env!r}")
+        return int(mb * (1 << 20))
+    return DEFAULT_WORKSPACE_BYTES
+
+
+def rows_per_chunk(bytes_per_row: int, budget: int) -> int:
+    """Largest number of rows whose buffers fit the budget (at least one row)."""
+    return max(1, budget // max(1, bytes_per_row))
+
+
+def element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
