@@ -7,7 +7,12 @@ Public API (a contract):
 - :func:`distill_loss`: the same loss from logits the caller already holds.
 """
 from .loss import FusedLinearDistillLoss, distill_loss, fused_linear_distill_loss
+from .selection import fused_linear_argmax, fused_linear_entropy, fused_linear_select, select_positions
 
 __version__ = "0.1.0"
 
-__all__ = ["fused_linear_distill_loss", "FusedLinearDistillLoss", "distill_loss", "__version__"]
+__all__ = [
+    "fused_linear_distill_loss", "FusedLinearDistillLoss", "distill_loss",
+    "fused_linear_entropy", "fused_linear_argmax", "select_positions", "fused_linear_select",
+    "__version__",
+]

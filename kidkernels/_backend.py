@@ -29,7 +29,7 @@ def triton_interpreter_enabled() -> bool:
 
 
 def resolve_backend(requested: str | None, device: torch.device, dtype: torch.dtype) -> str:
-    """Return ``"triton"`` or ``"torch"`` for tensors on ``device`` of floating ``dtype``; raise on an impossible request."""
+    """``"triton"`` or ``"torch"`` for tensors on ``device`` of floating ``dtype``; raises on an impossible request."""
     choice = requested if requested is not None else os.environ.get("KIDKERNELS_BACKEND", "auto")
     choice = str(choice).strip().lower() or "auto"
     if choice not in BACKENDS:

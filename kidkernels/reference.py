@@ -75,3 +75,61 @@ def reference_fused_linear_distill_loss(student_input, student_weight, teacher_i
     lead = student_input.shape[:-1]
     return reference_distill_loss_from_logits(s.reshape(*lead, -1), t.reshape(*lead, -1), target, dtype=dtype,
                                               **options)
+
+
+# ---- KID's masking stage: entropy, argmax and position selection ----------------------------------------------
+
+def reference_entropy(logits, *, temperature=1.0, dtype=torch.float64):
+    """Entropy (nats) of softmax(logits / T) per row, in ``dtype``: ``-sum p log p`` with ``0 log 0 = 0``."""
+    logp = torch.log_softmax(logits.to(dtype) / temperature, dim=-1)
+    p = logp.exp()
+    return -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)
+
+
+def reference_linear_logits(input, weight, bias=None, *, dtype=torch.float64):
+    """``input @ weight.T + bias`` in ``dtype``, ``[..., V]`` (the full logits: for checking only)."""
+    logits = input.to(dtype) @ weight.to(dtype).t()
+    return logits + bias.to(dtype) if bias is not None else logits
+
+
+def reference_fused_linear_entropy(input, weight, bias=None, *, temperature=1.0, dtype=torch.float64):
+    """Reference of :func:`kidkernels.fused_linear_entropy`: full logits in ``dtype``, then the entropy."""
+    return reference_entropy(reference_linear_logits(input, weight, bias, dtype=dtype), temperature=temperature,
+                             dtype=dtype)
+
+
+def reference_fused_linear_argmax(input, weight, bias=None, *, dtype=torch.float64):
+    """Reference of :func:`kidkernels.fused_linear_argmax`: ``torch.argmax`` (ties to the lowest index) of the
+    logits formed in ``dtype``."""
+    return torch.argmax(reference_linear_logits(input, weight, bias, dtype=dtype), dim=-1)
+
+
+def reference_select_positions(valid, alpha, strategy, scores=None):
+    """Reference of :func:`kidkernels.select_positions` for the deterministic strategies, one row at a time in
+    Python: ``k = floor(alpha * n + 0.5)``; "uniform" picks the valid positions of rank ``(2j + 1) * n // (2k)``;
+    "hard"/"easy" sort the valid positions by (-score, position) / (score, position), NaN scores last.
+    ("random" has no reference: its tests check counts, validity, reproducibility and frequencies.)"""
+    import math
+
+    valid_rows = valid.cpu().tolist()
+    score_rows = scores.double().cpu().tolist() if scores is not None else None
+    out = torch.zeros(valid.shape, dtype=torch.bool)
+    for i, row in enumerate(valid_rows):
+        positions = [t for t, v in enumerate(row) if v]
+        n = len(positions)
+        k = min(n, math.floor(alpha * n + 0.5))
+        if k == 0:
+            continue
+        if strategy == "uniform":
+            picked = [positions[(2 * j + 1) * n // (2 * k)] for j in range(k)]
+        elif strategy in ("hard", "easy"):
+            sign = -1.0 if strategy == "hard" else 1.0
+
+            def order(t, sign=sign, s=score_rows[i]):
+                return (math.isnan(s[t]), sign * s[t] if not math.isnan(s[t]) else 0.0, t)
+
+            picked = sorted(positions, key=order)[:k]
+        else:
+            raise ValueError(f"no reference for strategy {strategy!r}")
+        out[i, picked] = True
+    return out.to(valid.device)

@@ -63,7 +63,7 @@ def linear_distill_chunks(
     target ``[N]`` int64 or None.  ``stats`` is the ``[NUM_STATS, N]`` float32 (float64 for float64 inputs) array of
     row statistics.  The gradients (None unless requested) are those of ``sum_i row_weight_i * row_loss_i``
     (``row_weight`` None means 1): dx ``[N, H_s]`` in the input dtype, dw ``[V, H_s]`` in float32 when
-    ``opts.weight_grad_fp32`` else the weight dtype, db ``[V]`` float32.
+    ``opts.weight_grad_fp32`` else the weight dtype, db ``[V]`` in the compute dtype.
     """
     n, vocab = xs.shape[0], ws.shape[0]
     impl = backend_impl(opts.backend)
@@ -73,7 +73,7 @@ def linear_distill_chunks(
     dx = torch.empty_like(xs) if grad_input else None
     dw = torch.zeros(ws.shape, device=ws.device, dtype=torch.float32 if opts.weight_grad_fp32 else ws.dtype) \
         if grad_weight else None
-    db = torch.zeros(vocab, device=ws.device, dtype=torch.float32) if grad_bias else None
+    db = torch.zeros(vocab, device=ws.device, dtype=cdt) if grad_bias else None
     step = rows_per_chunk(_chunk_bytes_per_row(vocab, xs.dtype, opts.backend, with_grad), opts.workspace_bytes)
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
@@ -82,13 +82,14 @@ def linear_distill_chunks(
         chunk_stats = stats[:, r0:r1]
         student = linear_logits(x_chunk, ws, bs)
         teacher = linear_logits(xt[r0:r1], wt, bt)
-        impl.stats_and_value(student, teacher, tgt, chunk_stats, cfg)
-        if with_grad:
+        if not with_grad:
+            impl.stats_and_value(student, teacher, tgt, chunk_stats, cfg)
+        else:
             # float32 inputs: the gradient overwrites the student logits it is computed from, element by element.
             grad = student if student.dtype == xs.dtype else torch.empty(r1 - r0, vocab, device=xs.device,
                                                                         dtype=xs.dtype)
             weight_chunk = row_weight[r0:r1] if row_weight is not None else None
-            impl.write_grad(student, teacher, tgt, chunk_stats, cfg, weight_chunk, grad)
+            impl.stats_value_and_grad(student, teacher, tgt, chunk_stats, cfg, weight_chunk, grad)
             del teacher
             if grad_input:
                 torch.mm(grad, ws, out=dx[r0:r1])
@@ -98,7 +99,7 @@ def linear_distill_chunks(
                 else:
                     accumulate_weight_grad_fp32(dw, grad, x_chunk)
             if grad_bias:
-                db += grad.sum(0, dtype=torch.float32)
+                db += grad.sum(0, dtype=cdt)
             del grad
         del student
     return stats, dx, dw, db
@@ -110,7 +111,7 @@ def reduce_rows(stats, cfg: DistillConfig, reduction: str, target, normalizer):
     The denominator of "mean" is ``normalizer`` when given, else the number of counted rows; a zero denominator is
     replaced by 1, so that a call with no counted row gives 0 (every row sum is 0) and never NaN.
     """
-    kd_rows, ce_rows = stats[KD].float(), stats[CE].float()
+    kd_rows, ce_rows = stats[KD], stats[CE]
     loss_rows = cfg.kd_weight * kd_rows
     if cfg.ce_in_grad:
         loss_rows = loss_rows + cfg.mle_weight * ce_rows
@@ -120,17 +121,18 @@ def reduce_rows(stats, cfg: DistillConfig, reduction: str, target, normalizer):
     if reduction == "sum":
         return loss, kd, ce, None
     if normalizer is not None:
-        denom = torch.as_tensor(normalizer, dtype=torch.float32, device=loss.device)
+        denom = torch.as_tensor(normalizer, device=loss.device).to(loss.dtype)
     elif target is not None:
-        denom = (target != cfg.ignore_index).sum().to(torch.float32)
+        denom = (target != cfg.ignore_index).sum().to(loss.dtype)
     else:
-        denom = torch.tensor(float(stats.shape[1]), device=loss.device)
+        denom = torch.tensor(float(stats.shape[1]), device=loss.device, dtype=loss.dtype)
     denom = torch.where(denom > 0, denom, torch.ones_like(denom))
     return loss / denom, kd / denom, ce / denom, denom
 
 
-def _upstream_scale(grad_loss, denom):
-    scale = grad_loss.float()
+def _upstream_scale(grad_loss, dtype, denom):
+    """The upstream gradient in the compute dtype, divided by the "mean" denominator when there is one."""
+    scale = grad_loss.to(dtype)
     return scale / denom if denom is not None else scale
 
 
@@ -152,21 +154,22 @@ class LinearDistillFunction(torch.autograd.Function):
             ctx.save_for_backward(dx, dw, db, denom)
         elif any(need):
             ctx.save_for_backward(xs, ws, bs, xt, wt, bt, target)
+        kd, ce = kd.detach(), ce.detach()
         ctx.mark_non_differentiable(kd, ce)
-        return loss, kd.detach(), ce.detach()
+        return loss, kd, ce
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_kd, _grad_ce):
         w_dtype, b_dtype = ctx.dtypes
         if ctx.eager:
             dx, dw, db, denom = ctx.saved_tensors
-            scale = _upstream_scale(grad_loss, denom)
+            scale = _upstream_scale(grad_loss, compute_dtype(ctx.dtypes[0]), denom)
         else:
             xs, ws, bs, xt, wt, bt, target = ctx.saved_tensors
             _, dx, dw, db = linear_distill_chunks(
                 xs, ws, bs, xt, wt, bt, target, ctx.cfg, ctx.opts,
                 grad_input=ctx.need[0], grad_weight=ctx.need[1], grad_bias=ctx.need[2] and bs is not None,
-                row_weight=grad_loss.float().contiguous(),
+                row_weight=_upstream_scale(grad_loss, compute_dtype(xs.dtype), None).contiguous(),
             )
             scale = None
 
@@ -216,13 +219,14 @@ class LogitsDistillFunction(torch.autograd.Function):
         ctx.cfg, ctx.opts = cfg, opts
         if ctx.needs_input_grad[0]:
             ctx.save_for_backward(student, teacher, target, stats, denom)
+        kd, ce = kd.detach(), ce.detach()
         ctx.mark_non_differentiable(kd, ce)
-        return loss, kd.detach(), ce.detach()
+        return loss, kd, ce
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_kd, _grad_ce):
         student, teacher, target, stats, denom = ctx.saved_tensors
-        scale = _upstream_scale(grad_loss, denom)
+        scale = _upstream_scale(grad_loss, stats.dtype, denom)
         row_weight = scale.expand(student.shape[0]) if scale.dim() == 0 else scale.contiguous()
         grad = torch.empty_like(student)
         logits_distill_chunks(student, teacher, target, ctx.cfg, ctx.opts, stats=stats, row_weight=row_weight,

@@ -1,23 +1,10 @@
 """Launchers of the Triton distillation kernels for one chunk of logits (the Triton twin of ``distill_torch``)."""
 from __future__ import annotations
 
-import torch
-import triton
-
 from ..kernels.distill_backward import distill_grad_kernel
 from ..kernels.distill_forward import distill_lse_kernel, distill_value_kernel
+from . import tiles
 from .config import DistillConfig
-
-# Widest vocabulary tile of one loop step; a row is processed in ceil(V / BLOCK_V) steps.
-MAX_BLOCK_V = 4096
-
-
-def block_v(vocab: int) -> int:
-    return min(MAX_BLOCK_V, triton.next_power_of_2(max(vocab, 16)))
-
-
-def _warps(block: int) -> int:
-    return 8 if block >= 2048 else 4
 
 
 def _target_arg(target, fallback):
@@ -30,17 +17,17 @@ def stats_and_value(student, teacher, target, stats, cfg: DistillConfig) -> None
     rows, vocab = student.shape
     if rows == 0:
         return
-    block = block_v(vocab)
+    block = tiles.block_v(vocab)
     distill_lse_kernel[(rows,)](
         student, student.stride(0), teacher, teacher.stride(0), stats, stats.stride(0),
         vocab, cfg.inv_temp,
-        SEPARATE_CE_LSE=cfg.separate_ce_lse, BLOCK_V=block, num_warps=_warps(block),
+        SEPARATE_CE_LSE=cfg.separate_ce_lse, BLOCK_V=block, num_warps=tiles.num_warps(block),
     )
     distill_value_kernel[(rows,)](
         student, student.stride(0), teacher, teacher.stride(0), _target_arg(target, stats), stats, stats.stride(0),
         vocab, cfg.inv_temp, cfg.beta, cfg.log_beta, cfg.log_one_minus_beta, cfg.ignore_index,
         DIVERGENCE=cfg.code, HAS_TARGET=cfg.has_target, HAS_MLE=cfg.computes_ce, BLOCK_V=block,
-        num_warps=_warps(block),
+        num_warps=tiles.num_warps(block),
     )
 
 
@@ -49,7 +36,7 @@ def write_grad(student, teacher, target, stats, cfg: DistillConfig, row_weight, 
     rows, vocab = student.shape
     if rows == 0:
         return
-    block = block_v(vocab)
+    block = tiles.block_v(vocab)
     distill_grad_kernel[(rows,)](
         student, student.stride(0), teacher, teacher.stride(0), _target_arg(target, stats), stats, stats.stride(0),
         row_weight if row_weight is not None else stats, row_weight.stride(0) if row_weight is not None else 0,
@@ -57,5 +44,11 @@ def write_grad(student, teacher, target, stats, cfg: DistillConfig, row_weight, 
         vocab, cfg.inv_temp, cfg.beta, cfg.log_beta, cfg.log_one_minus_beta,
         cfg.kd_weight * cfg.inv_temp, cfg.mle_weight, cfg.ignore_index,
         DIVERGENCE=cfg.code, HAS_TARGET=cfg.has_target, HAS_MLE=cfg.ce_in_grad,
-        HAS_ROW_WEIGHT=row_weight is not None, BLOCK_V=block, num_warps=_warps(block),
+        HAS_ROW_WEIGHT=row_weight is not None, BLOCK_V=block, num_warps=tiles.num_warps(block),
     )
+
+
+def stats_value_and_grad(student, teacher, target, stats, cfg: DistillConfig, row_weight, grad_out) -> None:
+    """:func:`stats_and_value` then :func:`write_grad` (three passes over the chunk; the kernels keep no state)."""
+    stats_and_value(student, teacher, target, stats, cfg)
+    write_grad(student, teacher, target, stats, cfg, row_weight, grad_out)

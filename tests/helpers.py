@@ -1,0 +1,66 @@
+"""Helpers for the kernel tests: error measures and inputs with a trained model's spread of logits."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def rel_l2(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Relative L2 error ``||actual - expected|| / ||expected||`` in float64 (absolute when expected is 0)."""
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    assert a.shape == e.shape, (a.shape, e.shape)
+    assert torch.isfinite(a).all(), "non-finite values in the result"
+    denom = e.norm().item()
+    err = (a - e).norm().item()
+    return err / denom if denom > 0 else err
+
+
+def hidden_and_weight(n: int, hidden: int, vocab: int, *, logit_std: float, dtype=torch.float32, device="cpu",
+                      generator: torch.Generator | None = None, bias: bool = False):
+    """Hidden states ``[n, hidden]`` and a weight ``[vocab, hidden]`` whose logits have about ``logit_std`` spread
+    across the vocabulary, with rows of varied scale (0.5x to 1.5x), rounded to ``dtype``; plus a ``[vocab]`` bias."""
+    g = generator
+    x = torch.randn(n, hidden, generator=g) * (0.5 + torch.rand(n, 1, generator=g))
+    w = torch.randn(vocab, hidden, generator=g) * (logit_std / math.sqrt(hidden))
+    b = torch.randn(vocab, generator=g) * 0.5 if bias else None
+    to = dict(dtype=dtype, device=device)
+    return x.to(**to), w.to(**to), (b.to(**to) if b is not None else None)
+
+
+class TensorRecorder:
+    """Records every aten op run inside it and the largest tensor any op produced, in bytes.
+
+    Used to prove that no ``[N, V]`` tensor is ever allocated (``max_bytes``; bytes rather than elements, since the
+    Triton interpreter views buffers as uint8) and that no value is read back to the
+    host (``host_reads``: calls of ``aten._local_scalar_dense``, which ``.item()``, ``bool(t)`` and friends go through).
+    """
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        recorder = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                recorder.ops.append(str(func))
+                for t in out if isinstance(out, (tuple, list)) else (out,):
+                    if isinstance(t, torch.Tensor):
+                        recorder.max_bytes = max(recorder.max_bytes, t.numel() * t.element_size())
+                return out
+
+        self._mode = _Mode()
+        self.ops: list[str] = []
+        self.max_bytes = 0
+
+    @property
+    def host_reads(self) -> int:
+        return sum("_local_scalar_dense" in op for op in self.ops)
+
+    def __enter__(self):
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)
