@@ -106,7 +106,8 @@ def linear_distill_chunks(
 
 
 def reduce_rows(stats, cfg: DistillConfig, reduction: str, target, normalizer):
-    """``(loss, kd, ce, denominator)`` from the row statistics; the denominator is None unless reduction is "mean".
+    """``(loss, kd, ce, denominator)`` from the row statistics; the denominator (a Python float or a 0-d tensor) is
+    None unless reduction is "mean".
 
     The denominator of "mean" is ``normalizer`` when given, else the number of counted rows; a zero denominator is
     replaced by 1, so that a call with no counted row gives 0 (every row sum is 0) and never NaN.
@@ -120,13 +121,17 @@ def reduce_rows(stats, cfg: DistillConfig, reduction: str, target, normalizer):
     loss, kd, ce = loss_rows.sum(), kd_rows.sum(), ce_rows.sum()
     if reduction == "sum":
         return loss, kd, ce, None
-    if normalizer is not None:
-        denom = torch.as_tensor(normalizer, device=loss.device).to(loss.dtype)
+    # A Python number stays one (no host-to-device copy); a count or a tensor normaliser stays on the device.
+    if isinstance(normalizer, float):
+        denom = normalizer
+    elif normalizer is not None:
+        denom = normalizer.to(device=loss.device, dtype=loss.dtype)
     elif target is not None:
         denom = (target != cfg.ignore_index).sum().to(loss.dtype)
     else:
-        denom = torch.tensor(float(stats.shape[1]), device=loss.device, dtype=loss.dtype)
-    denom = torch.where(denom > 0, denom, torch.ones_like(denom))
+        denom = float(max(stats.shape[1], 1))
+    if isinstance(denom, torch.Tensor):
+        denom = torch.where(denom > 0, denom, torch.ones_like(denom))
     return loss / denom, kd / denom, ce / denom, denom
 
 
@@ -150,8 +155,9 @@ class LinearDistillFunction(torch.autograd.Function):
         loss, kd, ce, denom = reduce_rows(stats, cfg, opts.reduction, target, normalizer)
         ctx.cfg, ctx.opts, ctx.eager, ctx.need = cfg, opts, eager, need
         ctx.dtypes = (ws.dtype, bs.dtype if bs is not None else None)
+        ctx.denom = denom if not isinstance(denom, torch.Tensor) else None
         if eager:
-            ctx.save_for_backward(dx, dw, db, denom)
+            ctx.save_for_backward(dx, dw, db, denom if isinstance(denom, torch.Tensor) else None)
         elif any(need):
             ctx.save_for_backward(xs, ws, bs, xt, wt, bt, target)
         kd, ce = kd.detach(), ce.detach()
@@ -163,7 +169,7 @@ class LinearDistillFunction(torch.autograd.Function):
         w_dtype, b_dtype = ctx.dtypes
         if ctx.eager:
             dx, dw, db, denom = ctx.saved_tensors
-            scale = _upstream_scale(grad_loss, compute_dtype(ctx.dtypes[0]), denom)
+            scale = _upstream_scale(grad_loss, compute_dtype(ctx.dtypes[0]), denom if denom is not None else ctx.denom)
         else:
             xs, ws, bs, xt, wt, bt, target = ctx.saved_tensors
             _, dx, dw, db = linear_distill_chunks(
@@ -217,8 +223,9 @@ class LogitsDistillFunction(torch.autograd.Function):
         stats = logits_distill_chunks(student, teacher, target, cfg, opts)
         loss, kd, ce, denom = reduce_rows(stats, cfg, opts.reduction, target, normalizer)
         ctx.cfg, ctx.opts = cfg, opts
+        ctx.denom = denom if not isinstance(denom, torch.Tensor) else None
         if ctx.needs_input_grad[0]:
-            ctx.save_for_backward(student, teacher, target, stats, denom)
+            ctx.save_for_backward(student, teacher, target, stats, denom if isinstance(denom, torch.Tensor) else None)
         kd, ce = kd.detach(), ce.detach()
         ctx.mark_non_differentiable(kd, ce)
         return loss, kd, ce
@@ -226,7 +233,7 @@ class LogitsDistillFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_kd, _grad_ce):
         student, teacher, target, stats, denom = ctx.saved_tensors
-        scale = _upstream_scale(grad_loss, stats.dtype, denom)
+        scale = _upstream_scale(grad_loss, stats.dtype, denom if denom is not None else ctx.denom)
         row_weight = scale.expand(student.shape[0]) if scale.dim() == 0 else scale.contiguous()
         grad = torch.empty_like(student)
         logits_distill_chunks(student, teacher, target, ctx.cfg, ctx.opts, stats=stats, row_weight=row_weight,
