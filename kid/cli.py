@@ -1,0 +1,229 @@
+"""The ``kid`` command line.
+
+Subcommands are registered with :func:`command`; each registration function adds its
+arguments to a subparser and returns the function that runs it. To add a subcommand
+(``train``, ``demo``, ...), write::
+
+    @command("train", "fine-tune a student with KID")
+    def _train(parser):
+        parser.add_argument(...)
+        def run(args) -> int:
+            ...
+            return 0
+        return run
+
+Commands raise ``FileNotFoundError`` / ``ValueError`` for bad input; :func:`main` turns
+those into a one-line error and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+RunFunction = Callable[[argparse.Namespace], int]
+SetupFunction = Callable[[argparse.ArgumentParser], RunFunction]
+
+# (name, help, setup) in registration order.
+COMMANDS: list[tuple[str, str, SetupFunction]] = []
+
+
+def command(name: str, help: str) -> Callable[[SetupFunction], SetupFunction]:
+    """Register a subcommand (see the module docstring)."""
+
+    def register(setup: SetupFunction) -> SetupFunction:
+        if any(existing == name for existing, _, _ in COMMANDS):
+            raise ValueError(f"subcommand {name!r} is already registered")
+        COMMANDS.append((name, help, setup))
+        return setup
+
+    return register
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kid", description="Knowledge distillation for text-to-SQL (KID).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, help_text, setup in COMMANDS:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_run=setup(p))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"kid {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _add_scoring_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--db-dir", required=True, type=Path, help="databases at DIR/<db_id>/<db_id>.sqlite")
+    p.add_argument(
+        "--timeout", type=float, default=30.0, metavar="S", help="time limit per query in seconds (default 30)"
+    )
+    p.add_argument("--max-rows", type=int, default=None, help="cap on rows fetched per query (default 200000)")
+    p.add_argument("--keep-distinct", action="store_true", help="Spider: do not strip DISTINCT before comparing")
+    p.add_argument("--test-suite-dir", type=Path, default=None, help="test-suite databases at DIR/<db_id>/*.sqlite")
+    p.add_argument("--workers", type=int, default=None, help="worker processes (default: CPUs, at most 8)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _scoring_kwargs(args: argparse.Namespace) -> dict:
+    from .evaluation.sqlite_safe import DEFAULT_MAX_ROWS
+
+    return dict(
+        keep_distinct=args.keep_distinct,
+        timeout_s=args.timeout,
+        max_rows=args.max_rows or DEFAULT_MAX_ROWS,
+        test_suite_dir=args.test_suite_dir,
+        num_workers=args.workers,
+        progress=not args.no_progress,
+    )
+
+
+@command("score", "score a prediction file by execution accuracy")
+def _score(p: argparse.ArgumentParser) -> RunFunction:
+    p.add_argument("--pred", required=True, type=Path, help="predictions: one query per line (or BIRD's json)")
+    p.add_argument("--gold", required=True, type=Path, help="gold: one 'SQL<TAB>db_id' per line, same order")
+    p.add_argument("--bird", action="store_true", help="BIRD semantics (set equality) instead of Spider's")
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="the data set json in the same order: BIRD difficulty labels, Spider parsed 'sql' for hardness",
+    )
+    p.add_argument("--out", type=Path, default=None, help="write the JSON report here")
+    _add_scoring_options(p)
+
+    def run(args: argparse.Namespace) -> int:
+        from .evaluation.hardness import hardness_from_spider_json
+        from .evaluation.scoring import evaluate_predictions, read_gold_file, read_prediction_file
+
+        gold = read_gold_file(args.gold)
+        preds = read_prediction_file(args.pred, expected=len(gold))
+        hardness = difficulties = None
+        if args.data is not None:
+            from .data.loaders import read_json_examples
+
+            data = read_json_examples(args.data)
+            if len(data) != len(gold):
+                raise ValueError(f"{args.data} has {len(data)} examples but the gold file has {len(gold)}")
+            if args.bird:
+                difficulties = [str(x.get("difficulty") or "") or None for x in data]
+            else:
+                hardness = [
+                    hardness_from_spider_json(x["sql"]) if isinstance(x.get("sql"), dict) else None for x in data
+                ]
+        report = evaluate_predictions(
+            preds,
+            [g for g, _ in gold],
+            [d for _, d in gold],
+            args.db_dir,
+            bird=args.bird,
+            hardness=hardness,
+            difficulties=difficulties,
+            **_scoring_kwargs(args),
+        )
+        print(report.summary_text())
+        if args.out is not None:
+            report.write_json(args.out)
+            print(f"report written to {args.out}")
+        return 0
+
+    return run
+
+
+@command("eval", "generate SQL with a model and score it by execution accuracy")
+def _eval(p: argparse.ArgumentParser) -> RunFunction:
+    from .data.loaders import LOADERS
+
+    p.add_argument("--model", required=True, help="model directory or name (a Hugging Face causal LM)")
+    p.add_argument("--data", required=True, type=Path, help="data set json (dev.json, ...)")
+    p.add_argument("--tables", type=Path, default=None, help="tables.json (column comments, foreign keys)")
+    p.add_argument(
+        "--format", choices=sorted(LOADERS), default=None, help="data format (default: spider, or bird with --bird)"
+    )
+    p.add_argument("--bird", action="store_true", help="BIRD data and semantics")
+    p.add_argument("--no-evidence", action="store_true", help="BIRD: leave the evidence out of the prompt")
+    p.add_argument("--out-dir", type=Path, default=Path("kid_eval"), help="where predictions.sql and report.json go")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--num-beams", type=int, default=1, help="1 = greedy")
+    p.add_argument("--check-executable", action="store_true", help="keep the first beam that passes EXPLAIN QUERY PLAN")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-input-tokens", type=int, default=1024)
+    p.add_argument("--limit", type=int, default=None, help="only the first N examples")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    _add_scoring_options(p)
+
+    def run(args: argparse.Namespace) -> int:
+
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from .data.loaders import load_dataset_by_name
+        from .evaluation.scoring import evaluate_predictions, write_prediction_file
+        from .generation import generate_sql
+
+        fmt = args.format or ("bird" if args.bird else "spider")
+        if fmt == "bird" and args.no_evidence:
+            fmt = "bird-no-evidence"
+        bird = fmt.startswith("bird")
+        data = load_dataset_by_name(fmt, args.data, args.db_dir, args.tables, limit=args.limit)
+        if len(data) == 0:
+            raise ValueError(f"no examples with a database in {args.data}")
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device)
+        predictions = generate_sql(
+            model,
+            tokenizer,
+            data["prompt"],
+            questions=data["prompt_question"],
+            db_paths=data["db_path"],
+            batch_size=args.batch_size,
+            num_beams=args.num_beams,
+            max_new_tokens=args.max_new_tokens,
+            max_input_tokens=args.max_input_tokens,
+            check_executable=args.check_executable,
+            progress=not args.no_progress,
+        )
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        write_prediction_file(args.out_dir / "predictions.sql", predictions)
+        with open(args.out_dir / "gold.sql", "w", encoding="utf-8") as f:
+            for sql, db_id in zip(data["query"], data["db_id"]):
+                f.write(" ".join(sql.split()) + "\t" + db_id + "\n")
+        report = evaluate_predictions(
+            predictions,
+            data["query"],
+            data["db_id"],
+            args.db_dir,
+            bird=bird,
+            hardness=None if bird else data["hardness"],
+            difficulties=[d or None for d in data["difficulty"]] if bird else None,
+            **_scoring_kwargs(args),
+        )
+        report.settings.update(
+            model=str(args.model),
+            data=str(args.data),
+            format=fmt,
+            num_beams=args.num_beams,
+            check_executable=args.check_executable,
+            max_new_tokens=args.max_new_tokens,
+        )
+        report.write_json(args.out_dir / "report.json")
+        print(report.summary_text())
+        print(f"predictions and report written to {args.out_dir}")
+        return 0
+
+    return run
+
+
+if __name__ == "__main__":
+    sys.exit(main())
