@@ -71,6 +71,13 @@ def test_matches_reference(backend, device, divergence, mle_weight, dtype):
     assert out[2][0].dtype == dtype and out[2][1].dtype == dtype
 
 
+def test_float16_inputs(backend, device):
+    case = make_case(dtype=torch.float16, device=device, seed=22)
+    out = run_both(case, divergence="rkl", mle_weight=1.0, temperature=1.5, backend=backend)
+    assert_close(*out, 1e-2)
+    assert out[2][0].dtype == torch.float16 and out[2][1].dtype == torch.float16
+
+
 @pytest.mark.parametrize("beta", [0.1, 0.5, 0.9])
 def test_jsd_beta(backend, device, beta):
     case = make_case(device=device, seed=1)
