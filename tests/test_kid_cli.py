@@ -11,14 +11,8 @@ from pathlib import Path
 import pytest
 
 from kid.cli import COMMANDS, main
+from tests.spider_data import DB_DIR, SPIDER_DIR, needs_spider
 
-SPIDER_DIR = Path(
-    os.environ.get("KID_SPIDER_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data" / "spider")
-)
-DB_DIR = SPIDER_DIR / "database"
-needs_spider = pytest.mark.skipif(
-    not (SPIDER_DIR / "dev.json").is_file(), reason=f"Spider data not found at {SPIDER_DIR} (set KID_SPIDER_DIR)"
-)
 REPO = Path(__file__).resolve().parents[1]
 
 

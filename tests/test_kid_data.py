@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -18,14 +17,9 @@ from kid.data import (
     load_spider_realistic,
     load_spider_syn,
 )
+from tests.spider_data import DB_DIR, SPIDER_DIR, needs_spider
 
-SPIDER_DIR = Path(
-    os.environ.get("KID_SPIDER_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data" / "spider")
-)
-DB_DIR = SPIDER_DIR / "database"
-pytestmark = pytest.mark.skipif(
-    not (SPIDER_DIR / "dev.json").is_file(), reason=f"Spider data not found at {SPIDER_DIR} (set KID_SPIDER_DIR)"
-)
+pytestmark = needs_spider
 
 
 @pytest.fixture(scope="module")

@@ -25,14 +25,7 @@ from kid.evaluation import (
 from kid.evaluation.hardness import hardness_from_spider_json, spider_hardness
 from kid.evaluation.pool import WorkerFailure, run_tasks
 from kid.evaluation.sqlite_safe import _make_authorizer
-
-SPIDER_DIR = Path(
-    os.environ.get("KID_SPIDER_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data" / "spider")
-)
-DB_DIR = SPIDER_DIR / "database"
-needs_spider = pytest.mark.skipif(
-    not (SPIDER_DIR / "dev.json").is_file(), reason=f"Spider data not found at {SPIDER_DIR} (set KID_SPIDER_DIR)"
-)
+from tests.spider_data import DB_DIR, SPIDER_DIR, needs_spider
 
 
 def _with_db(examples):

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-from pathlib import Path
 
 import pytest
 
@@ -15,14 +13,7 @@ transformers = pytest.importorskip("transformers")
 from kid.cli import main  # noqa: E402
 from kid.evaluation.scoring import read_prediction_file  # noqa: E402
 from kid.generation import clean_generated_sql, generate_sql  # noqa: E402
-
-SPIDER_DIR = Path(
-    os.environ.get("KID_SPIDER_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data" / "spider")
-)
-DB_DIR = SPIDER_DIR / "database"
-needs_spider = pytest.mark.skipif(
-    not (SPIDER_DIR / "dev.json").is_file(), reason=f"Spider data not found at {SPIDER_DIR} (set KID_SPIDER_DIR)"
-)
+from tests.spider_data import DB_DIR, SPIDER_DIR, needs_spider  # noqa: E402
 
 
 def tiny_model_and_tokenizer(seed: int = 0):

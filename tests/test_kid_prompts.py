@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 from collections import Counter, defaultdict
-from pathlib import Path
 
 import pytest
 
@@ -16,14 +14,7 @@ from kid.evaluation.pool import WorkerFailure, run_tasks
 from kid.evaluation.sqlite_safe import open_readonly, run_query
 from kid.prompts import IGNORE_INDEX, build_prompt, prompt_name, tokenize_example, tokenize_prompt
 from kid.sql_normalize import normalize_sql
-
-SPIDER_DIR = Path(
-    os.environ.get("KID_SPIDER_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data" / "spider")
-)
-DB_DIR = SPIDER_DIR / "database"
-needs_spider = pytest.mark.skipif(
-    not (SPIDER_DIR / "dev.json").is_file(), reason=f"Spider data not found at {SPIDER_DIR} (set KID_SPIDER_DIR)"
-)
+from tests.spider_data import DB_DIR, SPIDER_DIR, needs_spider
 
 
 # ---------------------------------------------------------------- normalisation
