@@ -122,8 +122,14 @@ def fused_linear_distill_loss(
     normalizer = check.check_normalizer(normalizer, device)
     opts = DispatchOptions(reduction, resolve_backend(backend, device, xs.dtype), workspace_budget(workspace_bytes),
                            bool(weight_grad_fp32))
-    outputs = LinearDistillFunction.apply(xs, student_weight.contiguous(), student_bias, xt,
-                                          teacher_weight.contiguous(), teacher_bias, target, normalizer, cfg, opts)
+    student_weight = student_weight.contiguous()
+    if not torch.is_grad_enabled():
+        # Inside autograd.Function.forward, needs_input_grad reflects requires_grad, not the caller's grad mode:
+        # detach here so that inference (torch.no_grad) never forms the gradients the forward pass would build.
+        xs, student_weight = xs.detach(), student_weight.detach()
+        student_bias = student_bias.detach() if student_bias is not None else None
+    outputs = LinearDistillFunction.apply(xs, student_weight, student_bias, xt, teacher_weight.contiguous(),
+                                          teacher_bias, target, normalizer, cfg, opts)
     return _finish(outputs, leading_shape, reduction, return_parts)
 
 

@@ -234,6 +234,23 @@ def test_teacher_gets_no_gradient(backend, device):
     assert case["student_weight"].grad is not None
 
 
+def test_no_gradient_work_under_no_grad(backend, device, monkeypatch):
+    """Inference (torch.no_grad) on student tensors that require grad: the gradients are never formed."""
+    from kidkernels.ops import distill
+
+    calls = []
+    real = distill.linear_distill_chunks
+    monkeypatch.setattr(distill, "linear_distill_chunks", lambda *a, **k: calls.append(k) or real(*a, **k))
+    case = make_case(device=device, seed=23)
+    with torch.no_grad():
+        loss = kidkernels.fused_linear_distill_loss(**case, mle_weight=1.0, backend=backend)
+    assert not loss.requires_grad
+    assert calls and not any(k.get(flag) for k in calls for flag in ("grad_input", "grad_weight", "grad_bias"))
+    with_grad = kidkernels.fused_linear_distill_loss(**case, mle_weight=1.0, backend=backend)
+    assert calls[-1]["grad_input"] and calls[-1]["grad_weight"] and calls[-1]["grad_bias"]
+    assert torch.equal(loss, with_grad.detach())
+
+
 def test_module_matches_function(backend, device):
     case = make_case(device=device, seed=14)
     module = kidkernels.FusedLinearDistillLoss(divergence="fkl", mle_weight=0.5, temperature=1.5, backend=backend)
