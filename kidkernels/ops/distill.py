@@ -169,7 +169,7 @@ class LinearDistillFunction(torch.autograd.Function):
         w_dtype, b_dtype = ctx.dtypes
         if ctx.eager:
             dx, dw, db, denom = ctx.saved_tensors
-            scale = _upstream_scale(grad_loss, compute_dtype(ctx.dtypes[0]), denom if denom is not None else ctx.denom)
+            scale = _upstream_scale(grad_loss, compute_dtype(w_dtype), denom if denom is not None else ctx.denom)
         else:
             xs, ws, bs, xt, wt, bt, target = ctx.saved_tensors
             _, dx, dw, db = linear_distill_chunks(
