@@ -48,8 +48,9 @@ def _forward(student, teacher, target, stats, cfg: DistillConfig):
     stats[LSE_TEACHER] = torch.logsumexp(b, dim=-1)
     s = student.to(compute_dtype(student.dtype))
     stats[LSE_CE] = torch.logsumexp(s, dim=-1) if cfg.separate_ce_lse else stats[LSE_STUDENT]
-    logq = a.sub_(stats[LSE_STUDENT][:, None]) if a is not s and a is not student else a - stats[LSE_STUDENT][:, None]
-    logp = b.sub_(stats[LSE_TEACHER][:, None]) if b is not teacher else b - stats[LSE_TEACHER][:, None]
+    # a and b are fresh tensors unless they alias the caller's float32 logits (T == 1): only then out of place.
+    logq = a - stats[LSE_STUDENT][:, None] if a is student else a.sub_(stats[LSE_STUDENT][:, None])
+    logp = b - stats[LSE_TEACHER][:, None] if b is teacher else b.sub_(stats[LSE_TEACHER][:, None])
     if cfg.divergence == "fkl":
         kd = _row_dot(logp.exp(), logp - logq)
         center = torch.zeros_like(kd)
