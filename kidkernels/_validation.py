@@ -29,18 +29,26 @@ def check_number(name: str, value, *, low=None, high=None, low_open=True, high_o
     return value
 
 
+def check_reduction(reduction) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def check_ignore_index(ignore_index) -> int:
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    return int(ignore_index)
+
+
 def check_options(divergence, beta, temperature, kd_weight, mle_weight, ignore_index, reduction):
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    check_reduction(reduction)
     beta = check_number("beta", beta, low=0.0, high=1.0)
     temperature = check_number("temperature", temperature, low=0.0)
     kd_weight = check_number("kd_weight", kd_weight)
     mle_weight = check_number("mle_weight", mle_weight)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    return beta, temperature, kd_weight, mle_weight, int(ignore_index)
+    return beta, temperature, kd_weight, mle_weight, check_ignore_index(ignore_index)
 
 
 def check_float_tensor(name: str, t) -> None:

@@ -1,4 +1,4 @@
-"""Public API of the distillation losses: validation, defaults and documentation.
+"""Public API of the distillation losses and of the cross-entropy alone: validation, defaults and documentation.
 
 Definitions (T the temperature, rows whose target equals ``ignore_index`` count nowhere)::
 
@@ -8,6 +8,9 @@ Definitions (T the temperature, rows whose target equals ``ignore_index`` count 
     "tvd"  0.5 sum |p - q|                   (zero subgradient where p == q)
     MLE    cross-entropy of the *untempered* student logits against ``target``
     row loss = kd_weight * divergence + mle_weight * MLE
+
+:func:`fused_linear_cross_entropy` is the MLE term alone (supervised fine-tuning): the same kernels with the teacher
+compiled out, so no teacher matmul and no divergence are computed.
 
 Logits, softmax and divergence math run in float32 (float64 for float64 inputs); logits are never rounded to the
 input dtype.  Gradients come back in the input dtype and reach only the student tensors.
@@ -23,7 +26,8 @@ from .ops.config import DistillConfig
 from .ops.distill import DispatchOptions, LinearDistillFunction, LogitsDistillFunction
 from .ops.workspace import workspace_budget
 
-__all__ = ["fused_linear_distill_loss", "FusedLinearDistillLoss", "distill_loss"]
+__all__ = ["fused_linear_distill_loss", "FusedLinearDistillLoss", "distill_loss", "fused_linear_cross_entropy",
+           "FusedLinearCrossEntropyLoss"]
 
 _OPTIONS_DOC = """
     target: ``[N]`` (or the inputs' leading shape) integer ids of the token each row must predict, already shifted.
@@ -61,6 +65,32 @@ def _finish(outputs, leading_shape, reduction, return_parts):
     return (loss, kd, ce) if return_parts else loss
 
 
+def _hidden_rows(input_name: str, x, weight_name: str, w) -> torch.Tensor:
+    """Check one model's hidden states ``[..., H]`` and lm_head weight ``[V, H]``; return the ``[N, H]`` rows."""
+    check.check_float_tensor(input_name, x)
+    rows = check.flatten_rows(input_name, x)
+    check.check_weight(weight_name, w, rows.shape[1], input_name)
+    if rows.dtype != w.dtype:
+        raise TypeError(f"{input_name} is {rows.dtype} but {weight_name} is {w.dtype}; they must match")
+    return rows
+
+
+def _linear_options(reduction, backend, device, dtype, workspace_bytes, weight_grad_fp32) -> DispatchOptions:
+    return DispatchOptions(reduction, resolve_backend(backend, device, dtype), workspace_budget(workspace_bytes),
+                           bool(weight_grad_fp32))
+
+
+def _trained(x, w, b):
+    """The trained model's rows, weight and bias as the autograd function takes them."""
+    w = w.contiguous()
+    if not torch.is_grad_enabled():
+        # Inside autograd.Function.forward, needs_input_grad reflects requires_grad, not the caller's grad mode:
+        # detach here so that inference (torch.no_grad) never forms the gradients the forward pass would build.
+        x, w = x.detach(), w.detach()
+        b = b.detach() if b is not None else None
+    return x, w, b
+
+
 def fused_linear_distill_loss(
     student_input: torch.Tensor,
     student_weight: torch.Tensor,
@@ -96,21 +126,14 @@ def fused_linear_distill_loss(
     Options:
     """
     cfg = _config(divergence, beta, temperature, kd_weight, mle_weight, ignore_index, reduction, target is not None)
-    for name, t in (("student_input", student_input), ("teacher_input", teacher_input)):
-        check.check_float_tensor(name, t)
+    xs = _hidden_rows("student_input", student_input, "student_weight", student_weight)
     leading_shape = tuple(student_input.shape[:-1])
-    xs = check.flatten_rows("student_input", student_input)
-    xt = check.flatten_rows("teacher_input", teacher_input)
+    xt = _hidden_rows("teacher_input", teacher_input, "teacher_weight", teacher_weight)
     if xs.shape[0] != xt.shape[0]:
         raise ValueError(f"student_input has {xs.shape[0]} rows but teacher_input has {xt.shape[0]}")
-    check.check_weight("student_weight", student_weight, xs.shape[1], "student_input")
-    check.check_weight("teacher_weight", teacher_weight, xt.shape[1], "teacher_input")
     if student_weight.shape[0] != teacher_weight.shape[0]:
         raise ValueError(f"student and teacher vocabularies differ: student_weight has V={student_weight.shape[0]}, "
                          f"teacher_weight has V={teacher_weight.shape[0]}")
-    for name, (x, w) in (("student", (xs, student_weight)), ("teacher", (xt, teacher_weight))):
-        if x.dtype != w.dtype:
-            raise TypeError(f"{name}_input is {x.dtype} but {name}_weight is {w.dtype}; they must match")
     vocab = student_weight.shape[0]
     check.check_bias("student_bias", student_bias, vocab)
     check.check_bias("teacher_bias", teacher_bias, vocab)
@@ -120,14 +143,8 @@ def fused_linear_distill_loss(
     if target is not None:
         target = check.check_target(target, xs.shape[0], vocab, cfg.ignore_index, leading_shape)
     normalizer = check.check_normalizer(normalizer, device)
-    opts = DispatchOptions(reduction, resolve_backend(backend, device, xs.dtype), workspace_budget(workspace_bytes),
-                           bool(weight_grad_fp32))
-    student_weight = student_weight.contiguous()
-    if not torch.is_grad_enabled():
-        # Inside autograd.Function.forward, needs_input_grad reflects requires_grad, not the caller's grad mode:
-        # detach here so that inference (torch.no_grad) never forms the gradients the forward pass would build.
-        xs, student_weight = xs.detach(), student_weight.detach()
-        student_bias = student_bias.detach() if student_bias is not None else None
+    opts = _linear_options(reduction, backend, device, xs.dtype, workspace_bytes, weight_grad_fp32)
+    xs, student_weight, student_bias = _trained(xs, student_weight, student_bias)
     outputs = LinearDistillFunction.apply(xs, student_weight, student_bias, xt, teacher_weight.contiguous(),
                                           teacher_bias, target, normalizer, cfg, opts)
     return _finish(outputs, leading_shape, reduction, return_parts)
@@ -177,6 +194,56 @@ def distill_loss(
     return _finish(outputs, leading_shape, reduction, return_parts)
 
 
+def fused_linear_cross_entropy(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    normalizer=None,
+    backend: str | None = None,
+    workspace_bytes: int | None = None,
+    weight_grad_fp32: bool = False,
+):
+    """Cross-entropy of ``input @ weight.T + bias`` against ``target`` (supervised fine-tuning), computed from hidden
+    states and an lm_head weight without ever holding the ``[N, V]`` logits.
+
+    The MLE term of :func:`fused_linear_distill_loss` alone, by the same kernels with no teacher: the value and the
+    gradients equal ``fused_linear_distill_loss(input, weight, t_in, t_w, target, kd_weight=0, mle_weight=1)``
+    for any teacher, without the teacher's matmul or log-sum-exp.
+
+    input: ``[..., H]`` hidden states at the target positions (leading dims are flattened to N).
+    weight: ``[V, H]`` lm_head weight, same dtype as ``input``; bias: ``[V]`` or None.
+    target: ``[N]`` (or the input's leading shape) integer ids, already shifted; rows equal to ``ignore_index``
+        (default -100) count nowhere.
+    reduction: "mean" (default): sum over counted rows divided by ``normalizer`` if given, else by the number of
+        counted rows (no counted row gives 0, never NaN); "sum"; "none": the row losses in the input's leading shape,
+        0 on ignored rows.
+    normalizer: number or 0-d tensor dividing the sum for "mean", e.g. the count of target tokens over all
+        micro-batches of a gradient-accumulation step.
+    backend, workspace_bytes: as for :func:`fused_linear_distill_loss`.
+    weight_grad_fp32: accumulate the weight gradient over chunks in float32 (then cast to the weight dtype).
+
+    Logits and softmax in float32 (float64 for float64 inputs); gradients reach ``input``, ``weight`` and ``bias`` in
+    their dtypes.  Returns the loss: a 0-d float32 tensor (float64 for float64 inputs), or ``[...]`` for "none".
+    """
+    cfg = DistillConfig.cross_entropy(check.check_ignore_index(ignore_index))
+    check.check_reduction(reduction)
+    x = _hidden_rows("input", input, "weight", weight)
+    leading_shape = tuple(input.shape[:-1])
+    vocab = weight.shape[0]
+    check.check_bias("bias", bias, vocab)
+    device = check.check_devices(input=input, weight=weight, target=target, bias=bias)
+    target = check.check_target(target, x.shape[0], vocab, cfg.ignore_index, leading_shape)
+    normalizer = check.check_normalizer(normalizer, device)
+    opts = _linear_options(reduction, backend, device, x.dtype, workspace_bytes, weight_grad_fp32)
+    x, weight, bias = _trained(x, weight, bias)
+    outputs = LinearDistillFunction.apply(x, weight, bias, None, None, None, target, normalizer, cfg, opts)
+    return _finish(outputs, leading_shape, reduction, False)
+
+
 fused_linear_distill_loss.__doc__ += _OPTIONS_DOC
 distill_loss.__doc__ += _OPTIONS_DOC
 
@@ -200,6 +267,23 @@ class FusedLinearDistillLoss(nn.Module):
         return fused_linear_distill_loss(student_input, student_weight, teacher_input, teacher_weight, target,
                                          student_bias=student_bias, teacher_bias=teacher_bias,
                                          normalizer=normalizer, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items() if v is not None)
+
+
+class FusedLinearCrossEntropyLoss(nn.Module):
+    """Module form of :func:`fused_linear_cross_entropy`: options in ``__init__``, tensors in :meth:`forward`."""
+
+    def __init__(self, *, ignore_index: int = -100, reduction: str = "mean", backend: str | None = None,
+                 workspace_bytes: int | None = None, weight_grad_fp32: bool = False):
+        super().__init__()
+        check.check_reduction(reduction)
+        self.options = dict(ignore_index=check.check_ignore_index(ignore_index), reduction=reduction,
+                            backend=backend, workspace_bytes=workspace_bytes, weight_grad_fp32=weight_grad_fp32)
+
+    def forward(self, input, weight, target, *, bias=None, normalizer=None):
+        return fused_linear_cross_entropy(input, weight, target, bias=bias, normalizer=normalizer, **self.options)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items() if v is not None)

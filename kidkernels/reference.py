@@ -1,4 +1,5 @@
-"""Eager reference of the distillation loss: the definitions written plainly, used by the tests and the benchmarks.
+"""Eager reference of the distillation loss and the cross-entropy: the definitions written plainly, used by the tests
+and the benchmarks.
 
 It materialises the full ``[N, V]`` logits, so it is for checking and for comparison only.  ``dtype=torch.float64``
 (the default) is the ground truth of the tests; ``dtype=torch.float32`` is the float32-softmax eager loss a user
@@ -45,18 +46,23 @@ def reference_distill_loss_from_logits(student_logits, teacher_logits, target=No
     zero = torch.zeros_like(kd)
     kd, ce = torch.where(counted, kd, zero), torch.where(counted, ce, zero)
     loss = kd_weight * kd + (mle_weight * ce if target is not None and mle_weight != 0 else 0)
-    if reduction == "none":
-        shape = student_logits.shape[:-1]
-        out = loss.reshape(shape), kd.detach().reshape(shape), ce.detach().reshape(shape)
-    else:
-        if reduction == "sum":
-            denom = 1.0
-        elif normalizer is not None:
-            denom = float(normalizer)
-        else:
-            denom = max(int(counted.sum()), 1)
-        out = loss.sum() / denom, kd.detach().sum() / denom, ce.detach().sum() / denom
+    out = tuple(_reduce(rows, counted, reduction, normalizer, student_logits.shape[:-1])
+                for rows in (loss, kd.detach(), ce.detach()))
     return out if return_parts else out[0]
+
+
+def _reduce(rows, counted, reduction, normalizer, shape):
+    """Row losses (0 on rows that do not count) reduced as the public API does: "none" reshaped to ``shape``,
+    "sum", or "mean" over ``normalizer`` when given, else over the counted rows (at least 1)."""
+    if reduction == "none":
+        return rows.reshape(shape)
+    if reduction == "sum":
+        denom = 1.0
+    elif normalizer is not None:
+        denom = float(normalizer)
+    else:
+        denom = max(int(counted.sum()), 1)
+    return rows.sum() / denom
 
 
 def reference_fused_linear_distill_loss(student_input, student_weight, teacher_input, teacher_weight, target=None, *,
@@ -75,6 +81,20 @@ def reference_fused_linear_distill_loss(student_input, student_weight, teacher_i
     lead = student_input.shape[:-1]
     return reference_distill_loss_from_logits(s.reshape(*lead, -1), t.reshape(*lead, -1), target, dtype=dtype,
                                               **options)
+
+
+def reference_fused_linear_cross_entropy(input, weight, target, *, bias=None, ignore_index=-100, reduction="mean",
+                                         normalizer=None, dtype=torch.float64):
+    """Reference of :func:`kidkernels.fused_linear_cross_entropy`: full logits in ``dtype``, then PyTorch's own
+    ``cross_entropy`` per row (0 on ignored rows), reduced as the public API does (no counted row gives 0, not NaN).
+
+    Differentiable w.r.t. ``input``, ``weight`` and ``bias`` (their gradients come back in ``dtype``).
+    """
+    logits = reference_linear_logits(input, weight, bias, dtype=dtype)
+    tgt = target.reshape(-1)
+    rows = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt, ignore_index=ignore_index,
+                                             reduction="none")
+    return _reduce(rows, tgt != ignore_index, reduction, normalizer, input.shape[:-1])
 
 
 # ---- KID's masking stage: entropy, argmax and position selection ----------------------------------------------

@@ -6,7 +6,9 @@ surface on a machine with no GPU.  It needs the CUDA tools that the ``triton`` w
 
     python tools/compile_kernels.py [--arch 90] [--quick]
 
-``--quick`` compiles one representative variant per kernel and dtype (used by the test suite).
+``--quick`` compiles one representative variant per kernel and dtype (used by the test suite): the distillation
+kernels with a teacher in bfloat16 and without one (the cross-entropy alone, ``HAS_TEACHER=False``) in float32, so
+that both code paths are compiled.
 """
 from __future__ import annotations
 
@@ -34,31 +36,47 @@ def _row_pair(ptr_type):
     return dict(s_ptr=ptr_type, s_row_stride="i64", t_ptr=ptr_type, t_row_stride="i64")
 
 
+# --quick: which teacher flag each dtype's distillation kernels are compiled with (one variant per kernel and dtype).
+QUICK_HAS_TEACHER = {"*fp32": False, "*bf16": True}
+
+
+def _distill_variants(ptr: str, has_teacher: bool, quick: bool):
+    """The distillation kernels' variants for logits of pointer type ``ptr``, with or without a teacher."""
+    if has_teacher:
+        separate_flags = [True] if quick else [False, True]
+        divergences = [2] if quick else range(4)
+        flags = [(True, True)] if quick else [(False, False), (True, False), (True, True)]
+    else:  # the cross-entropy alone: a target and the MLE term, T == 1, no divergence (DIVERGENCE is not read)
+        separate_flags, divergences, flags = [False], [0], [(True, True)]
+    for separate in separate_flags:
+        sig = dict(_row_pair(ptr), stats_ptr="*fp32", stat_stride="i64", V="i32", inv_temp="fp32",
+                   SEPARATE_CE_LSE="constexpr", HAS_TEACHER="constexpr", BLOCK_V="constexpr")
+        yield "distill_lse", distill_lse_kernel, sig, dict(SEPARATE_CE_LSE=separate, HAS_TEACHER=has_teacher,
+                                                           BLOCK_V=BLOCK_V)
+    for div, (has_target, has_mle) in itertools.product(divergences, flags):
+        common = dict(target_ptr="*i64", stats_ptr="*fp32", stat_stride="i64")
+        scalars = dict(V="i32", inv_temp="fp32", beta="fp32", log_beta="fp32", log_one_minus_beta="fp32")
+        sig = dict(_row_pair(ptr), **common, **scalars, ignore_index="i32", DIVERGENCE="constexpr",
+                   HAS_TARGET="constexpr", HAS_MLE="constexpr", HAS_TEACHER="constexpr", BLOCK_V="constexpr")
+        yield "distill_value", distill_value_kernel, sig, dict(DIVERGENCE=div, HAS_TARGET=has_target,
+                                                               HAS_MLE=has_mle, HAS_TEACHER=has_teacher,
+                                                               BLOCK_V=BLOCK_V)
+        for has_weight in ([True] if quick else [False, True]):
+            sig = dict(_row_pair(ptr), **common, row_weight_ptr="*fp32", row_weight_stride="i64",
+                       grad_ptr=ptr, grad_row_stride="i64", **scalars, kd_scale="fp32", mle_weight="fp32",
+                       ignore_index="i32", DIVERGENCE="constexpr", HAS_TARGET="constexpr", HAS_MLE="constexpr",
+                       HAS_ROW_WEIGHT="constexpr", HAS_TEACHER="constexpr", BLOCK_V="constexpr")
+            yield "distill_grad", distill_grad_kernel, sig, dict(
+                DIVERGENCE=div, HAS_TARGET=has_target, HAS_MLE=has_mle, HAS_ROW_WEIGHT=has_weight,
+                HAS_TEACHER=has_teacher, BLOCK_V=BLOCK_V)
+
+
 def variants(quick: bool):
     """Yield ``(name, kernel, signature, constexprs)`` for every compiled variant."""
     dtypes = ["*fp32", "*bf16"] if quick else ["*fp32", "*bf16", "*fp16"]
-    divergences = [2] if quick else range(4)
-    flags = [(True, True)] if quick else [(False, False), (True, False), (True, True)]
     for ptr in dtypes:
-        for separate in ([True] if quick else [False, True]):
-            sig = dict(_row_pair(ptr), stats_ptr="*fp32", stat_stride="i64", V="i32", inv_temp="fp32",
-                       SEPARATE_CE_LSE="constexpr", BLOCK_V="constexpr")
-            yield "distill_lse", distill_lse_kernel, sig, dict(SEPARATE_CE_LSE=separate, BLOCK_V=BLOCK_V)
-        for div, (has_target, has_mle) in itertools.product(divergences, flags):
-            common = dict(target_ptr="*i64", stats_ptr="*fp32", stat_stride="i64")
-            scalars = dict(V="i32", inv_temp="fp32", beta="fp32", log_beta="fp32", log_one_minus_beta="fp32")
-            sig = dict(_row_pair(ptr), **common, **scalars, ignore_index="i32", DIVERGENCE="constexpr",
-                       HAS_TARGET="constexpr", HAS_MLE="constexpr", BLOCK_V="constexpr")
-            yield "distill_value", distill_value_kernel, sig, dict(DIVERGENCE=div, HAS_TARGET=has_target,
-                                                                   HAS_MLE=has_mle, BLOCK_V=BLOCK_V)
-            for has_weight in ([True] if quick else [False, True]):
-                sig = dict(_row_pair(ptr), **common, row_weight_ptr="*fp32", row_weight_stride="i64",
-                           grad_ptr=ptr, grad_row_stride="i64", **scalars, kd_scale="fp32", mle_weight="fp32",
-                           ignore_index="i32", DIVERGENCE="constexpr", HAS_TARGET="constexpr", HAS_MLE="constexpr",
-                           HAS_ROW_WEIGHT="constexpr", BLOCK_V="constexpr")
-                yield "distill_grad", distill_grad_kernel, sig, dict(
-                    DIVERGENCE=div, HAS_TARGET=has_target, HAS_MLE=has_mle, HAS_ROW_WEIGHT=has_weight,
-                    BLOCK_V=BLOCK_V)
+        for has_teacher in ([QUICK_HAS_TEACHER[ptr]] if quick else [True, False]):
+            yield from _distill_variants(ptr, has_teacher, quick)
         for with_entropy, with_argmax in ([(True, True)] if quick else [(True, True), (True, False), (False, True)]):
             sig = dict(logits_ptr=ptr, row_stride="i64", entropy_ptr="*fp32", argmax_ptr="*i64", V="i32",
                        inv_temp="fp32", WITH_ENTROPY="constexpr", WITH_ARGMAX="constexpr", BLOCK_V="constexpr")

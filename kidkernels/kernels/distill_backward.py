@@ -5,7 +5,8 @@
 with ``w`` the row's weight (the upstream gradient for ``reduction="none"``, 1 otherwise) and 0 on ignored rows, so
 every element of the gradient row is written, ignored rows included.  The gradient is stored in the dtype of
 ``grad_ptr`` (the student's input dtype, ready for the gradient matmuls); it may alias the student logits when
-those are float32, since each element is read before it is overwritten by the same lane.
+those are float32, since each element is read before it is overwritten by the same lane.  ``HAS_TEACHER=False``
+(the cross-entropy alone) compiles the divergence term out and never reads the teacher pointer.
 """
 import triton
 import triton.language as tl
@@ -20,15 +21,16 @@ def distill_grad_kernel(
     row_weight_ptr, row_weight_stride, grad_ptr, grad_row_stride,
     V, inv_temp, beta, log_beta, log_one_minus_beta, kd_scale, mle_weight, ignore_index,
     DIVERGENCE: tl.constexpr, HAS_TARGET: tl.constexpr, HAS_MLE: tl.constexpr,
-    HAS_ROW_WEIGHT: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_ROW_WEIGHT: tl.constexpr, HAS_TEACHER: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * s_row_stride
     t_row = t_ptr + row * t_row_stride
     g_row = grad_ptr + row * grad_row_stride
-    lse_s = tl.load(stats_ptr + LSE_STUDENT * stat_stride + row)
-    lse_t = tl.load(stats_ptr + LSE_TEACHER * stat_stride + row)
-    center = tl.load(stats_ptr + CENTER * stat_stride + row)
+    if HAS_TEACHER:
+        lse_s = tl.load(stats_ptr + LSE_STUDENT * stat_stride + row)
+        lse_t = tl.load(stats_ptr + LSE_TEACHER * stat_stride + row)
+        center = tl.load(stats_ptr + CENTER * stat_stride + row)
     lse_ce = tl.load(stats_ptr + LSE_CE * stat_stride + row)
     w = 1.0
     if HAS_ROW_WEIGHT:
@@ -41,10 +43,13 @@ def distill_grad_kernel(
         cols = v0 + tl.arange(0, BLOCK_V)
         mask = cols < V
         s = tl.load(s_row + cols, mask=mask, other=0.0).to(tl.float32)
-        t = tl.load(t_row + cols, mask=mask, other=0.0).to(tl.float32)
-        logq = s * inv_temp - lse_s
-        logp = t * inv_temp - lse_t
-        g = kd_scale * divergence_grad(logq, logp, center, beta, log_beta, log_one_minus_beta, DIVERGENCE)
+        if HAS_TEACHER:
+            t = tl.load(t_row + cols, mask=mask, other=0.0).to(tl.float32)
+            logq = s * inv_temp - lse_s
+            logp = t * inv_temp - lse_t
+            g = kd_scale * divergence_grad(logq, logp, center, beta, log_beta, log_one_minus_beta, DIVERGENCE)
+        else:
+            g = tl.zeros([BLOCK_V], dtype=tl.float32)
         if HAS_MLE:
             g += mle_weight * (tl.exp(s - lse_ce) - tl.where(cols == tgt, 1.0, 0.0))
         tl.store(g_row + cols, (w * g).to(grad_ptr.dtype.element_ty), mask=mask)

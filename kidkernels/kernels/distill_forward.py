@@ -11,6 +11,9 @@ Row statistics live in a ``[NUM_STATS, rows]`` float32 array (``stats``), one ro
 
 The first kernel needs only the maxima and sums; the second needs the final log-sum-exps to form exact
 per-element terms (the one-pass ``E_q[a - b] - lse(a) + lse(b)`` form of a KL cancels catastrophically).
+
+``HAS_TEACHER=False`` (the cross-entropy alone) compiles the teacher out: its pointer is never read, LSE_TEACHER is
+not written, KD and CENTER are 0, and the second kernel reads only the target column of each row.
 """
 import triton
 import triton.language as tl
@@ -31,9 +34,10 @@ NUM_STATS = 6
 def distill_lse_kernel(
     s_ptr, s_row_stride, t_ptr, t_row_stride, stats_ptr, stat_stride,
     V, inv_temp,
-    SEPARATE_CE_LSE: tl.constexpr, BLOCK_V: tl.constexpr,
+    SEPARATE_CE_LSE: tl.constexpr, HAS_TEACHER: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    """Log-sum-exps of one row: tempered student, tempered teacher, and (when T != 1) untempered student."""
+    """Log-sum-exps of one row: tempered student, tempered teacher (``HAS_TEACHER``), and (when T != 1) untempered
+    student."""
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * s_row_stride
     t_row = t_ptr + row * t_row_stride
@@ -47,14 +51,16 @@ def distill_lse_kernel(
         cols = v0 + tl.arange(0, BLOCK_V)
         mask = cols < V
         s = tl.load(s_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        t = tl.load(t_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
         m_s, z_s = online_lse_update(m_s, z_s, s * inv_temp)
-        m_t, z_t = online_lse_update(m_t, z_t, t * inv_temp)
+        if HAS_TEACHER:
+            t = tl.load(t_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+            m_t, z_t = online_lse_update(m_t, z_t, t * inv_temp)
         if SEPARATE_CE_LSE:
             m_c, z_c = online_lse_update(m_c, z_c, s)
     lse_s = finish_lse(m_s, z_s)
     tl.store(stats_ptr + LSE_STUDENT * stat_stride + row, lse_s)
-    tl.store(stats_ptr + LSE_TEACHER * stat_stride + row, finish_lse(m_t, z_t))
+    if HAS_TEACHER:
+        tl.store(stats_ptr + LSE_TEACHER * stat_stride + row, finish_lse(m_t, z_t))
     if SEPARATE_CE_LSE:
         tl.store(stats_ptr + LSE_CE * stat_stride + row, finish_lse(m_c, z_c))
     else:
@@ -65,26 +71,28 @@ def distill_lse_kernel(
 def distill_value_kernel(
     s_ptr, s_row_stride, t_ptr, t_row_stride, target_ptr, stats_ptr, stat_stride,
     V, inv_temp, beta, log_beta, log_one_minus_beta, ignore_index,
-    DIVERGENCE: tl.constexpr, HAS_TARGET: tl.constexpr, HAS_MLE: tl.constexpr, BLOCK_V: tl.constexpr,
+    DIVERGENCE: tl.constexpr, HAS_TARGET: tl.constexpr, HAS_MLE: tl.constexpr, HAS_TEACHER: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     """Divergence, gradient center and cross-entropy of one row, from the log-sum-exps of the first kernel."""
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * s_row_stride
-    t_row = t_ptr + row * t_row_stride
-    lse_s = tl.load(stats_ptr + LSE_STUDENT * stat_stride + row)
-    lse_t = tl.load(stats_ptr + LSE_TEACHER * stat_stride + row)
     kd = 0.0
     center = 0.0
-    for v0 in range(0, V, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
-        mask = cols < V
-        s = tl.load(s_row + cols, mask=mask, other=0.0).to(tl.float32)
-        t = tl.load(t_row + cols, mask=mask, other=0.0).to(tl.float32)
-        logq = s * inv_temp - lse_s
-        logp = t * inv_temp - lse_t
-        kd_terms, center_terms = divergence_terms(logq, logp, beta, log_beta, log_one_minus_beta, DIVERGENCE)
-        kd += tl.sum(tl.where(mask, kd_terms, 0.0), axis=0)
-        center += tl.sum(tl.where(mask, center_terms, 0.0), axis=0)
+    if HAS_TEACHER:
+        t_row = t_ptr + row * t_row_stride
+        lse_s = tl.load(stats_ptr + LSE_STUDENT * stat_stride + row)
+        lse_t = tl.load(stats_ptr + LSE_TEACHER * stat_stride + row)
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            mask = cols < V
+            s = tl.load(s_row + cols, mask=mask, other=0.0).to(tl.float32)
+            t = tl.load(t_row + cols, mask=mask, other=0.0).to(tl.float32)
+            logq = s * inv_temp - lse_s
+            logp = t * inv_temp - lse_t
+            kd_terms, center_terms = divergence_terms(logq, logp, beta, log_beta, log_one_minus_beta, DIVERGENCE)
+            kd += tl.sum(tl.where(mask, kd_terms, 0.0), axis=0)
+            center += tl.sum(tl.where(mask, center_terms, 0.0), axis=0)
     ce = 0.0
     if HAS_TARGET:
         tgt = tl.load(target_ptr + row)

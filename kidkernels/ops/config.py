@@ -1,4 +1,7 @@
-"""Validated, hashable options of a distillation loss call, as the dispatch layer sees them."""
+"""Validated, hashable options of a distillation loss call, as the dispatch layer sees them.
+
+The cross-entropy alone (supervised fine-tuning) is the same loss with no teacher: :meth:`DistillConfig.cross_entropy`.
+"""
 from __future__ import annotations
 
 import math
@@ -22,6 +25,19 @@ class DistillConfig:
     mle_weight: float
     ignore_index: int
     has_target: bool
+    # False: no teacher logits at all (the MLE term alone); the kernels skip the teacher log-sum-exp and the divergence
+    # (KD and CENTER are 0, LSE_TEACHER is not written).  Needs a target and kd_weight == 0.
+    has_teacher: bool = True
+
+    def __post_init__(self):
+        if not self.has_teacher and (not self.has_target or self.kd_weight != 0.0):
+            raise ValueError("a loss without a teacher is the MLE term alone: it needs a target and kd_weight=0")
+
+    @classmethod
+    def cross_entropy(cls, ignore_index: int) -> DistillConfig:
+        """The cross-entropy of the (untempered) student logits alone: mle_weight 1, no teacher, no divergence (the
+        divergence fields are placeholders that nothing reads)."""
+        return cls("fkl", 0.5, 1.0, 0.0, 1.0, ignore_index, True, has_teacher=False)
 
     @property
     def code(self) -> int:

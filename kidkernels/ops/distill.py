@@ -3,7 +3,8 @@
 Two entry points share the per-chunk backends (``distill_triton`` and ``distill_torch``):
 
 * :class:`LinearDistillFunction` takes hidden states and lm_head weights.  Rows are processed in chunks whose float32
-  logits fit the workspace budget; for each chunk the student and teacher logits are formed by a matmul, the kernels
+  logits fit the workspace budget; for each chunk the student and teacher logits are formed by a matmul (no teacher
+  tensors and ``cfg.has_teacher`` False: the cross-entropy alone, with no teacher matmul at all), the kernels
   compute the row statistics and, when a gradient is needed, write d(loss)/d(student logits) into a chunk-sized
   buffer that two more matmuls turn into the input and weight gradients.  For ``reduction`` "mean" and "sum" the
   gradients are formed during the forward pass (the upstream gradient is then a scalar that scales them), so the
@@ -41,9 +42,10 @@ class DispatchOptions:
     weight_grad_fp32: bool = False
 
 
-def _chunk_bytes_per_row(vocab: int, in_dtype: torch.dtype, backend: str, with_grad: bool) -> int:
+def _chunk_bytes_per_row(vocab: int, in_dtype: torch.dtype, backend: str, with_grad: bool,
+                         with_teacher: bool = True) -> int:
     cdt = element_size(compute_dtype(in_dtype))
-    per_elem = 2 * cdt  # student and teacher logits
+    per_elem = (2 if with_teacher else 1) * cdt  # student (and teacher) logits
     if with_grad and compute_dtype(in_dtype) != in_dtype:
         per_elem += element_size(in_dtype)  # gradient in the input dtype, for the gradient matmuls
     if backend == "torch":
@@ -59,11 +61,12 @@ def linear_distill_chunks(
 ):
     """Run the loss over row chunks of hidden states; return ``(stats, dx, dw, db)``.
 
-    xs ``[N, H_s]``, ws ``[V, H_s]``, bs ``[V]`` or None; xt ``[N, H_t]``, wt ``[V, H_t]``, bt ``[V]`` or None;
-    target ``[N]`` int64 or None.  ``stats`` is the ``[NUM_STATS, N]`` float32 (float64 for float64 inputs) array of
-    row statistics.  The gradients (None unless requested) are those of ``sum_i row_weight_i * row_loss_i``
-    (``row_weight`` None means 1): dx ``[N, H_s]`` in the input dtype, dw ``[V, H_s]`` in float32 when
-    ``opts.weight_grad_fp32`` else the weight dtype, db ``[V]`` in the compute dtype.
+    xs ``[N, H_s]``, ws ``[V, H_s]``, bs ``[V]`` or None; xt ``[N, H_t]``, wt ``[V, H_t]``, bt ``[V]`` or None
+    (all three None when ``cfg.has_teacher`` is False); target ``[N]`` int64 or None.  ``stats`` is the
+    ``[NUM_STATS, N]`` float32 (float64 for float64 inputs) array of row statistics.  The gradients (None unless
+    requested) are those of ``sum_i row_weight_i * row_loss_i`` (``row_weight`` None means 1): dx ``[N, H_s]`` in the
+    input dtype, dw ``[V, H_s]`` in float32 when ``opts.weight_grad_fp32`` else the weight dtype, db ``[V]`` in the
+    compute dtype.
     """
     n, vocab = xs.shape[0], ws.shape[0]
     impl = backend_impl(opts.backend)
@@ -74,14 +77,17 @@ def linear_distill_chunks(
     dw = torch.zeros(ws.shape, device=ws.device, dtype=torch.float32 if opts.weight_grad_fp32 else ws.dtype) \
         if grad_weight else None
     db = torch.zeros(vocab, device=ws.device, dtype=cdt) if grad_bias else None
-    step = rows_per_chunk(_chunk_bytes_per_row(vocab, xs.dtype, opts.backend, with_grad), opts.workspace_bytes)
+    if (xt is None) == cfg.has_teacher:
+        raise ValueError("the teacher tensors must be given exactly when cfg.has_teacher is True")
+    step = rows_per_chunk(_chunk_bytes_per_row(vocab, xs.dtype, opts.backend, with_grad, cfg.has_teacher),
+                          opts.workspace_bytes)
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
         x_chunk = xs[r0:r1]
         tgt = target[r0:r1] if target is not None else None
         chunk_stats = stats[:, r0:r1]
         student = linear_logits(x_chunk, ws, bs)
-        teacher = linear_logits(xt[r0:r1], wt, bt)
+        teacher = linear_logits(xt[r0:r1], wt, bt) if cfg.has_teacher else None
         if not with_grad:
             impl.stats_and_value(student, teacher, tgt, chunk_stats, cfg)
         else:
