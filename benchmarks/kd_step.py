@@ -1,27 +1,13 @@
 """One training step of each method the full-step benchmark compares, on Qwen2-architecture (Qwen1.5) models with
-random weights: SFT, a teacher forward alone, RKD from Hugging Face logits (eager), RKD and KID through kidkernels.
+random weights, through the trainer's own objectives (:func:`kid.methods.compute_objective`, what
+:class:`kid.trainer.DistillTrainer` calls for each micro-batch): SFT, a teacher forward alone, RKD from Hugging Face
+logits (eager, the comparison), RKD and KID (random and hard selection).
 
-PROVISIONAL: the trainer issue (``kid/``) will provide the production training step; when it lands, the benchmark
-should call that step and this module should be deleted.  Until then this is the smallest faithful version, and
-its choices follow anchors.md:
-
-- A batch is ``prompt_len`` prompt tokens then ``answer_len`` answer (SQL) tokens, the last one EOS; no padding.
-  The loss rows are the answer positions: the hidden state at position ``t - 1`` predicts token ``t``, so the rows
-  are positions ``prompt_len - 1 .. T - 2`` (``B x answer_len`` rows: 2,048 at batch 16 x 128, the paper's N).
-- Hidden states come from ``model.model(...)`` (no logits); the lm_head work happens in the loss, on those rows.
-- SFT: cross-entropy through kidkernels with ``kd_weight=0, mle_weight=1`` (the "teacher" operands are the
-  student's own detached hidden states and weight: the library has no CE-only entry, and that extra matmul is
-  ``2 N H_s V``, about 1 ms at the paper's shape).
+- A batch is ``prompt_len`` prompt tokens then ``answer_len`` answer (SQL) tokens, the last one EOS; no padding.  The
+  loss rows are the answer positions (``B x answer_len``: 2,048 at batch 16 x 128, the paper's N), read by
+  :func:`kid.models.answer_hidden_states` without logits.
 - RKD (HF, eager): the models' full ``[B, T, V]`` logits as ``forward()`` returns them (what TRL/torchtune-style
   code does), sliced to the answer rows, reverse KL + MLE with :mod:`kidkernels.reference` in float32.
-- RKD (kidkernels): ``fused_linear_distill_loss(..., divergence="rkl", mle_weight=1)`` on the answer rows.
-- KID: choose ``alpha = 0.2`` of the answer positions except EOS ("random": :func:`kidkernels.select_positions`;
-  "hard": the student's entropies on the gold sequence via :func:`kidkernels.fused_linear_select`, which costs one
-  more no-grad student pass), replace them with a mask token, one no-grad student pass over the masked sequence,
-  :func:`kidkernels.fused_linear_argmax` at positions ``t - 1`` of the answer span (computed for every answer row
-  and kept where chosen: no host synchronisation to compact the chosen rows), write the predictions into the gold
-  sequence (y-hat), then the teacher (no grad) and the student (grad) read (x, y-hat) and the loss is reverse KL +
-  MLE against the *gold* tokens, 1:1.
 - The mask token is the last vocabulary id and EOS the one before it (random-weight models have no tokenizer).
 - A step is forward + backward of the student (all parameters trainable, gradients dropped between steps); no
   optimizer update, which costs the same for every method.  ``gradient_checkpointing`` recomputes the student's
@@ -34,7 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-import kidkernels
+from kid.config import MethodConfig
+from kid.methods import DistillContext, compute_objective
+from kid.models import answer_hidden_states, lm_head_of
 from kidkernels.reference import reference_distill_loss_from_logits
 
 from .shapes import ModelShape, StepShape
@@ -107,16 +95,6 @@ class StepSetup:
         """The positions whose outputs predict the answer tokens: ``prompt_len - 1 .. T - 2``."""
         return tensor[:, self.prompt_len - 1:-1]
 
-    def answer_hidden(self, model, input_ids: torch.Tensor) -> torch.Tensor:
-        """``[B, answer_len, H]`` last hidden states at the answer rows."""
-        return self.answer_rows(model.model(input_ids=input_ids).last_hidden_state)
-
-    def with_answer(self, answer: torch.Tensor) -> torch.Tensor:
-        """The gold sequence with its answer span replaced by ``answer``."""
-        ids = self.input_ids.clone()
-        ids[:, self.prompt_len:] = answer
-        return ids
-
     def reset(self) -> None:
         self.student.zero_grad(set_to_none=True)
 
@@ -126,16 +104,33 @@ class StepSetup:
 
 # ---- the steps -----------------------------------------------------------------------------------------------
 
-def sft_step(s: StepSetup) -> None:
-    hidden = s.answer_hidden(s.student, s.input_ids)
-    weight = s.student.lm_head.weight
-    kidkernels.fused_linear_distill_loss(hidden, weight, hidden.detach(), weight.detach(), s.gold_answer,
-                                         kd_weight=0.0, mle_weight=1.0).backward()
+def trainer_batch(s: StepSetup, input_ids: torch.Tensor | None = None) -> dict:
+    """The batch layout of :mod:`kid.batching` for the (unpadded) benchmark sequences."""
+    ids = s.input_ids if input_ids is None else input_ids
+    batch, width = ids.shape
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+            "answer_index": torch.arange(s.prompt_len, width, device=ids.device).expand(batch, -1),
+            "answer_labels": s.gold_answer}
+
+
+def objective_context(s: StepSetup, method: str, **options) -> DistillContext:
+    config = MethodConfig(method=method, **options)
+    return DistillContext(config=config, student=s.student, student_head=lm_head_of(s.student),
+                          teacher=s.teacher if config.needs_teacher else None,
+                          teacher_head=lm_head_of(s.teacher) if config.needs_teacher else None,
+                          eos_token_id=s.eos_token_id, pad_token_id=s.eos_token_id, mask_token_id=s.mask_token_id,
+                          generator=torch.Generator(device=s.input_ids.device).manual_seed(0))
+
+
+def trainer_step(s: StepSetup, method: str, **options) -> None:
+    batch = trainer_batch(s)
+    normalizer = batch["answer_labels"].numel()
+    compute_objective(objective_context(s, method, **options), batch, normalizer).loss.backward()
 
 
 def teacher_forward(s: StepSetup) -> None:
     with torch.no_grad():
-        s.answer_hidden(s.teacher, s.input_ids)
+        answer_hidden_states(s.teacher, trainer_batch(s))
 
 
 def rkd_hf_eager_step(s: StepSetup) -> None:
@@ -146,49 +141,13 @@ def rkd_hf_eager_step(s: StepSetup) -> None:
                                        mle_weight=1.0, dtype=torch.float32).backward()
 
 
-def _distill_on(s: StepSetup, input_ids: torch.Tensor) -> None:
-    """Reverse KL + MLE (gold targets) with both models reading ``input_ids``."""
-    with torch.no_grad():
-        teacher_hidden = s.answer_hidden(s.teacher, input_ids)
-    student_hidden = s.answer_hidden(s.student, input_ids)
-    kidkernels.fused_linear_distill_loss(student_hidden, s.student.lm_head.weight, teacher_hidden,
-                                         s.teacher.lm_head.weight, s.gold_answer, divergence="rkl",
-                                         mle_weight=1.0).backward()
-
-
-def rkd_kidkernels_step(s: StepSetup) -> None:
-    _distill_on(s, s.input_ids)
-
-
-def kid_imperfect_answer(s: StepSetup, strategy: str, generator: torch.Generator | None = None) -> torch.Tensor:
-    """KID's imperfect data: the answer span with ``alpha`` of its positions (EOS excluded) replaced by the
-    student's greedy predictions given the masked sequence.  Returns ``[B, answer_len]`` token ids."""
-    weight = s.student.lm_head.weight
-    gold = s.gold_answer
-    valid = torch.ones_like(gold, dtype=torch.bool)
-    valid[:, -1] = False  # EOS is never masked
-    with torch.no_grad():
-        if strategy in ("hard", "easy"):
-            chosen = kidkernels.fused_linear_select(s.answer_hidden(s.student, s.input_ids), weight, valid,
-                                                    KID_ALPHA, strategy)
-        else:
-            chosen = kidkernels.select_positions(valid, KID_ALPHA, strategy, generator=generator)
-        masked = s.with_answer(torch.where(chosen, s.mask_token_id, gold))
-        predicted = kidkernels.fused_linear_argmax(s.answer_hidden(s.student, masked), weight)
-    return torch.where(chosen, predicted, gold)
-
-
-def kid_step(s: StepSetup, strategy: str = "random") -> None:
-    _distill_on(s, s.with_answer(kid_imperfect_answer(s, strategy)))
-
-
 STEPS = {
-    "sft": sft_step,
+    "sft": lambda s: trainer_step(s, "sft"),
     "teacher_forward": teacher_forward,
     "rkd_hf_eager": rkd_hf_eager_step,
-    "rkd_kidkernels": rkd_kidkernels_step,
-    "kid_random": lambda s: kid_step(s, "random"),
-    "kid_hard": lambda s: kid_step(s, "hard"),
+    "rkd_kidkernels": lambda s: trainer_step(s, "rkd"),
+    "kid_random": lambda s: trainer_step(s, "kid", alpha=KID_ALPHA, strategy="random"),
+    "kid_hard": lambda s: trainer_step(s, "kid", alpha=KID_ALPHA, strategy="hard"),
 }
 
 

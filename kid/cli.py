@@ -225,5 +225,133 @@ def _eval(p: argparse.ArgumentParser) -> RunFunction:
     return run
 
 
+# ---- training -------------------------------------------------------------------------------------------------
+
+# Options whose flags take a short help text here; every other field of TrainConfig / MethodConfig also becomes a
+# flag (``--field-name``), documented in those classes.
+_TRAIN_HELP = {
+    "student": "student model directory or Hub name",
+    "teacher": "teacher model directory or Hub name (every method but sft)",
+    "teacher_adapter": "LoRA adapter of the teacher from an earlier sft run (merged in)",
+    "data_file": "training data json (Spider train_spider.json, BIRD train.json, ...)",
+    "db_dir": "databases at DIR/<db_id>/<db_id>.sqlite",
+    "tables_file": "tables.json (column comments, foreign keys)",
+    "data_format": "data format (spider, bird, ...; see kid.data.LOADERS)",
+    "output_dir": "checkpoints, final model and run_report.json",
+    "method": "sft, fkd, rkd, fdistill, imitkd, gkd or kid (default kid)",
+    "resume": "continue from the newest checkpoint in --output-dir (or give a checkpoint path)",
+    "sft_report": "run_report.json of an SFT run on the same data: report the training time relative to it",
+}
+
+
+def _flag_type(default, annotation=""):
+    if default is None and str(annotation).startswith("int"):
+        return int
+    if isinstance(default, bool):
+        return None
+    if isinstance(default, int):
+        return int
+    if isinstance(default, float):
+        return float
+    return str
+
+
+def add_config_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per field of TrainConfig and MethodConfig (default None: "not given", so a YAML value stays)."""
+    import dataclasses
+
+    from .config import MethodConfig
+    from .training import TrainConfig
+
+    seen = set()
+    for cls, title in ((TrainConfig, "run"), (MethodConfig, "method")):
+        where = "kid.training.TrainConfig" if cls is TrainConfig else "kid.config.MethodConfig"
+        group = p.add_argument_group(f"{title} options (see {where})")
+        for f in dataclasses.fields(cls):
+            if f.name in ("extra",) or f.name in seen:
+                continue
+            seen.add(f.name)
+            default = f.default if f.default is not dataclasses.MISSING else None
+            flag = "--" + f.name.replace("_", "-")
+            help_text = _TRAIN_HELP.get(f.name, "") + (f" (default {default})" if default not in (None, "") else "")
+            if isinstance(default, bool):
+                group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                                   help=help_text)
+            elif f.name == "resume":
+                group.add_argument(flag, dest=f.name, nargs="?", const=True, default=None, help=help_text)
+            else:
+                group.add_argument(flag, dest=f.name, type=_flag_type(default, f.type), default=None, help=help_text)
+
+
+def config_values(args: argparse.Namespace) -> dict:
+    """YAML (``--config``) values overridden by the flags that were given."""
+    import dataclasses
+
+    from .config import MethodConfig
+    from .training import TrainConfig
+
+    values: dict = {}
+    if getattr(args, "config", None) is not None:
+        import yaml
+
+        with open(args.config, encoding="utf-8") as f:
+            loaded = yaml.safe_load(f) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{args.config}: expected a mapping of option names to values")
+        # Flat keys, or method options nested under "method_options:"; dashes or underscores.
+        method_section = loaded.pop("method_options", None) or {}
+        values.update({str(k).replace("-", "_"): v for k, v in loaded.items()})
+        values.update({str(k).replace("-", "_"): v for k, v in method_section.items()})
+    names = {f.name for cls in (TrainConfig, MethodConfig) for f in dataclasses.fields(cls)} - {"extra"}
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None:
+            values[name] = value
+    return values
+
+
+@command("train", "train a student with KID or a baseline (sft, fkd, rkd, fdistill, imitkd, gkd)")
+def _train(p: argparse.ArgumentParser) -> RunFunction:
+    p.add_argument("--config", type=Path, default=None, help="YAML file of options (flags override it)")
+    add_config_flags(p)
+
+    def run(args: argparse.Namespace) -> int:
+        from .training import run_training, split_options
+
+        train_config, method_config = split_options(config_values(args))
+        for name in ("student", "data_file", "db_dir"):
+            if not getattr(train_config, name):
+                raise ValueError(f"--{name.replace('_', '-')} is required (flag or YAML)")
+        report = run_training(train_config, method_config)
+        status = "interrupted (checkpoint saved)" if report["interrupted"] else "done"
+        print(f"kid train: {method_config.method} {status} in {report['train_runtime_s']} s, "
+              f"{report['global_steps']} steps; report: {Path(train_config.output_dir) / 'run_report.json'}")
+        if "latency_vs_sft" in report:
+            print(f"training time relative to SFT: {report['latency_vs_sft']}x")
+        return 0
+
+    return run
+
+
+@command("demo", "the embedded demo: tiny teacher and students on a slice of Spider, offline (about 10 min on CPU)")
+def _demo(p: argparse.ArgumentParser) -> RunFunction:
+    p.add_argument("--out-dir", type=Path, default=Path("kid_demo"), help="reports, loss curves (default kid_demo)")
+    p.add_argument("--scale", choices=["cpu", "gpu", "smoke"], default="cpu",
+                   help="cpu: minutes on 2 cores (default); gpu: larger models, longer training; smoke: plumbing")
+    p.add_argument("--methods", default="sft,rkd,kid,gkd",
+                   help="comma-separated students to train (sft is always included: the time reference)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    def run(args: argparse.Namespace) -> int:
+        from .demo.run import run_demo
+
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        run_demo(args.out_dir, scale=args.scale, methods=methods, seed=args.seed, progress=not args.no_progress)
+        return 0
+
+    return run
+
+
 if __name__ == "__main__":
     sys.exit(main())

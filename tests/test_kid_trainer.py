@@ -1,0 +1,292 @@
+"""kid.trainer.DistillTrainer and kid.training.run_training: exact gradient accumulation, bit-for-bit resume,
+2-process DDP on CPU (gloo), and interruption by a signal."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from kid.batching import IGNORE_INDEX, DistillCollator
+from kid.config import MethodConfig
+from kid.training import REPORT_NAME, _StopOnSignal, run_training, training_arguments
+from tests.kid_tiny import (
+    MASK,
+    PAD,
+    all_finite,
+    rel_err,
+    step_logs,
+    tiny_dataset,
+    tiny_examples,
+    tiny_model,
+    tiny_teacher,
+    tiny_tokenizer,
+    train_config,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def torch_backend(monkeypatch):
+    monkeypatch.setenv("KIDKERNELS_BACKEND", "torch")
+
+
+# ---- a. gradient accumulation -------------------------------------------------------------------------------------
+
+def _grad_capture():
+    """A Trainer callback that copies every parameter gradient just before the first optimizer step."""
+    from transformers import TrainerCallback
+
+    class GradCapture(TrainerCallback):
+        grads: dict[str, torch.Tensor] = {}
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 0:
+                self.grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    return GradCapture()
+
+
+def _first_step_grads(tmp_path, method: MethodConfig, examples, micro_batch_size: int) -> dict[str, torch.Tensor]:
+    from datasets import Dataset
+
+    from kid.trainer import DistillTrainer
+
+    config = train_config(tmp_path / f"micro{micro_batch_size}", batch_size=4, micro_batch_size=micro_batch_size,
+                          max_steps=1)
+    capture = _grad_capture()
+    trainer = DistillTrainer(
+        model=tiny_model(0), args=training_arguments(config, max_grad_norm=0.0), train_dataset=Dataset.from_list(
+            examples), data_collator=DistillCollator(PAD, with_prompts=method.generates),
+        processing_class=tiny_tokenizer(), method_config=method,
+        teacher=tiny_teacher() if method.needs_teacher else None, mask_token_id=MASK, callbacks=[capture])
+    assert trainer.args.gradient_accumulation_steps == 4 // micro_batch_size
+    trainer.train()
+    assert capture.grads, "no gradient captured"
+    return capture.grads
+
+
+def _flat(grads: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([grads[n].flatten() for n in sorted(grads)])
+
+
+@pytest.fixture(scope="module")
+def uneven_examples():
+    # Four sequences of clearly different prompt and answer lengths: a micro-batch of 2 pads to its own longest
+    # sequence, a batch of 4 to the longest of all, so the two layouts pad differently.
+    rows = tiny_examples(4, seed=7, prompt_len=(2, 12), answer_len=(1, 9))
+    assert len({len(r["input_ids"]) for r in rows}) == 4
+    assert len({sum(y != IGNORE_INDEX for y in r["labels"]) for r in rows}) > 1
+    return rows
+
+
+@pytest.mark.parametrize("method", [
+    MethodConfig(method="sft"),
+    MethodConfig(method="rkd"),
+    # KID with strategy "uniform" and argmax predictions: the trainer seeds its generator per (seed, process,
+    # optimizer step, micro-batch), so "random" selection would draw differently when the same rows are split into
+    # two micro-batches instead of one.  "uniform" depends only on each row's own selectable count and the argmax
+    # predictions only on the row's own masked sequence, so the imperfect data -- and hence the gradient -- must
+    # not depend on the micro-batch layout.
+    MethodConfig(method="kid", alpha=0.5, strategy="uniform"),
+], ids=lambda m: m.method)
+def test_gradient_accumulation_is_exact(tmp_path, uneven_examples, method):
+    accumulated = _first_step_grads(tmp_path, method, uneven_examples, micro_batch_size=2)
+    single = _first_step_grads(tmp_path, method, uneven_examples, micro_batch_size=4)
+    assert accumulated.keys() == single.keys() and "lm_head.weight" in single
+    flat = _flat(single)
+    assert torch.isfinite(flat).all() and flat.abs().sum() > 0
+    assert rel_err(_flat(accumulated), flat) < 1e-5
+    for name in single:
+        assert rel_err(accumulated[name], single[name]) < 1e-4, name
+    if method.method == "sft":
+        # ... and both are the gradient of the token-mean cross-entropy of the whole batch, from the model's logits.
+        model = tiny_model(0)
+        batch = DistillCollator(PAD)(uneven_examples)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        rows = logits[torch.arange(4)[:, None], batch["answer_index"] - 1]
+        loss = torch.nn.functional.cross_entropy(rows.flatten(0, 1), batch["answer_labels"].flatten(),
+                                                 ignore_index=IGNORE_INDEX, reduction="mean")
+        loss.backward()
+        reference = {n: p.grad for n, p in model.named_parameters()}
+        assert rel_err(flat, _flat({n: reference[n] for n in single})) < 1e-5
+
+
+# ---- b. resume ------------------------------------------------------------------------------------------------------
+
+def _run(output_dir, method: MethodConfig, *, steps=6, resume=None, write_final=False, **cfg):
+    options = dict(batch_size=4, micro_batch_size=2, max_steps=steps, save_steps=2, save_total_limit=10, resume=resume)
+    config = train_config(output_dir, **{**options, **cfg})
+    return run_training(config, method, student=tiny_model(0), teacher=tiny_teacher() if method.needs_teacher else None,
+                        tokenizer=tiny_tokenizer(), train_dataset=tiny_dataset(12, seed=4), write_final=write_final)
+
+
+@pytest.mark.parametrize("method", [MethodConfig(method="kid", alpha=0.5, strategy="random"),
+                                    MethodConfig(method="sft")], ids=lambda m: m.method)
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, method):
+    # 12 examples, 4 per step: 3 steps per epoch, so the checkpoint at step 2 is mid-epoch (the Trainer must skip
+    # the batches already seen and restore the sampler's RNG) and the run crosses into a second epoch.
+    full = _run(tmp_path / "full", method)
+    checkpoint = tmp_path / "full" / "checkpoint-2"
+    assert checkpoint.is_dir() and (tmp_path / "full" / "checkpoint-6").is_dir()
+    resumed = _run(tmp_path / "resumed", method, resume=str(checkpoint))
+    assert resumed["global_steps"] == full["global_steps"] == 6
+    full_logs = {h["step"]: h for h in step_logs(full)}
+    # the resumed log history starts with the checkpoint's (steps 1-2), then the steps trained after resuming
+    resumed_logs = {h["step"]: h for h in step_logs(resumed) if h["step"] > 2}
+    assert sorted(resumed_logs) == [3, 4, 5, 6]
+    for step, h in resumed_logs.items():
+        for key in ("loss", "kd", "mle"):
+            assert h[key] == pytest.approx(full_logs[step][key], rel=1e-5, abs=1e-7), (step, key)
+    # the losses changed from step to step: the comparison is not of constants
+    assert len({round(h["loss"], 6) for h in resumed_logs.values()}) == 4
+
+
+# ---- c. DDP on two CPU processes -----------------------------------------------------------------------------------
+
+DDP_WORKER = textwrap.dedent('''
+    import faulthandler
+    import json
+    import os
+    import sys
+    from pathlib import Path
+
+    import torch
+    import torch.distributed as dist
+
+    from kid.config import MethodConfig
+    from kid.training import run_training
+    from tests.kid_tiny import all_finite, step_logs, tiny_dataset, tiny_model, tiny_teacher, tiny_tokenizer, \\
+        train_config
+
+    faulthandler.dump_traceback_later(60, exit=True)  # a deadlock shows its stacks instead of hanging
+    out = Path(sys.argv[1])
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    # kid; then gkd with lambda 0.5: each process draws for itself whether a micro-batch is generated, so the
+    # processes run different numbers of student forwards per micro-batch (this deadlocked while DDP broadcast
+    # buffers at every forward).
+    runs = {"kid": MethodConfig(method="kid", alpha=0.5),
+            "gkd": MethodConfig(method="gkd", gkd_lambda=0.5, max_new_tokens=4)}
+    for name, method in runs.items():
+        config = train_config(out / name, batch_size=4, micro_batch_size=1, max_steps=3, lora=True, lora_r=4,
+                              lora_alpha=8, lora_dropout=0.0)
+        report = run_training(config, method, student=tiny_model(0), teacher=tiny_teacher(), tokenizer=tiny_tokenizer(),
+                              train_dataset=tiny_dataset(16, seed=1), write_final=False)
+        trainer = report.pop("_trainer")
+        assert world == 2 and trainer.args.world_size == 2, trainer.args.world_size
+        assert trainer.args.gradient_accumulation_steps == 2, trainer.args.gradient_accumulation_steps
+        assert type(trainer.model_wrapped).__name__ == "DistributedDataParallel", type(trainer.model_wrapped)
+        assert dist.is_initialized() and dist.get_backend() == "gloo"
+        logs = step_logs(report)
+        assert len(logs) == 3 and all_finite([h[k] for h in logs for k in ("loss", "kd", "mle")]), logs
+        # the logged parts are those of the loss, over both processes (kd_weight = mle_weight = 1)
+        for h in logs:
+            assert abs(h["loss"] - (h["kd"] + h["mle"])) <= 1e-3 * h["loss"], h
+        params = {n: p.detach().cpu().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+        flat = torch.cat([params[n].flatten() for n in sorted(params)])
+        gathered = [torch.empty_like(flat) for _ in range(world)]
+        dist.all_gather(gathered, flat)
+        assert torch.equal(gathered[0], gathered[1]), f"{name}: the ranks' trainable parameters differ"
+        torch.save(params, out / f"{name}_params{rank}.pt")
+        (out / f"{name}_report{rank}.json").write_text(json.dumps(report, default=str))
+        dist.barrier()
+        print(f"{name} rank {rank} ok", flush=True)
+''')
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow  # ~30 s on 2 cores: two processes each import torch and transformers, two short runs
+def test_ddp_two_cpu_processes(tmp_path):
+    worker = tmp_path / "worker.py"
+    worker.write_text(DDP_WORKER)
+    env = dict(os.environ, KIDKERNELS_BACKEND="torch", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")])))
+    env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(worker), str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    for name in ("kid", "gkd"):
+        assert f"{name} rank 0 ok" in proc.stdout and f"{name} rank 1 ok" in proc.stdout
+        p0, p1 = (torch.load(tmp_path / f"{name}_params{r}.pt") for r in (0, 1))
+        assert p0.keys() == p1.keys() and all("lora_" in n for n in p0)
+        assert all(torch.equal(p0[n], p1[n]) for n in p0)
+        assert any(p0[n].abs().sum() > 0 for n in p0 if "lora_B" in n)  # trained (LoRA B starts at zero)
+        report = json.loads((tmp_path / name / REPORT_NAME).read_text())  # written by rank 0
+        assert report["global_steps"] == 3 and report["method"] == name and not report["interrupted"]
+        assert all_finite([h["loss"] for h in step_logs(report)])
+        # both ranks logged the same (process-averaged) values
+        r0, r1 = (json.loads((tmp_path / f"{name}_report{r}.json").read_text()) for r in (0, 1))
+        for key in ("loss", "kd", "mle"):
+            assert [h[key] for h in step_logs(r0)] == pytest.approx([h[key] for h in step_logs(r1)], rel=1e-6)
+
+
+# ---- d. interruption -----------------------------------------------------------------------------------------------
+
+def test_stop_on_signal_handler():
+    previous = signal.getsignal(signal.SIGINT)
+    stopper = _StopOnSignal()
+    with stopper:
+        assert signal.getsignal(signal.SIGINT) is not previous
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stopper.requested
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # a second signal: stop at once
+    assert signal.getsignal(signal.SIGINT) is previous
+
+
+def test_interrupt_saves_a_checkpoint_and_resume_finishes(tmp_path, monkeypatch):
+    from transformers import TrainerCallback
+
+    import kid.trainer
+
+    class SignalAtStep2(TrainerCallback):
+        sent = False
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2 and not self.sent:
+                # only if run_training's handler is in place (else SIGINT would stop pytest itself)
+                assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+                type(self).sent = True
+                os.kill(os.getpid(), signal.SIGINT)
+
+    class Trainer(kid.trainer.DistillTrainer):
+        def __init__(self, *args, callbacks=None, **kwargs):
+            super().__init__(*args, callbacks=list(callbacks or []) + [SignalAtStep2()], **kwargs)
+
+    monkeypatch.setattr(kid.trainer, "DistillTrainer", Trainer)
+    out = tmp_path / "run"
+    method = MethodConfig(method="kid", alpha=0.5)
+    first = _run(out, method, steps=8, write_final=True, save_steps=100)
+    assert SignalAtStep2.sent
+    # The stop callback runs before ours at each step end: it sees the request at the end of step 3, asks the
+    # Trainer to save and stop there.
+    stopped_at = first["global_steps"]
+    assert stopped_at == 3 and first["interrupted"]
+    assert json.loads((out / REPORT_NAME).read_text())["interrupted"] is True
+    assert (out / f"checkpoint-{stopped_at}").is_dir()
+    assert not (out / "final").exists()  # an interrupted run writes no final model
+
+    monkeypatch.setattr(kid.trainer, "DistillTrainer", kid.trainer.DistillTrainer.__mro__[1])
+    resumed = _run(out, method, steps=8, write_final=True, save_steps=100, resume=True)
+    assert resumed["global_steps"] == 8 and not resumed["interrupted"]
+    assert [h["step"] for h in step_logs(resumed)] == list(range(1, 9))  # the checkpoint's history, then the rest
+    assert (out / "final").is_dir() and (out / "checkpoint-8").is_dir()
+    report = json.loads((out / REPORT_NAME).read_text())
+    assert report["interrupted"] is False and report["global_steps"] == 8
+    # resume=True with no checkpoint is a clear error
+    with pytest.raises(ValueError, match="no checkpoint"):
+        _run(tmp_path / "empty", method, steps=2, resume=True)
