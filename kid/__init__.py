@@ -1,7 +1,18 @@
-"""kid: text-to-SQL data, CodeS-style prompts, safe execution-accuracy evaluation and
-generation for knowledge distillation of LLMs (KID, Zhong et al., EMNLP Findings 2024).
+"""kid: the trainer layer of kidkernels: KID (Zhong et al., EMNLP Findings 2024) and its
+baselines for Hugging Face causal LMs, text-to-SQL data, CodeS-style prompts, safe
+execution-accuracy evaluation and generation.
 
 Submodules:
+
+* :mod:`kid.config` - :class:`~kid.config.MethodConfig`: the methods and their defaults.
+* :mod:`kid.batching` - batches that say where the answer tokens are (no logits needed).
+* :mod:`kid.models` - loading, LoRA, hidden states at the answer rows, mask token choice.
+* :mod:`kid.kid_stage` - KID's imperfect-data stage (select, mask, predict, write back).
+* :mod:`kid.rollout` - answers generated during training (GKD, ImitKD, f-distill).
+* :mod:`kid.methods` - the objectives, every term through kidkernels.
+* :mod:`kid.trainer` - :class:`~kid.trainer.DistillTrainer` (``transformers.Trainer``).
+* :mod:`kid.training` - one run end to end (``kid train``), run reports.
+* :mod:`kid.demo` - the embedded demo (``kid demo``) and its shipped data.
 
 * :mod:`kid.data` - loaders for Spider, Spider-DK, Spider-Syn, Spider-Realistic and BIRD
   returning ``datasets.Dataset`` objects; schema extraction; value matching.

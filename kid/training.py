@@ -203,6 +203,9 @@ def training_arguments(config: TrainConfig, *, world_size: int = 1, bf16: bool =
         # student forwards a micro-batch takes (GKD: one for a gold batch, two for a generated one), so the
         # processes would call different numbers of collectives and deadlock.
         ddp_broadcast_buffers=False,
+        # Every trainable parameter (LoRA adapters, or every weight) is used by every student pass, so DDP need not
+        # walk the graph after each forward looking for unused ones.
+        ddp_find_unused_parameters=False,
     )
     # transformers 5 folds warmup_ratio into a fractional warmup_steps; 4.x has warmup_ratio.
     fields = {f.name for f in dataclasses.fields(TrainingArguments)}

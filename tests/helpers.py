@@ -64,3 +64,12 @@ class TensorRecorder:
 
     def __exit__(self, *exc):
         return self._mode.__exit__(*exc)
+
+
+def assert_close(ours, ref, ours_grads, ref_grads, grad_tol, loss_tol=1e-5):
+    """A float32 loss within ``loss_tol`` and finite gradients within ``grad_tol`` (relative L2) of the reference."""
+    assert ours.dtype == torch.float32
+    assert rel_l2(ours, ref) <= loss_tol, (ours, ref)
+    for g, r in zip(ours_grads, ref_grads):
+        assert torch.isfinite(g).all()
+        assert rel_l2(g, r) <= grad_tol, rel_l2(g, r)

@@ -13,7 +13,7 @@ import torch
 import kidkernels
 from kidkernels.ops import tiles
 from kidkernels.reference import reference_fused_linear_cross_entropy
-from tests.helpers import TensorRecorder, hidden_and_weight, rel_l2
+from tests.helpers import TensorRecorder, assert_close, hidden_and_weight, rel_l2
 
 N, H, V = 13, 16, 1013
 GRAD_TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
@@ -48,14 +48,6 @@ def run_both(case, upstream=None, **options):
     ours_grads = torch.autograd.grad(ours, trained(case), up)
     ref_grads = torch.autograd.grad(ref, trained(case), up.double())
     return ours, ref, ours_grads, ref_grads
-
-
-def assert_close(ours, ref, ours_grads, ref_grads, grad_tol, loss_tol=1e-5):
-    assert ours.dtype == torch.float32
-    assert rel_l2(ours, ref) <= loss_tol, (ours, ref)
-    for g, r in zip(ours_grads, ref_grads):
-        assert torch.isfinite(g).all()
-        assert rel_l2(g, r) <= grad_tol, rel_l2(g, r)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=DTYPE_IDS.get)

@@ -13,7 +13,7 @@ import kidkernels
 from kidkernels.ops import tiles
 from kidkernels.reference import reference_distill_loss_from_logits, reference_fused_linear_distill_loss
 from tests.conftest import BACKENDS as BACKENDS_AVAILABLE
-from tests.helpers import TensorRecorder, hidden_and_weight, rel_l2
+from tests.helpers import TensorRecorder, assert_close, hidden_and_weight, rel_l2
 
 DIVERGENCES = ["fkl", "rkl", "jsd", "tvd"]
 N, H_S, H_T, V = 13, 16, 24, 1013
@@ -48,14 +48,6 @@ def run_both(case, upstream=None, **options):
     ours_grads = torch.autograd.grad(ours, grads_of, up)
     ref_grads = torch.autograd.grad(ref, grads_of, up.double())
     return ours, ref, ours_grads, ref_grads
-
-
-def assert_close(ours, ref, ours_grads, ref_grads, grad_tol, loss_tol=1e-5):
-    assert ours.dtype == torch.float32
-    assert rel_l2(ours, ref) <= loss_tol, (ours, ref)
-    for g, r in zip(ours_grads, ref_grads):
-        assert torch.isfinite(g).all()
-        assert rel_l2(g, r) <= grad_tol, rel_l2(g, r)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

@@ -67,7 +67,7 @@ class DemoScale:
 SCALES = {
     # Two CPU cores, <= 10 minutes for the whole pipeline (teacher + four students + five evaluations).
     "cpu": DemoScale("cpu", teacher=DemoModel(128, 2, 4, 2, 384), student=DemoModel(64, 2, 4, 2, 192),
-                     vocab_size=1024, teacher_steps=200, student_steps=150, batch_size=16, micro_batch_size=16,
+                     vocab_size=1024, teacher_steps=500, student_steps=200, batch_size=16, micro_batch_size=16,
                      learning_rate=3e-3, max_input_tokens=256, max_output_tokens=80, heldout_limit=None,
                      gkd_max_new_tokens=48),
     # The plumbing only (tests): a few steps, a few held-out questions.
