@@ -158,19 +158,19 @@ def prepare_teacher(teacher, *, adapter: str | None = None, device=None, dtype=N
 def default_mask_token(tokenizer) -> str:
     """KID's default mask token: an existing special token, so no new embedding is learnt.
 
-    Order: the tokenizer's ``mask_token``; its ``unk_token``; its first additional special token that is not
-    EOS/BOS/PAD (Qwen's ``<|im_start|>``).  Raise if there is none: pass ``mask_token=`` explicitly.
+    Order: the tokenizer's ``mask_token``; its ``unk_token``; its first additional special token; in each case only
+    a token that is not also EOS, BOS or PAD (Qwen's unk token is ``<|endoftext|>``, its EOS: the mask would then
+    read as an end of sequence; Qwen's choice is ``<|im_start|>``).  Raise if there is none: pass ``mask_token=``.
     """
-    for candidate in (getattr(tokenizer, "mask_token", None), getattr(tokenizer, "unk_token", None)):
-        if candidate:
-            return candidate
-    taken = {tokenizer.eos_token, tokenizer.bos_token, tokenizer.pad_token}
-    extra = list(getattr(tokenizer, "additional_special_tokens", None) or [])
-    extra += [t for t in getattr(tokenizer, "all_special_tokens", []) if t not in extra]
-    for candidate in extra:
+    taken = {tokenizer.eos_token, tokenizer.bos_token, tokenizer.pad_token} - {None}
+    candidates = [getattr(tokenizer, "mask_token", None), getattr(tokenizer, "unk_token", None)]
+    candidates += list(getattr(tokenizer, "additional_special_tokens", None) or [])
+    candidates += list(getattr(tokenizer, "all_special_tokens", None) or [])
+    for candidate in candidates:
         if candidate and candidate not in taken:
             return candidate
-    raise ValueError("the tokenizer has no spare special token to mask with; pass mask_token= (an existing token)")
+    raise ValueError("the tokenizer has no spare special token to mask with (every special token is EOS, BOS or "
+                     "PAD); pass mask_token= (an existing token)")
 
 
 def token_id(tokenizer, token: str) -> int:

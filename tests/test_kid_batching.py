@@ -274,3 +274,25 @@ def test_answer_hidden_states_gradients_flow_through_peft(examples):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in trainable.values())
     assert sum(p.grad.abs().sum() for p in trainable.values()) > 0
     assert all(p.grad.abs().sum() > 0 for n, p in trainable.items() if "lora_A" in n)
+
+
+def test_default_mask_token_never_reuses_eos_bos_or_pad():
+    # Qwen's tokenizer: unk, pad and EOS are all <|endoftext|>; the mask must be another special token.
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from kid.models import default_mask_token, token_id
+
+    vocab = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2, "a": 3}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    qwen_like = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", unk_token="<|endoftext|>",
+                                        pad_token="<|endoftext|>", additional_special_tokens=["<|im_start|>",
+                                                                                              "<|im_end|>"])
+    assert default_mask_token(qwen_like) == "<|im_start|>" and token_id(qwen_like, "<|im_start|>") == 1
+    only_eos = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>",
+                                       unk_token="<|endoftext|>", pad_token="<|endoftext|>")
+    # No spare special token at all: a clear error rather than masking with EOS.
+    assert set(only_eos.all_special_tokens) == {"<|endoftext|>"}
+    with pytest.raises(ValueError, match="mask_token="):
+        default_mask_token(only_eos)
