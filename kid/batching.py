@@ -132,11 +132,6 @@ def prompt_plus_answer(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, answ
             "answer_index": answer_index, "answer_labels": answer}
 
 
-def gather_answer_tokens(input_ids: torch.Tensor, answer_index: torch.Tensor) -> torch.Tensor:
-    """``[B, A]`` the tokens at the answer positions."""
-    return input_ids.gather(1, answer_index)
-
-
 def with_answer_tokens(input_ids: torch.Tensor, answer_index: torch.Tensor, answer_tokens: torch.Tensor,
                        answer_labels: torch.Tensor) -> torch.Tensor:
     """A copy of ``input_ids`` whose answer positions hold ``answer_tokens`` (padded slots keep their token).
@@ -152,16 +147,3 @@ def with_answer_tokens(input_ids: torch.Tensor, answer_index: torch.Tensor, answ
     values = torch.where(real, answer_tokens.to(input_ids.dtype), torch.zeros_like(input_ids[:, :1]))
     widened = torch.nn.functional.pad(input_ids, (0, 1))
     return widened.scatter(1, index, values)[:, :width].contiguous()
-
-
-def mix_rows(use_first: torch.Tensor, first: torch.Tensor, second: torch.Tensor, pad_value: int) -> torch.Tensor:
-    """Per-row choice between two ``[B, *]`` tensors of possibly different widths (the narrower is padded on the
-    right with ``pad_value``)."""
-    width = max(first.shape[1], second.shape[1])
-
-    def widen(t):
-        if t.shape[1] == width:
-            return t
-        return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=pad_value)
-
-    return torch.where(use_first.view(-1, 1), widen(first), widen(second))

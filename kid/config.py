@@ -15,7 +15,7 @@ where they do not:
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 METHODS = ("sft", "fkd", "rkd", "fdistill", "imitkd", "gkd", "kid")
@@ -66,7 +66,6 @@ class MethodConfig:
     fdistill_teacher_probability: float = 0.5
     sampling_temperature: float = 1.0
     max_new_tokens: int = 128
-    extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         self.method = str(self.method).lower()
@@ -127,14 +126,12 @@ class MethodConfig:
                 "gkd": self.gkd_divergence}[self.method]
 
     def to_dict(self) -> dict:
-        out = dataclasses.asdict(self)
-        out.pop("extra")
-        return out
+        return dataclasses.asdict(self)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> MethodConfig:
         """Build from a mapping (e.g. a YAML section), rejecting unknown keys with their names."""
-        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown method option(s) {unknown}; known: {sorted(known)}")

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 import kidkernels
+from kidkernels.ops.gemm import linear_logits
 
 from .batching import IGNORE_INDEX, with_answer_tokens
 from .models import LMHead, answer_hidden_states
@@ -63,9 +64,8 @@ def sample_next_tokens(hidden: torch.Tensor, head: LMHead, *, temperature: float
     per_chunk = max(1, chunk_bytes // (4 * vocab))
     out = torch.empty(rows.shape[0], dtype=torch.long, device=rows.device)
     for start in range(0, rows.shape[0], per_chunk):
-        logits = (rows[start:start + per_chunk] @ weight.T).float()
-        if bias is not None:
-            logits += bias.float()
+        # float32 logits straight from the product (never rounded to a bf16 weight's dtype first).
+        logits = linear_logits(rows[start:start + per_chunk], weight, bias)
         uniform = torch.rand(logits.shape, generator=generator, device=logits.device).clamp_(min=1e-20)
         # argmax(logits / T + Gumbel) is a sample of softmax(logits / T).
         logits.div_(temperature).sub_(uniform.log_().neg_().log_())

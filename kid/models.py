@@ -14,8 +14,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .batching import IGNORE_INDEX
-
 
 def unwrap(model):
     """The ``PreTrainedModel`` causal LM inside DDP / accelerate / peft wrappers."""
@@ -45,11 +43,16 @@ class LMHead:
     bias: torch.Tensor | None
 
 
-def lm_head_of(model) -> LMHead:
+def lm_head_of(model, vocab_size: int | None = None) -> LMHead:
+    """The model's lm_head; with ``vocab_size``, its first ``vocab_size`` rows (views: no copy)."""
     head = unwrap(model).get_output_embeddings()
     if head is None or not hasattr(head, "weight"):
         raise TypeError(f"{type(unwrap(model)).__name__} has no output embedding (lm_head)")
-    return LMHead(head.weight, getattr(head, "bias", None))
+    weight, bias = head.weight, getattr(head, "bias", None)
+    if vocab_size is not None and vocab_size < weight.shape[0]:
+        weight = weight[:vocab_size]
+        bias = bias[:vocab_size] if bias is not None else None
+    return LMHead(weight, bias)
 
 
 def answer_hidden_states(model, batch, *, input_ids: torch.Tensor | None = None,
@@ -82,11 +85,6 @@ def answer_hidden_states(model, batch, *, input_ids: torch.Tensor | None = None,
     rows = (batch["answer_index"] - 1).clamp(min=0)
     rows = hidden.gather(1, rows.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
     return rows if dtype is None else rows.to(dtype)
-
-
-def count_targets(answer_labels: torch.Tensor) -> torch.Tensor:
-    """0-d int64 tensor: the number of target tokens (no host synchronisation)."""
-    return (answer_labels != IGNORE_INDEX).sum()
 
 
 # ---- loading ---------------------------------------------------------------------------------------------------

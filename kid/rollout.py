@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .batching import IGNORE_INDEX
-from .models import eval_mode, unwrap
+from .models import eval_mode
 
 
 @torch.no_grad()
@@ -25,13 +25,14 @@ def generate_answers(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
     """
     from transformers import GenerationConfig
 
-    lm = unwrap(model)
-    if hasattr(model, "get_base_model") or hasattr(getattr(model, "module", None), "get_base_model"):
-        # Keep the LoRA layers: generate through the peft model itself.
-        lm = model.module if hasattr(model, "module") else model
+    # Generate through the peft model itself when there is one (its LoRA layers), not the bare base model.
+    lm = model.module if isinstance(getattr(model, "module", None), torch.nn.Module) else model
+    # Every sampling knob explicit: transformers fills unset ones from the checkpoint's generation_config.json (a
+    # chat model's repetition penalty would make the samples stop following the student's distribution).
     config = GenerationConfig(do_sample=do_sample, temperature=temperature if do_sample else None, top_k=0,
-                              top_p=1.0, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
-                              pad_token_id=pad_token_id, use_cache=True)
+                              top_p=1.0, min_p=None, typical_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
+                              max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                              use_cache=True)
     with eval_mode(lm):
         out = lm.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)
     new = out[:, prompt_ids.shape[1]:]

@@ -9,8 +9,12 @@ multi-process runs (torchrun / accelerate with DDP) are the Trainer's; this clas
   ``average_tokens_across_devices``, of all processes) and passes the count as ``num_items_in_batch``; every term is
   a sum over target tokens divided by that count, so two micro-batches accumulate exactly the gradient of one batch
   of twice the size.  DDP averages gradients over processes, so the loss is multiplied by the process count.
-* Randomness: KID's selection and the on-policy draws are seeded from ``(args.seed, process, optimizer step,
-  micro-batch)``, so a resumed run draws what an uninterrupted run would.
+* Randomness: KID's selection and sampled predictions, and the on-policy methods' choice of which sequences are
+  generated, are seeded from ``(args.seed, process, optimizer step, micro-batch)``.  ``generate`` itself samples
+  from the global RNG, which checkpoints save and resume restores; a resumed run draws what an uninterrupted run
+  would.
+* Vocabularies: checkpoints of one family may pad their lm_heads to different sizes (Qwen1.5: 151,936 rows for
+  0.5B-7B, 152,064 for 14B+); both heads are cut to the smaller size, which must cover the tokenizer.
 * Metrics (added to each log line): ``kd``, ``mle`` (the parts, averaged over the logging window), ``tokens_per_s``
   (attended input tokens of the student's training pass per second) and ``step_time_s`` (seconds per optimizer
   step over the logging window: the host waits for the device at logging time anyway, so no extra synchronisation).
@@ -59,14 +63,22 @@ class DistillTrainer(Trainer):
         if self.pad_token_id is None:
             self.pad_token_id = self.eos_token_id
         self.mask_token_id = mask_token_id
+        if self.args.n_gpu > 1:
+            raise ValueError(f"one process sees {self.args.n_gpu} GPUs (torch.nn.DataParallel is not supported): "
+                             "launch one process per GPU with torchrun or accelerate")
         self.teacher = teacher.to(self.args.device) if teacher is not None else None
+        self.vocab_size = lm_head_of(self.model).weight.shape[0]
         if self.teacher is not None:
             self.teacher.eval().requires_grad_(False)
-            s_vocab = lm_head_of(self.model).weight.shape[0]
             t_vocab = lm_head_of(self.teacher).weight.shape[0]
-            if s_vocab != t_vocab:
-                raise ValueError(f"student and teacher vocabularies differ ({s_vocab} vs {t_vocab}); KD needs one "
-                                 "tokenizer and equal lm_head sizes")
+            self.vocab_size = min(self.vocab_size, t_vocab)
+            tokens = len(tokenizer) if tokenizer is not None and hasattr(tokenizer, "__len__") else None
+            if self.vocab_size != t_vocab or self.vocab_size != lm_head_of(self.model).weight.shape[0]:
+                if tokens is None or tokens > self.vocab_size:
+                    raise ValueError(
+                        f"student and teacher lm_heads differ ({lm_head_of(self.model).weight.shape[0]} vs {t_vocab} "
+                        f"rows) and the smaller does not cover the tokenizer ({tokens} tokens); KD needs one "
+                        "vocabulary")
         # The Trainer counts target tokens for num_items_in_batch only when the model "accepts loss kwargs".
         self.model_accepts_loss_kwargs = True
         self._micro_step = (-1, 0)
@@ -89,15 +101,19 @@ class DistillTrainer(Trainer):
         generator.manual_seed(seed)
         max_steps = max(self.state.max_steps or 0, 1)
         return DistillContext(
-            config=self.method_config, student=model, student_head=lm_head_of(model), teacher=self.teacher,
-            teacher_head=lm_head_of(self.teacher) if self.teacher is not None else None,
+            config=self.method_config, student=model, student_head=lm_head_of(model, self.vocab_size),
+            teacher=self.teacher,
+            teacher_head=lm_head_of(self.teacher, self.vocab_size) if self.teacher is not None else None,
             eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id, mask_token_id=self.mask_token_id,
             progress=min(self.state.global_step / max_steps, 1.0), generator=generator, rng=random.Random(seed))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["answer_labels"]
         if num_items_in_batch is None:
-            normalizer = (labels != -100).sum()
+            # No step-wide count (the Trainer counts only batches with "labels"): this micro-batch's own count,
+            # times the accumulation steps, since the loss counts as already scaled for accumulation.
+            normalizer = (labels != -100).sum() * getattr(self, "current_gradient_accumulation_steps",
+                                                           self.args.gradient_accumulation_steps)
             scale = 1.0
         else:
             normalizer = num_items_in_batch
@@ -116,6 +132,8 @@ class DistillTrainer(Trainer):
     def _record(self, parts, attention_mask: torch.Tensor, scale: float = 1.0) -> None:
         # Device tensors accumulated without .item(): read once per logging window.  The parts get the loss's
         # process-count scale, so that their mean over processes (at logging time) is the batch's value.
+        if self._window_start is None:
+            self._window_start = (time.perf_counter(), self.state.global_step)
         values = {"kd": parts.kd * scale, "mle": parts.mle * scale, "tokens": attention_mask.sum()}
         for name, value in values.items():
             value = value.detach().to(torch.float64)
@@ -132,17 +150,22 @@ class DistillTrainer(Trainer):
                 gathered = self.accelerator.gather(local).reshape(-1, len(names))
                 local = torch.cat([gathered[:, :2].mean(0), gathered[:, 2:].sum(0)])
             sums = dict(zip(names, local.tolist()))
-            logs["kd"] = round(sums["kd"] / self._metric_count * self.args.gradient_accumulation_steps, 6)
-            logs["mle"] = round(sums["mle"] / self._metric_count * self.args.gradient_accumulation_steps, 6)
+            # Each micro-batch's parts are already divided by its step's token count: their sum over the window
+            # divided by the window's optimizer steps is the mean per step (also when the last step is short).
             now, step = time.perf_counter(), self.state.global_step
-            if self._window_start is not None and step > self._window_start[1]:
-                elapsed = now - self._window_start[0]
-                logs["step_time_s"] = round(elapsed / (step - self._window_start[1]), 4)
+            start_time_s, start_step = self._window_start or (now, step)
+            steps = max(step - start_step, 1)
+            logs["kd"] = round(sums["kd"] / steps, 6)
+            logs["mle"] = round(sums["mle"] / steps, 6)
+            if step > start_step:
+                elapsed = now - start_time_s
+                logs["step_time_s"] = round(elapsed / steps, 4)
                 logs["tokens_per_s"] = round(sums["tokens"] / elapsed, 1)
             self._window_start = (now, step)
             self._metric_sums, self._metric_count = {}, 0
         super().log(logs, start_time)
 
     def _inner_training_loop(self, *args, **kwargs):
-        self._window_start = (time.perf_counter(), self.state.global_step)
+        # The first window opens at the first micro-batch: on resume, global_step is restored only inside the loop.
+        self._window_start = None
         return super()._inner_training_loop(*args, **kwargs)

@@ -11,8 +11,9 @@ import dataclasses
 import json
 import os
 import signal
+import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -83,7 +84,6 @@ class TrainConfig:
     sft_report: str | None = None
     progress: bool = True
     limit: int | None = None
-    extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         if self.batch_size < 1 or self.micro_batch_size < 1:
@@ -95,22 +95,18 @@ class TrainConfig:
             raise ValueError("max_input_tokens and max_output_tokens must be >= 1")
 
     def to_dict(self) -> dict:
-        out = dataclasses.asdict(self)
-        out.pop("extra")
-        return out
+        return dataclasses.asdict(self)
 
 
 def split_options(values: Mapping[str, Any]) -> tuple[TrainConfig, MethodConfig]:
     """A flat mapping (YAML file merged with command-line flags) -> (TrainConfig, MethodConfig); unknown keys are
     an error naming them."""
-    train_fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"extra"}
-    method_fields = {f.name for f in dataclasses.fields(MethodConfig)} - {"extra"}
-    unknown = sorted(set(values) - train_fields - method_fields)
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - train_fields - {f.name for f in dataclasses.fields(MethodConfig)})
     if unknown:
         raise ValueError(f"unknown option(s) {unknown}")
     train = TrainConfig(**{k: v for k, v in values.items() if k in train_fields})
-    method = MethodConfig(**{k: v for k, v in values.items() if k in method_fields})
-    return train, method
+    return train, MethodConfig.from_mapping({k: v for k, v in values.items() if k not in train_fields})
 
 
 def tokenize_dataset(dataset, tokenizer, *, max_input_tokens: int, max_output_tokens: int, progress: bool = True):
@@ -146,10 +142,11 @@ class _StopOnSignal:
             if self.requested and signum == signal.SIGINT:
                 raise KeyboardInterrupt
             self.requested = True
-            print(f"\nkid: signal {signum}: saving a checkpoint after this step, then stopping "
-                  "(resume with --resume)", flush=True)
+            # os.write, not print: a signal can land while print holds stdout's lock.
+            os.write(2, f"\nkid: signal {signum}: saving a checkpoint after this step, then stopping "
+                        "(resume with --resume)\n".encode())
 
-        if threading_main():
+        if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, handler)
         return self
@@ -166,18 +163,24 @@ class _StopOnSignal:
 
         class StopCallback(TrainerCallback):
             def on_step_end(self, args, state, control, **kwargs):
-                if stopper.requested:
+                requested = stopper.requested
+                if args.world_size > 1:
+                    # Every process must stop after the same step (or they deadlock in the next all-reduce): agree
+                    # at logging steps, where the Trainer synchronises anyway, not after every step.
+                    if state.global_step % max(args.logging_steps, 1) and state.global_step < state.max_steps:
+                        return control
+                    import torch.distributed as dist
+
+                    flag = torch.tensor([float(requested)], device=args.device)
+                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                    requested = bool(flag.item())
+                    stopper.requested = requested
+                if requested:
                     control.should_save = True
                     control.should_training_stop = True
                 return control
 
         return StopCallback()
-
-
-def threading_main() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 def training_arguments(config: TrainConfig, *, world_size: int = 1, bf16: bool = False, **overrides):
@@ -196,6 +199,8 @@ def training_arguments(config: TrainConfig, *, world_size: int = 1, bf16: bool =
         logging_steps=config.logging_steps, save_steps=config.save_steps, save_total_limit=config.save_total_limit,
         seed=config.seed, bf16=bf16,
         remove_unused_columns=False, report_to="none", disable_tqdm=not config.progress,
+        # The default NaN/inf filter reads every micro-batch's loss on the host: a synchronisation per micro-batch.
+        logging_nan_inf_filter=False,
         dataloader_num_workers=0, save_only_model=False, use_cpu=not torch.cuda.is_available(),
         label_names=["answer_labels"],
         # DDP would broadcast the module buffers (a causal LM's only ones are constants such as RoPE frequencies)
@@ -258,28 +263,32 @@ def run_training(config: TrainConfig, method: MethodConfig, *, student=None, tea
     if len(train_dataset) == 0:
         raise ValueError("the training data is empty")
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = resolve_dtype(config.dtype, device)
+    # LoRA: bf16 base weights on a GPU, the adapters in float32 (peft).  Every weight trained: float32 master
+    # weights with bf16 autocast, since AdamW on bf16 weights would lose small updates.
+    on_gpu = torch.cuda.is_available()
+    autocast_bf16 = not config.lora and config.dtype == "auto" and on_gpu and torch.cuda.is_bf16_supported()
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    args = training_args or training_arguments(config, world_size=world_size, bf16=autocast_bf16)
+    device = args.device  # this process's device (torchrun: one GPU per rank)
     if student is None:
+        dtype = torch.float32 if autocast_bf16 else resolve_dtype(config.dtype, device)
         student = load_causal_lm(config.student, dtype=dtype, attn_implementation=config.attn_implementation)
     if config.lora:
         student = apply_lora(student, LoraOptions(config.lora_r, config.lora_alpha, config.lora_dropout))
     if method.needs_teacher:
+        teacher_dtype = resolve_dtype(config.teacher_dtype, device)
         if teacher is None:
             if not config.teacher:
                 raise ValueError(f"method {method.method!r} needs a teacher: set teacher")
-            teacher = load_causal_lm(config.teacher, dtype=resolve_dtype(config.teacher_dtype, device),
+            teacher = load_causal_lm(config.teacher, dtype=teacher_dtype,
                                      attn_implementation=config.attn_implementation)
-        teacher = prepare_teacher(teacher, adapter=config.teacher_adapter, device=device,
-                                  dtype=resolve_dtype(config.teacher_dtype, device))
+        teacher = prepare_teacher(teacher, adapter=config.teacher_adapter, device=device, dtype=teacher_dtype)
     else:
         teacher = None
     mask_id = None
     if method.method == "kid":
         mask_id = token_id(tokenizer, method.mask_token or default_mask_token(tokenizer))
 
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    args = training_args or training_arguments(config, world_size=world_size, bf16=False)
     collator = DistillCollator(tokenizer.pad_token_id, with_prompts=method.generates)
     stopper = _StopOnSignal()
     trainer = DistillTrainer(model=student, args=args, train_dataset=train_dataset, data_collator=collator,
@@ -300,7 +309,8 @@ def run_training(config: TrainConfig, method: MethodConfig, *, student=None, tea
     wall = time.perf_counter() - started
     if write_final and not stopper.requested:
         trainer.save_model(str(out_dir / "final"))
-        tokenizer.save_pretrained(str(out_dir / "final"))
+        if trainer.is_world_process_zero():
+            tokenizer.save_pretrained(str(out_dir / "final"))
     report = build_report(trainer, config, method, result.metrics, wall, interrupted=stopper.requested)
     if trainer.is_world_process_zero():
         write_json(out_dir / REPORT_NAME, report)

@@ -285,3 +285,21 @@ def test_module_bad_options():
         kidkernels.FusedLinearCrossEntropyLoss(reduction="avg")
     with pytest.raises(TypeError, match="ignore_index"):
         kidkernels.FusedLinearCrossEntropyLoss(ignore_index=math.nan)
+
+
+def test_autocast_does_not_round_the_logits(backend, device):
+    # Under a caller's bf16 autocast (a Trainer's mixed precision) the products must stay float32: same loss and
+    # gradients as without autocast, for float32 inputs.
+    torch.manual_seed(3)
+    x, w, _ = hidden_and_weight(24, 16, 301, logit_std=3.0, device=device)
+    x.requires_grad_(True)
+    target = torch.randint(0, 301, (24,), device=device)
+    plain = kidkernels.fused_linear_cross_entropy(x, w, target, backend=backend)
+    (plain_grad,) = torch.autograd.grad(plain, x)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        mixed = kidkernels.fused_linear_cross_entropy(x, w, target, backend=backend)
+        entropy = kidkernels.fused_linear_entropy(x, w, backend=backend)
+    (mixed_grad,) = torch.autograd.grad(mixed, x)
+    assert mixed.dtype == torch.float32 and rel_l2(mixed, plain) <= 1e-6
+    assert rel_l2(mixed_grad, plain_grad) <= 1e-6
+    assert rel_l2(entropy, kidkernels.fused_linear_entropy(x, w, backend=backend)) <= 1e-6

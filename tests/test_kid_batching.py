@@ -9,7 +9,6 @@ from kid.batching import (
     IGNORE_INDEX,
     DistillCollator,
     left_padded,
-    mix_rows,
     positions_from_mask,
     prompt_plus_answer,
     with_answer_tokens,
@@ -162,18 +161,6 @@ def test_with_answer_tokens_last_real_slot_wins_over_padded_slots():
     assert out.tolist() == [[5, 6, 40, 41, PAD], [5, 42, 43, 44, 45]]
 
 
-def test_mix_rows_pads_the_narrower():
-    first = torch.tensor([[1, 2], [3, 4], [5, 6]])
-    second = torch.tensor([[7, 8, 9], [10, 11, 12], [13, 14, 15]])
-    out = mix_rows(torch.tensor([True, False, True]), first, second, IGNORE_INDEX)
-    assert out.tolist() == [[1, 2, IGNORE_INDEX], [10, 11, 12], [5, 6, IGNORE_INDEX]]
-    assert mix_rows(torch.tensor([False, True, False]), second, first, 0).tolist() == [[1, 2, 0], [10, 11, 12],
-                                                                                      [5, 6, 0]]
-
-
-# ---- answer_hidden_states ---------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
 def model():
     return tiny_model(0, layers=2).eval()
 

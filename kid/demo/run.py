@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -61,7 +61,6 @@ class DemoScale:
     max_output_tokens: int
     heldout_limit: int | None
     gkd_max_new_tokens: int
-    extra: dict = field(default_factory=dict)
 
 
 SCALES = {
@@ -97,7 +96,7 @@ def _train(name, out_dir: Path, scale: DemoScale, method_options: dict, *, model
                          warmup_ratio=0.05, lr_scheduler="cosine", logging_steps=max(1, steps // 20),
                          save_steps=10**9, max_input_tokens=scale.max_input_tokens,
                          max_output_tokens=scale.max_output_tokens, seed=seed, progress=progress,
-                         sft_report=sft_report, dtype="float32")
+                         sft_report=sft_report, dtype="float32", teacher_dtype="float32")
     # Batches of similar lengths: less padding (transformers 5: train_sampling_strategy; 4.x: group_by_length).
     fields = {f.name for f in dataclasses.fields(TrainingArguments)}
     grouping = ({"train_sampling_strategy": "group_by_length"} if "train_sampling_strategy" in fields

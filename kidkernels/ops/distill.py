@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import CE, KD, NUM_STATS, DistillConfig
-from .gemm import accumulate_weight_grad_fp32, compute_dtype, linear_logits
+from .gemm import accumulate_weight_grad_fp32, compute_dtype, linear_logits, without_autocast
 from .workspace import element_size, rows_per_chunk
 
 
@@ -55,6 +55,7 @@ def _chunk_bytes_per_row(vocab: int, in_dtype: torch.dtype, backend: str, with_g
     return vocab * per_elem
 
 
+@without_autocast
 def linear_distill_chunks(
     xs, ws, bs, xt, wt, bt, target, cfg: DistillConfig, opts: DispatchOptions, *,
     grad_input: bool = False, grad_weight: bool = False, grad_bias: bool = False, row_weight=None,

@@ -4,15 +4,31 @@ The logits of a low-precision model must reach the softmax in float32 (rounding 
 gradient error).  On CUDA, ``torch.mm(..., out_dtype=torch.float32)`` has cuBLAS accumulate and write float32
 directly.  Where that overload is missing (CPU, older PyTorch) the product is formed block by block over the vocabulary
 from float32 copies of one block of weight rows at a time, so the extra memory stays bounded by ``block_bytes``.
+
+Callers often run under ``torch.autocast`` (e.g. a Trainer's bf16 mixed precision), which would silently turn these
+products into bfloat16 ones: :func:`without_autocast` switches it off around every entry point that multiplies.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
 
 # Upper bound on the float32 copy of one block of weight rows in the fallback path.
 UPCAST_BLOCK_BYTES = 64 << 20
+
+
+def without_autocast(fn):
+    """Run ``fn`` with autocast off on CPU and CUDA, so that its matrix products keep the dtypes chosen here."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with contextlib.ExitStack() as stack:
+            for device_type in ("cpu", "cuda"):
+                if torch.is_autocast_enabled(device_type):
+                    stack.enter_context(torch.autocast(device_type, enabled=False))
+            return fn(*args, **kwargs)
+    return wrapper
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .gemm import compute_dtype, linear_logits
+from .gemm import compute_dtype, linear_logits, without_autocast
 from .workspace import element_size, rows_per_chunk
 
 STRATEGIES = ("random", "uniform", "hard", "easy")
@@ -38,6 +38,7 @@ def _chunk_bytes_per_row(vocab: int, in_dtype: torch.dtype, backend: str) -> int
 
 
 @torch.no_grad()
+@without_autocast
 def linear_entropy_argmax(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, inv_temp: float,
                           with_entropy: bool, with_argmax: bool, backend: str, workspace_bytes: int):
     """``(entropy, argmax)`` of the rows of ``logits = x @ weight.T + bias``, each None unless asked for.
