@@ -161,6 +161,9 @@ def test_with_answer_tokens_last_real_slot_wins_over_padded_slots():
     assert out.tolist() == [[5, 6, 40, 41, PAD], [5, 42, 43, 44, 45]]
 
 
+# ---- answer_hidden_states ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
 def model():
     return tiny_model(0, layers=2).eval()
 
