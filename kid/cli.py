@@ -316,13 +316,14 @@ def _train(p: argparse.ArgumentParser) -> RunFunction:
     add_config_flags(p)
 
     def run(args: argparse.Namespace) -> int:
-        from .training import run_training, split_options
+        from .training import close_distributed, run_training, split_options
 
         train_config, method_config = split_options(config_values(args))
         for name in ("student", "data_file", "db_dir"):
             if not getattr(train_config, name):
                 raise ValueError(f"--{name.replace('_', '-')} is required (flag or YAML)")
         report = run_training(train_config, method_config)
+        close_distributed()  # torchrun: after the run, on success only (see its docstring)
         status = "interrupted (checkpoint saved)" if report["interrupted"] else "done"
         print(f"kid train: {method_config.method} {status} in {report['train_runtime_s']} s, "
               f"{report['global_steps']} steps; report: {Path(train_config.output_dir) / 'run_report.json'}")

@@ -318,6 +318,21 @@ def run_training(config: TrainConfig, method: MethodConfig, *, student=None, tea
     return report
 
 
+def close_distributed() -> None:
+    """Destroy the default process group if one is up (torchrun: the Trainer's accelerate state created it).
+
+    Call once per process after the last collective, only when training ended normally (a rank that failed may
+    leave the others inside a collective, where a collective teardown would hang).  Without it a gloo process
+    group's worker threads outlive the interpreter and the process can abort at exit ("terminate called without
+    an active exception"), turning a finished run into a failed torchrun.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # no rank tears down while another still has a collective in flight
+        dist.destroy_process_group()
+
+
 def build_report(trainer, config: TrainConfig, method: MethodConfig, metrics: dict, wall_s: float, *,
                  interrupted: bool = False) -> dict:
     """The run report: settings, training time (and relative to ``config.sft_report``), throughput, peak memory,
