@@ -86,7 +86,7 @@ def make_imperfect(student, batch, head: LMHead, *, alpha: float, strategy: str,
     gold = batch["answer_labels"]
     valid = selectable_positions(gold, eos_token_id, mask_eos=mask_eos)
     if strategy in ("hard", "easy"):
-        gold_hidden = answer_hidden_states(student, batch, dtype=head.weight.dtype)
+        gold_hidden = answer_hidden_states(student, batch, dtype=head.dtype)
         chosen = kidkernels.fused_linear_select(gold_hidden, head.weight, valid, alpha, strategy, head.bias,
                                                 generator=generator)
         del gold_hidden
@@ -97,7 +97,7 @@ def make_imperfect(student, batch, head: LMHead, *, alpha: float, strategy: str,
     masked_ids = with_answer_tokens(batch["input_ids"], batch["answer_index"], masked_answer, gold)
     if masking_only:
         return ImperfectBatch(masked_ids, masked_answer, chosen)
-    hidden = answer_hidden_states(student, batch, input_ids=masked_ids, dtype=head.weight.dtype)
+    hidden = answer_hidden_states(student, batch, input_ids=masked_ids, dtype=head.dtype)
     if predictions == "argmax":
         predicted = kidkernels.fused_linear_argmax(hidden, head.weight, head.bias)
     elif predictions == "sample":

@@ -40,7 +40,8 @@ class DistillContext:
     """What an objective needs besides the batch.
 
     student: the trained model *as the trainer wraps it* (DDP, peft): its forward is what gradients flow through.
-    teacher: frozen causal LM or None (SFT).  student_head / teacher_head: their lm_heads.
+    teacher: frozen causal LM or None (SFT).  student_head / teacher_head: their lm_heads (:func:`lm_head_of`), read
+        at use: an objective reads ``.weight`` only after the student's forward, when FSDP holds it whole.
     progress: fraction of training done, in [0, 1] (ImitKD's schedule).
     generator: device-side randomness (KID's random selection and sampled predictions), seeded per micro-batch.
     rng: host-side randomness (which sequences or batches are generated), seeded per micro-batch.
@@ -67,13 +68,13 @@ def _zero(like: torch.Tensor) -> torch.Tensor:
 
 def _teacher_hidden(ctx: DistillContext, batch) -> torch.Tensor:
     with torch.no_grad():
-        return answer_hidden_states(ctx.teacher, batch, dtype=ctx.teacher_head.weight.dtype)
+        return answer_hidden_states(ctx.teacher, batch, dtype=ctx.teacher_head.dtype)
 
 
 def cross_entropy_term(ctx: DistillContext, batch, normalizer) -> torch.Tensor:
     """The MLE term (sum over the batch's target tokens / normalizer) on a student pass over ``batch``."""
     head = ctx.student_head
-    hidden = answer_hidden_states(ctx.student, batch, dtype=head.weight.dtype)
+    hidden = answer_hidden_states(ctx.student, batch, dtype=head.dtype)
     return kidkernels.fused_linear_cross_entropy(hidden, head.weight, batch["answer_labels"], bias=head.bias,
                                                  normalizer=normalizer)
 
@@ -85,7 +86,7 @@ def distill_term(ctx: DistillContext, batch, normalizer, *, divergence: str, mle
     cfg = ctx.config
     teacher_hidden = _teacher_hidden(ctx, batch)
     s, t = ctx.student_head, ctx.teacher_head
-    student_hidden = answer_hidden_states(ctx.student, batch, dtype=s.weight.dtype)
+    student_hidden = answer_hidden_states(ctx.student, batch, dtype=s.dtype)
     return kidkernels.fused_linear_distill_loss(
         student_hidden, s.weight, teacher_hidden, t.weight, batch["answer_labels"], divergence=divergence,
         beta=cfg.beta, temperature=cfg.temperature, kd_weight=cfg.kd_weight, mle_weight=mle_weight,

@@ -4,7 +4,8 @@
 that distributed data parallelism sees every forward, but with ``logits_to_keep`` set to an empty index: the
 lm_head multiplies zero rows.  A forward hook on the decoder (the model's ``base_model_prefix`` module, whose
 output is the final-norm hidden state) captures ``[B, T, H]``; the ``[B, A]`` answer rows are gathered from it and
-handed to kidkernels together with the lm_head weight (:func:`lm_head_of`).
+handed to kidkernels together with the lm_head weight (:func:`lm_head_of`), read after the forward, when FSDP2
+holds it whole (:class:`LMHead`, :func:`gather_fsdp_root`).
 """
 from __future__ import annotations
 
@@ -36,23 +37,168 @@ def decoder_of(model) -> torch.nn.Module:
     return decoder
 
 
-@dataclass
 class LMHead:
-    """The output projection of a causal LM: ``weight [V, H]`` and optional ``bias [V]``."""
-    weight: torch.Tensor
-    bias: torch.Tensor | None
+    """The output projection of a causal LM: ``weight [V, H]`` and optional ``bias [V]``.
+
+    ``LMHead(weight, bias)`` holds two tensors.  :func:`lm_head_of` instead binds the model's output-embedding
+    module and reads its parameters *at each access*, because FSDP swaps them between shards and full tensors around
+    every forward: read after the student's forward, as the objectives do, ``weight`` is the full matrix that forward
+    used; if FSDP2 resharded it after the forward, it is gathered again (``FSDPModule.unshard``; FSDP reshards it and
+    reduce-scatters its gradient after the backward).  ``dtype`` and ``num_rows`` never gather.
+    """
+
+    def __init__(self, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, *,
+                 module: torch.nn.Module | None = None, model: torch.nn.Module | None = None,
+                 vocab_size: int | None = None):
+        if (weight is None) == (module is None):
+            raise TypeError("LMHead takes either a weight tensor or an output-embedding module")
+        self._weight, self._bias = weight, bias
+        self._module, self._model, self._vocab_size = module, model, vocab_size
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return (self._module.weight if self._module is not None else self._weight).dtype
+
+    @property
+    def num_rows(self) -> int:
+        """V: the rows the weight has (or is cut to); a sharded weight's global row count."""
+        rows = (self._module.weight if self._module is not None else self._weight).shape[0]
+        return rows if self._vocab_size is None else min(rows, self._vocab_size)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        if self._module is None:
+            return self._weight
+        return self._cut(_full_parameter(self._module, "weight", self._model))
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        if self._module is None:
+            return self._bias
+        if getattr(self._module, "bias", None) is None:
+            return None
+        return self._cut(_full_parameter(self._module, "bias", self._model))
+
+    def _cut(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self._vocab_size is not None and self._vocab_size < tensor.shape[0]:
+            return tensor[:self._vocab_size]  # a view: no copy
+        return tensor
 
 
 def lm_head_of(model, vocab_size: int | None = None) -> LMHead:
-    """The model's lm_head; with ``vocab_size``, its first ``vocab_size`` rows (views: no copy)."""
+    """The model's lm_head, read at use (see :class:`LMHead`); with ``vocab_size``, its first ``vocab_size`` rows
+    (views: no copy).  ``model`` may be wrapped (DDP, peft, FSDP)."""
     head = unwrap(model).get_output_embeddings()
     if head is None or not hasattr(head, "weight"):
         raise TypeError(f"{type(unwrap(model)).__name__} has no output embedding (lm_head)")
-    weight, bias = head.weight, getattr(head, "bias", None)
-    if vocab_size is not None and vocab_size < weight.shape[0]:
-        weight = weight[:vocab_size]
-        bias = bias[:vocab_size] if bias is not None else None
-    return LMHead(weight, bias)
+    return LMHead(module=head, model=model, vocab_size=vocab_size)
+
+
+def _is_dtensor(tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed support
+        return False
+    return isinstance(tensor, DTensor)
+
+
+def _full_parameter(module: torch.nn.Module, name: str, model: torch.nn.Module | None) -> torch.Tensor:
+    """``module.<name>`` as the full tensor: as is, unless FSDP2 left it sharded (a DTensor), in which case the
+    FSDP unit that owns it is unsharded (a collective: every process reads the head at the same points)."""
+    tensor = getattr(module, name)
+    if not _is_dtensor(tensor):
+        expected = _expected_shape(module, name)
+        if expected is not None and tuple(tensor.shape) != expected:
+            raise RuntimeError(
+                f"the lm_head's {name} has shape {tuple(tensor.shape)}, not {expected}: it is sharded (FSDP1 with "
+                "the lm_head in its own unit?).  Keep the lm_head in the root FSDP unit, or use FSDP2 "
+                "(fsdp_version 2), whose shards are gathered here")
+        return tensor
+    owner = _fsdp_owner(model if model is not None else module, module)
+    if owner is None:
+        raise RuntimeError(f"the lm_head's {name} is a DTensor not managed by FSDP2 (tensor parallelism is not "
+                           "supported): kidkernels needs the full [V, H] weight on each process")
+    owner.unshard()
+    tensor = getattr(module, name)
+    if _is_dtensor(tensor):
+        raise RuntimeError(f"FSDP2 did not unshard the lm_head's {name}")
+    return tensor
+
+
+def is_fsdp_sharded(model: torch.nn.Module) -> bool:
+    """Whether any part of ``model`` is sharded by FSDP (FSDP2 ``fully_shard`` or FSDP1): its forwards are then
+    collectives, which every process must call equally often."""
+    try:
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    except ImportError:
+        return False
+    return any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in model.modules())
+
+
+def gather_fsdp_root(model) -> None:
+    """Gather the parameters of ``model``'s outermost FSDP2 unit (a no-op without FSDP2, or when they are gathered).
+
+    FSDP2 gathers a unit's parameters in hooks around that unit's forward, and for the backward in a hook on that
+    unit's *outputs*.  Two uses here bypass the root unit:
+
+    * the answer rows come from the decoder, inside the root, and never pass through the root's output, so a root
+      resharded after the forward (``reshard_after_forward=True``) would not be gathered for the backward, whose
+      saved tensors (the final norm's weight, the embedding) would then point to freed storage;
+    * ``generate`` on a peft model calls the inner causal LM, not the root's forward.
+
+    FSDP reshards the unit and reduces its gradients in its end-of-backward callback, or at its next forward.  A
+    root that keeps its parameters after the forward (the default of ``fully_shard`` and of accelerate) makes the
+    first case a no-op.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return
+    node = model
+    while True:
+        if isinstance(node, FSDPModule):
+            # FSDP2 initialises lazily, taking the first unit that runs a forward as the root; an inner unit run
+            # first (generate on a peft model, before any training forward) would claim it.  Initialise from the
+            # real root now (idempotent; private API, hence the guard).
+            state = node._get_fsdp_state() if hasattr(node, "_get_fsdp_state") else None
+            if state is not None and hasattr(state, "_lazy_init"):
+                state._lazy_init()
+            node.unshard()
+            return
+        inner = getattr(node, "module", None)
+        if not isinstance(inner, torch.nn.Module):
+            return
+        node = inner
+
+
+def _expected_shape(module: torch.nn.Module, name: str) -> tuple[int, ...] | None:
+    if isinstance(module, torch.nn.Linear):
+        return (module.out_features, module.in_features) if name == "weight" else (module.out_features,)
+    if isinstance(module, torch.nn.Embedding) and name == "weight":
+        return (module.num_embeddings, module.embedding_dim)
+    return None
+
+
+def _fsdp_owner(model: torch.nn.Module, head: torch.nn.Module):
+    """The innermost FSDP2 unit (``FSDPModule``) whose parameters include ``head``'s: ``head`` itself or its
+    nearest wrapped ancestor in ``model``."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return None
+    if isinstance(head, FSDPModule):
+        return head
+    path = next((name for name, m in model.named_modules() if m is head), None)
+    if path is None:
+        return None
+    owner = model if isinstance(model, FSDPModule) else None
+    parts = path.split(".") if path else []
+    node = model
+    for part in parts:
+        node = getattr(node, part)
+        if isinstance(node, FSDPModule):
+            owner = node
+    return owner
 
 
 def answer_hidden_states(model, batch, *, input_ids: torch.Tensor | None = None,
@@ -79,6 +225,8 @@ def answer_hidden_states(model, batch, *, input_ids: torch.Tensor | None = None,
         model(**kwargs)
     finally:
         handle.remove()
+    if torch.is_grad_enabled():
+        gather_fsdp_root(model)
     if len(captured) != 1:
         raise RuntimeError(f"expected one decoder call per forward, saw {len(captured)}")
     hidden = captured[0]

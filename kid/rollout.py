@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .batching import IGNORE_INDEX
-from .models import eval_mode
+from .models import eval_mode, gather_fsdp_root, is_fsdp_sharded
 
 
 @torch.no_grad()
@@ -33,8 +33,14 @@ def generate_answers(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                               top_p=1.0, min_p=None, typical_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
                               max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                               use_cache=True)
+    # Under FSDP every decoding step all-gathers parameters, so a process whose rows all ended must keep stepping
+    # until every process has ended (transformers detects only the FSDP it applied itself, not accelerate's).
+    synced = is_fsdp_sharded(lm) and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    if synced:
+        gather_fsdp_root(lm)
     with eval_mode(lm):
-        out = lm.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)
+        out = lm.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config,
+                          synced_gpus=synced)
     new = out[:, prompt_ids.shape[1]:]
     if new.shape[1] == 0:
         return torch.full((prompt_ids.shape[0], 1), eos_token_id, dtype=torch.long, device=prompt_ids.device)

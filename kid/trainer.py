@@ -67,16 +67,17 @@ class DistillTrainer(Trainer):
             raise ValueError(f"one process sees {self.args.n_gpu} GPUs (torch.nn.DataParallel is not supported): "
                              "launch one process per GPU with torchrun or accelerate")
         self.teacher = teacher.to(self.args.device) if teacher is not None else None
-        self.vocab_size = lm_head_of(self.model).weight.shape[0]
+        s_vocab = lm_head_of(self.model).num_rows
+        self.vocab_size = s_vocab
         if self.teacher is not None:
             self.teacher.eval().requires_grad_(False)
-            t_vocab = lm_head_of(self.teacher).weight.shape[0]
+            t_vocab = lm_head_of(self.teacher).num_rows
             self.vocab_size = min(self.vocab_size, t_vocab)
             tokens = len(tokenizer) if tokenizer is not None and hasattr(tokenizer, "__len__") else None
-            if self.vocab_size != t_vocab or self.vocab_size != lm_head_of(self.model).weight.shape[0]:
+            if self.vocab_size != t_vocab or self.vocab_size != s_vocab:
                 if tokens is None or tokens > self.vocab_size:
                     raise ValueError(
-                        f"student and teacher lm_heads differ ({lm_head_of(self.model).weight.shape[0]} vs {t_vocab} "
+                        f"student and teacher lm_heads differ ({s_vocab} vs {t_vocab} "
                         f"rows) and the smaller does not cover the tokenizer ({tokens} tokens); KD needs one "
                         "vocabulary")
         # The Trainer counts target tokens for num_items_in_batch only when the model "accepts loss kwargs".

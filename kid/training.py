@@ -41,6 +41,9 @@ class TrainConfig:
     max_input_tokens, max_output_tokens: prompt and SQL budgets (paper: 1024 / 128).
     dtype: "auto" (bfloat16 on a GPU, float32 on CPU), "bfloat16", "float32"; teacher_dtype likewise.
     gradient_checkpointing: recompute the student's layers in backward (less memory, ~30% more time).
+    fsdp: shard the student over the processes with FSDP2 (torchrun / accelerate launch, one GPU each; the decoder
+        layers are the units) instead of replicating it with DDP; the frozen teacher stays whole on every process.
+        Needs GPUs: accelerate shards only on accelerators.
     attn_implementation: None: flash-attention 2 when installed, else SDPA.
     logging_steps, save_steps, save_total_limit, seed, resume: as in ``transformers.TrainingArguments``;
         ``resume``: True (newest checkpoint in output_dir) or a checkpoint path.
@@ -75,6 +78,7 @@ class TrainConfig:
     dtype: str = "auto"
     teacher_dtype: str = "auto"
     gradient_checkpointing: bool = False
+    fsdp: bool = False
     attn_implementation: str | None = None
     logging_steps: int = 10
     save_steps: int = 500
@@ -218,6 +222,12 @@ def training_arguments(config: TrainConfig, *, world_size: int = 1, bf16: bool =
     checkpointing = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
     kwargs[checkpointing] = config.gradient_checkpointing
     kwargs[checkpointing + "_kwargs"] = {"use_reentrant": False} if config.gradient_checkpointing else None
+    if config.fsdp:
+        fsdp_config = {"version": 2}
+        if config.gradient_checkpointing:  # FSDP's own checkpointing: the Trainer's would all-gather twice
+            fsdp_config["activation_checkpointing"] = True
+            kwargs[checkpointing], kwargs[checkpointing + "_kwargs"] = False, None
+        kwargs.update(fsdp=True, fsdp_config=fsdp_config)
     kwargs.update(overrides)
     return TrainingArguments(**kwargs)
 
@@ -266,6 +276,9 @@ def run_training(config: TrainConfig, method: MethodConfig, *, student=None, tea
     # LoRA: bf16 base weights on a GPU, the adapters in float32 (peft).  Every weight trained: float32 master
     # weights with bf16 autocast, since AdamW on bf16 weights would lose small updates.
     on_gpu = torch.cuda.is_available()
+    if config.fsdp and not on_gpu:
+        # accelerate would silently fall back to DDP on CPU processes
+        raise ValueError("fsdp needs GPUs (accelerate shards only on accelerators); on CPU, run without --fsdp (DDP)")
     autocast_bf16 = not config.lora and config.dtype == "auto" and on_gpu and torch.cuda.is_bf16_supported()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     args = training_args or training_arguments(config, world_size=world_size, bf16=autocast_bf16)

@@ -73,6 +73,39 @@ def test_flags_override_yaml(tmp_path):
     assert config_values(_parse(["--resume", "out/checkpoint-4"]))["resume"] == "out/checkpoint-4"
 
 
+def test_fsdp_flag_sets_fsdp2_training_arguments(tmp_path):
+    from kid.training import training_arguments
+
+    train, _ = split_options(config_values(_parse(["--student", "s", "--fsdp", "--gradient-checkpointing",
+                                                   "--output-dir", str(tmp_path)])))
+    assert train.fsdp is True
+    args = training_arguments(train)
+    assert args.fsdp and args.fsdp_config["version"] == 2
+    # FSDP's own activation checkpointing replaces the Trainer's (which would all-gather twice)
+    assert args.fsdp_config["activation_checkpointing"] is True
+    assert not getattr(args, "activation_checkpointing", getattr(args, "gradient_checkpointing", None))
+    plain = training_arguments(split_options({"output_dir": str(tmp_path)})[0])
+    assert not plain.fsdp
+
+
+def test_fsdp_without_gpus_is_refused(tmp_path, monkeypatch):
+    # accelerate would quietly fall back to DDP on CPU processes
+    from kid.training import run_training
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    train, method = split_options({"student": "s", "fsdp": True, "output_dir": str(tmp_path)})
+    with pytest.raises(ValueError, match="fsdp needs GPUs"):
+        run_training(train, method, student=tiny_model(0), tokenizer=bpe_tokenizer(["select 1"]),
+                     train_dataset=_one_example())
+
+
+def _one_example():
+    from datasets import Dataset
+
+    return Dataset.from_list([{"input_ids": [5, 6, 7, 1], "labels": [-100, -100, 7, 1],
+                               "attention_mask": [1, 1, 1, 1]}])
+
+
 def test_split_options_errors():
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['alhpa', 'epochz'\]"):
         split_options({"alhpa": 0.2, "epochz": 3})
