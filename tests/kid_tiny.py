@@ -11,8 +11,15 @@
 from __future__ import annotations
 
 import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
 
 VOCAB = 64
 PAD, EOS, MASK = 0, 1, 2
@@ -132,3 +139,23 @@ def rel_err(a, b) -> float:
 
 def all_finite(values) -> bool:
     return all(v is not None and math.isfinite(v) for v in values)
+
+
+def run_on_two_processes(worker_source: str, work_dir: Path, *args: str, timeout: float = 300
+                         ) -> subprocess.CompletedProcess:
+    """Write ``worker_source`` to ``work_dir/worker.py`` and run it with torchrun on two local processes (CPU: the
+    worker picks gloo; kidkernels' torch backend, one thread each), with ``work_dir`` and then ``args`` as its
+    arguments.  Fails the test with the output's tail unless both processes exit with 0."""
+    worker = Path(work_dir) / "worker.py"
+    worker.write_text(worker_source)
+    env = dict(os.environ, KIDKERNELS_BACKEND="torch", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")])))
+    env.pop("TRITON_INTERPRET", None)
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), str(worker), str(work_dir), *args]
+    proc = subprocess.run(cmd, cwd=work_dir, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc

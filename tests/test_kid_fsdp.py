@@ -15,19 +15,13 @@ copy of the model.  Layouts:
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
 from kid.models import LMHead, lm_head_of
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.kid_tiny import run_on_two_processes
 
 WORKER = textwrap.dedent('''
     import faulthandler
@@ -124,24 +118,10 @@ WORKER = textwrap.dedent('''
 ''')
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow  # two processes, each importing torch and transformers: ~20 s per layout on 2 cores
 @pytest.mark.parametrize("layout,lora", [("root", "full"), ("resharded", "full"), ("root", "lora")])
 def test_objectives_on_an_fsdp2_sharded_student(tmp_path, layout, lora):
-    worker = tmp_path / "worker.py"
-    worker.write_text(WORKER)
-    env = dict(os.environ, KIDKERNELS_BACKEND="torch", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")])))
-    env.pop("TRITON_INTERPRET", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(worker), str(tmp_path), layout, lora]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    run_on_two_processes(WORKER, tmp_path, layout, lora)
     for rank in (0, 1):
         results = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert len(results) == 5

@@ -5,11 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +18,7 @@ from tests.kid_tiny import (
     PAD,
     all_finite,
     rel_err,
+    run_on_two_processes,
     step_logs,
     tiny_dataset,
     tiny_examples,
@@ -30,8 +27,6 @@ from tests.kid_tiny import (
     tiny_tokenizer,
     train_config,
 )
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -218,23 +213,9 @@ DDP_WORKER = textwrap.dedent('''
 ''')
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow  # ~30 s on 2 cores: two processes each import torch and transformers, two short runs
 def test_ddp_two_cpu_processes(tmp_path):
-    worker = tmp_path / "worker.py"
-    worker.write_text(DDP_WORKER)
-    env = dict(os.environ, KIDKERNELS_BACKEND="torch", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")])))
-    env.pop("TRITON_INTERPRET", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(worker), str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    proc = run_on_two_processes(DDP_WORKER, tmp_path, timeout=180)
     for name in ("kid", "gkd"):
         assert f"{name} rank 0 ok" in proc.stdout and f"{name} rank 1 ok" in proc.stdout
         p0, p1 = (torch.load(tmp_path / f"{name}_params{r}.pt") for r in (0, 1))
