@@ -65,7 +65,8 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "peak_tflops_source": peak_source,
         "date": datetime.date.today().isoformat(),
         "versions": {name: _version(name) for name in
-                     ("kidkernels", "torch", "triton", "transformers", "liger-kernel", "pytest-benchmark")},
+                     ("kidkernels", "torch", "triton", "transformers", "liger-kernel", "cut-cross-entropy",
+                      "pytest-benchmark")},
         "kidkernels_backend_env": os.environ.get("KIDKERNELS_BACKEND"),
         "note": None if device.type == "cuda" else CPU_NOTE,
     }
