@@ -290,6 +290,12 @@ def _liger_available(device: torch.device) -> None:
         raise ProviderUnavailable("Liger-Kernel's kernels need CUDA tensors")
 
 
+def _liger_compiled_available(device: torch.device) -> None:
+    _liger_available(device)
+    if compile_disabled():
+        raise ProviderUnavailable("KIDKERNELS_BENCH_NO_COMPILE=1 (Liger's chunked loss compiles each chunk)")
+
+
 def _torch_lce_available(device: torch.device) -> None:
     if not (hasattr(torch.nn.functional, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions")):
         raise ProviderUnavailable(f"torch {torch.__version__} has no torch.nn.functional.linear_cross_entropy "
@@ -355,7 +361,7 @@ PROVIDERS: dict[str, Provider] = {p.name: p for p in (
     Provider("cce", {"cross_entropy": _cut_cross_entropy}, check=_cce_available),
     Provider("liger", {"distill": _liger_distill}, check=_liger_available, divergences=("fkl", "rkl", "jsd"),
              includes_mle=False),
-    Provider("liger_chunked", {"distill": _liger_chunked_distill}, check=_liger_available,
+    Provider("liger_chunked", {"distill": _liger_chunked_distill}, check=_liger_compiled_available,
              divergences=("fkl", "rkl", "jsd"), compiled=True),
 )}
 
