@@ -9,9 +9,10 @@ The models are built from their configs (presets in :mod:`benchmarks.model_prese
 ``config.json`` by path) with fake weights: nothing is allocated, nothing downloaded, and a 7B teacher takes
 seconds.  The step is the trainer's own (:mod:`benchmarks.train_step`: ``kid.methods.compute_objective`` and its
 backward per micro-batch, clipping, fused AdamW with its state), run under :func:`benchmarks.fake_memory.
-cuda_like_execution` so that attention, dropout and kidkernels take the paths they take on a GPU, with a warm-up
-step first so that the measured step starts as a steady-state step does (optimizer state allocated, no
-gradients).  Printed: the peak of allocated memory (what ``torch.cuda.max_memory_allocated`` would report), what
+cuda_like_execution` so that attention, dropout and kidkernels take the paths they take on a GPU.  The counted
+step starts as every step after the first does (optimizer state allocated, no gradients); it runs the first two
+micro-batches and the update, since every later micro-batch starts from the same live tensors as the second and
+repeats its peak exactly (:func:`benchmarks.train_step.run_step`).  Printed: the peak of allocated memory (what ``torch.cuda.max_memory_allocated`` would report), what
 was live at the peak by kind, the largest extra memory of one loss call, and the same step computed without this
 library (full Hugging Face logits, float32 eager losses) for comparison.  These are estimates, not measurements;
 what they leave out is printed with them (:data:`benchmarks.fake_memory.NOT_MODELLED`).

@@ -231,10 +231,15 @@ def _hf_logits(model, batch: dict, input_ids=None) -> torch.Tensor:
     return model(**kwargs).logits
 
 
-def _answer_rows(logits: torch.Tensor, batch: dict) -> torch.Tensor:
-    """``[B, A, V]``: the logits that predict the answer tokens."""
-    rows = (batch["answer_index"] - 1).clamp(min=0)
-    return logits.gather(1, rows.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+def _answer_rows(logits: torch.Tensor, batch: dict, *, copy: bool = False) -> torch.Tensor:
+    """``[B, A, V]``: the logits that predict the answer tokens, as a slice (every batch here ends each row with
+    its answer: :func:`make_batches`, :func:`kid.batching.prompt_plus_answer`).  The leanest a careful user gets:
+    a view for the student (nothing saved for the backward; a gather would keep the full logits until then), a
+    copy for the teacher (``copy``: its full logits are freed at once)."""
+    answer = batch["answer_labels"].shape[1]
+    start = batch["input_ids"].shape[1] - answer - 1
+    rows = logits[:, start:start + answer]
+    return rows.contiguous() if copy else rows
 
 
 def _eager_mle(ctx: DistillContext, batch: dict, normalizer, recorder: Recorder) -> torch.Tensor:
@@ -255,7 +260,7 @@ def _eager_distill(ctx: DistillContext, batch: dict, normalizer, recorder: Recor
     cfg = ctx.config
     vocab = ctx.student_head.num_rows  # the shared vocabulary (padded heads cut)
     with torch.no_grad():
-        teacher_rows = _answer_rows(_hf_logits(ctx.teacher, batch)[..., :vocab], batch)
+        teacher_rows = _answer_rows(_hf_logits(ctx.teacher, batch)[..., :vocab], batch, copy=True)
     student_rows = _answer_rows(_hf_logits(ctx.student, batch)[..., :vocab], batch)
     with recorder.region("loss workspace", f"eager {divergence} + MLE"):
         loss = reference_distill_loss_from_logits(
