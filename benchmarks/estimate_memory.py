@@ -12,9 +12,10 @@ backward per micro-batch, clipping, fused AdamW with its state), run under :func
 cuda_like_execution` so that attention, dropout and kidkernels take the paths they take on a GPU.  The counted
 step starts as every step after the first does (optimizer state allocated, no gradients); it runs the first two
 micro-batches and the update, since every later micro-batch starts from the same live tensors as the second and
-repeats its peak exactly (:func:`benchmarks.train_step.run_step`).  Printed: the peak of allocated memory (what ``torch.cuda.max_memory_allocated`` would report), what
-was live at the peak by kind, the largest extra memory of one loss call, and the same step computed without this
-library (full Hugging Face logits, float32 eager losses) for comparison.  These are estimates, not measurements;
+repeats its peak exactly (:func:`benchmarks.train_step.run_step`).  Printed: the peak of allocated memory (what
+``torch.cuda.max_memory_allocated`` would report), what was live at the peak by kind, the largest extra memory of
+one loss call, and the same step computed without this library (full Hugging Face logits, float32 eager losses)
+for comparison.  These are estimates, not measurements;
 what they leave out is printed with them (:data:`benchmarks.fake_memory.NOT_MODELLED`).
 """
 from __future__ import annotations
@@ -463,6 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--paper-table", action="store_true",
                         help="every method at the paper's setting (micro-batch 4 and 16, checkpointing off and on); "
                              "writes results/estimate-paper-<date>.{json,md} and the README table")
+    parser.add_argument("--render-table", type=Path, metavar="JSON",
+                        help="rewrite the README's estimate table from a --paper-table JSON (no estimating)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--readme", type=Path, default=README, help="README whose estimate table is rewritten")
     parser.add_argument("--no-readme", action="store_true", help="with --paper-table: leave the README alone")
@@ -497,6 +500,18 @@ def main(argv=None) -> int:
         for name, values in PRESETS.items():
             print(f"{name:<20} {values['model_type']:<6} hidden {values['hidden_size']:>5}, "
                   f"{values['num_hidden_layers']:>2} layers, vocab {values['vocab_size']:,}")
+        return 0
+    if args.render_table is not None:
+        try:
+            payload = json.loads(args.render_table.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            parser.error(f"cannot read {args.render_table}: {error}")
+        if payload.get("kind") != "estimate" or not payload.get("results"):
+            parser.error(f"{args.render_table} holds no estimates")
+        table = paper_table_markdown(payload["results"], source=args.render_table.name)
+        print(table)
+        if not args.no_readme:
+            write_between_markers(args.readme, table)
         return 0
     if args.paper_table:
         try:

@@ -7,10 +7,13 @@ tables regenerated, and a summary that fits a terminal.
 
 ``collect`` (run by the script on the GPU machine) reads the parts' outcomes (``parts.tsv``), the kernel tests'
 JUnit XML, the pytest-benchmark JSON files and the step measurement from the work directory, and writes to
-``--dest``: ``<gpu>-<date>.json`` (device, versions, command, every part and figure), ``<gpu>-<date>.md``, the part
-files renamed ``<gpu>-<date>-<part>.json`` (``report.py`` reads them) and the logs.  Nothing is overwritten: a second
-run on the same day gets ``<gpu>-<date>-2``.  ``render`` rebuilds the Markdown and the README tables from a summary
-JSON, e.g. after the files came back from the GPU machine into ``benchmarks/results/``.
+``--dest`` at most seven files (the device tool brings back eight from its ``$OUT``): ``<gpu>-<date>.json`` (device,
+versions, command, every part and figure), ``<gpu>-<date>.md``, ``<gpu>-<date>-bench.json`` (the benchmark parts
+merged into one pytest-benchmark JSON, which ``report.py`` reads), ``-step.json``, ``-kernel-tests.xml``,
+``-logs.tar.gz`` and, when ``kid reproduce`` ran, ``-kid-reproduce.tar.gz`` (its files under 1 MiB: reports and
+tables, no checkpoints).  Nothing is overwritten: a second run on the same day gets ``<gpu>-<date>-2``.
+``render`` rebuilds the Markdown and the README tables from a summary JSON, e.g. after the files came back from
+the GPU machine into ``benchmarks/results/``.
 
 README blocks: the benchmark table at the paper's shape between ``<!-- bench:start -->`` / ``<!-- bench:end -->``
 (``report.py``'s), and the GPU check's summary between ``<!-- gpu-check:start -->`` / ``<!-- gpu-check:end -->``.
@@ -20,11 +23,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.metadata
+import io
 import json
 import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
@@ -33,6 +38,7 @@ from . import report
 GiB = 2 ** 30
 GPU_START, GPU_END = "<!-- gpu-check:start -->", "<!-- gpu-check:end -->"
 LOG_TAIL_BYTES = 200_000
+REPRODUCE_FILE_BYTES = 1 << 20
 PACKAGES = ("kidkernels", "torch", "triton", "transformers", "peft", "liger-kernel", "cut-cross-entropy",
             "pytest-benchmark")
 
@@ -108,6 +114,22 @@ def read_junit(path: Path) -> dict | None:
     return counts
 
 
+def merge_benchmark_json(paths: list[Path]) -> dict:
+    """One pytest-benchmark JSON from several parts of a run: the first part's machine description, every part's
+    benchmarks (each knows its part in ``extra_info["gpu_check_part"]``)."""
+    merged = None
+    for path in paths:
+        data = json.loads(path.read_text())
+        part = path.stem.removeprefix("bench-")
+        for bench in data.get("benchmarks", []):
+            bench.setdefault("extra_info", {})["gpu_check_part"] = part
+        if merged is None:
+            merged = dict(data, benchmarks=list(data.get("benchmarks", [])))
+        else:
+            merged["benchmarks"] += data.get("benchmarks", [])
+    return merged
+
+
 def _free_stem(dest: Path, stem: str) -> str:
     candidate, n = stem, 1
     while any(dest.glob(f"{candidate}.json")) or any(dest.glob(f"{candidate}.md")):
@@ -130,10 +152,11 @@ def collect(work: Path, dest: Path, *, command: str, budget_s: int | None = None
     dest.mkdir(parents=True, exist_ok=True)
     stem = _free_stem(dest, f"{device_slug(device['name'])}-{date}")
     files = {}
-    for path in bench_paths:
-        target = dest / f"{stem}-{path.stem.removeprefix('bench-')}.json"
-        shutil.copyfile(path, target)
-        files[path.stem] = target.name
+    if bench_paths:
+        merged = merge_benchmark_json(bench_paths)
+        target = dest / f"{stem}-bench.json"
+        target.write_text(json.dumps(merged, indent=1) + "\n")
+        files["bench"] = target.name
     for name in ("step.json", "kernel-tests.xml"):
         if (work / name).exists():
             target = dest / f"{stem}-{name}"
@@ -141,13 +164,23 @@ def collect(work: Path, dest: Path, *, command: str, budget_s: int | None = None
             files[name] = target.name
     logs = sorted(work.glob("*.log"))
     if logs:
-        log_dir = dest / f"{stem}-logs"
-        log_dir.mkdir(exist_ok=True)
-        for log in logs:
-            data = log.read_bytes()
-            (log_dir / log.name).write_bytes(data[-LOG_TAIL_BYTES:])
-        files["logs"] = log_dir.name
-    entries, machines = report.load_entries([dest / f for k, f in files.items() if k.startswith("bench-")])
+        target = dest / f"{stem}-logs.tar.gz"
+        with tarfile.open(target, "w:gz") as tar:
+            for log in logs:
+                data = log.read_bytes()[-LOG_TAIL_BYTES:]
+                info = tarfile.TarInfo(log.name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        files["logs"] = target.name
+    reproduce = work / "kid-reproduce"
+    if reproduce.is_dir():
+        target = dest / f"{stem}-kid-reproduce.tar.gz"
+        with tarfile.open(target, "w:gz") as tar:
+            for path in sorted(reproduce.rglob("*")):
+                if path.is_file() and path.stat().st_size < REPRODUCE_FILE_BYTES:
+                    tar.add(path, arcname=str(path.relative_to(work)))
+        files["kid-reproduce"] = target.name
+    entries, machines = report.load_entries([dest / files["bench"]]) if "bench" in files else ([], [])
     summary = {
         "kind": "gpu_check", "date": date, "command": command, "budget_s": budget_s, "elapsed_s": elapsed_s,
         "device": device, "versions": {p: _version(p) for p in PACKAGES}, "git_commit": _git_commit(root),
@@ -293,7 +326,8 @@ def terminal_summary(summary: dict, stem: Path) -> str:
                          + f", {r['step_s']:.2f} s")
         else:
             lines.append(f"  step {r['name']:<14} {r.get('status')}")
-    lines.append(f"  results: {stem}.json / .md (copy them into benchmarks/results/ and commit)")
+    lines.append(f"  results: {stem}.json / .md and {len(summary['files'])} more files (into benchmarks/results/, "
+                 "then commit)")
     return "\n".join(lines)
 
 

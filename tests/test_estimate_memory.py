@@ -253,3 +253,8 @@ def test_paper_table_renders_between_markers(tmp_path):
     estimate_memory.write_between_markers(readme, table)
     text = readme.read_text()
     assert "old" not in text and "| kid | 4 | off |" in text and text.endswith(f"{estimate_memory.END_MARKER}\nend\n")
+    saved = tmp_path / "estimate.json"
+    saved.write_text(json.dumps({"kind": "estimate", "results": results}))
+    readme.write_text(f"{estimate_memory.START_MARKER}\n{estimate_memory.END_MARKER}\n")
+    assert main(["--render-table", str(saved), "--readme", str(readme)]) == 0
+    assert readme.read_text().count("| kid | ") == 2

@@ -167,6 +167,9 @@ def _fake_work(work: Path) -> None:
         {"name": "kid-mb16-ckpt", "status": "oom", "reason": "CUDA out of memory"}]}
     (work / "step.json").write_text(json.dumps(step))
     (work / "kernel-tests.log").write_text("x" * 10)
+    (work / "kid-reproduce" / "runs").mkdir(parents=True)
+    (work / "kid-reproduce" / "table.md").write_text("| method | EX |\n")
+    (work / "kid-reproduce" / "runs" / "model.safetensors").write_bytes(b"\0" * (2 << 20))  # left behind
 
 
 def test_a_fake_run_renders_the_readme_tables_and_never_overwrites(tmp_path, capsys):
@@ -179,9 +182,16 @@ def test_a_fake_run_renders_the_readme_tables_and_never_overwrites(tmp_path, cap
                                  readme=readme)
     out = capsys.readouterr().out
     stem = f"{gpu_report.device_slug(summary['device']['name'])}-{summary['date']}"
-    for name in (f"{stem}.json", f"{stem}.md", f"{stem}-paper.json", f"{stem}-step.json",
-                 f"{stem}-kernel-tests.xml", f"{stem}-logs"):
+    for name in (f"{stem}.json", f"{stem}.md", f"{stem}-bench.json", f"{stem}-step.json",
+                 f"{stem}-kernel-tests.xml", f"{stem}-logs.tar.gz"):
         assert (dest / name).exists(), name
+    assert len(list(dest.iterdir())) <= 7 and all(p.is_file() for p in dest.iterdir())  # what $OUT brings back
+    import tarfile
+
+    with tarfile.open(dest / f"{stem}-kid-reproduce.tar.gz") as tar:
+        assert tar.getnames() == ["kid-reproduce/table.md"]
+    merged = json.loads((dest / f"{stem}-bench.json").read_text())
+    assert {b["extra_info"]["gpu_check_part"] for b in merged["benchmarks"]} == {"paper"}
     assert summary["kernel_tests"]["passed"] == 2 and summary["kernel_tests"]["failed_ids"] == [
         "tests.test_distill::test_b"]
     text = readme.read_text()
@@ -194,7 +204,7 @@ def test_a_fake_run_renders_the_readme_tables_and_never_overwrites(tmp_path, cap
     assert "kernel-tests" in out and "measured  26.00 GiB" in out
     assert max(len(line) for line in out.splitlines()) <= 200
     again = gpu_report.collect(work, dest, command="bash tools/gpu_check.sh")
-    assert again["files"]["bench-paper"] == f"{stem}-2-paper.json"  # a second run is kept beside the first
+    assert again["files"]["bench"] == f"{stem}-2-bench.json"  # a second run is kept beside the first
     # render: the summary JSON that came back rebuilds the Markdown and the README blocks.
     readme2 = tmp_path / "README2.md"
     readme2.write_text(f"{report.START_MARKER}\n{report.END_MARKER}\n{gpu_report.GPU_START}\n{gpu_report.GPU_END}\n")

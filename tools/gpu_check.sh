@@ -22,8 +22,11 @@
 # Then the report (always): <gpu>-<date>.json and .md with the device, versions and this command, the part JSONs,
 # the README tables regenerated, and a summary that fits a terminal.
 #
-# Results go to $GPU_CHECK_DEST, else $OUT (the device tool's folder that comes back), else benchmarks/results.
-# Packages the GPU machine lacks travel as wheels in wheels/ (installed with --no-deps first): see DEVELOPERS.md.
+# Results go to $GPU_CHECK_DEST, else $OUT (the device tool's folder that comes back), else benchmarks/results:
+# at most seven files (the device tool brings back eight), see benchmarks/gpu_report.py.
+# GPU_CHECK_PARTS=step,bench-sweepN runs only the named parts (a rerun of what a first run lost).
+# Packages the GPU machine lacks travel as wheels in .whl/ or wheels/ (installed with --no-deps into the work
+# folder, first on PYTHONPATH): see DEVELOPERS.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -65,6 +68,10 @@ part() {
         printf '\n'
         return 0
     fi
+    if [[ -n "${GPU_CHECK_PARTS:-}" && ",$GPU_CHECK_PARTS," != *",$name,"* ]]; then
+        printf '%s\tskipped\t0\t%s\tnot in GPU_CHECK_PARTS\n' "$name" "$limit" >> "$WORK/parts.tsv"
+        return 0
+    fi
     local left=$(( BUDGET - REPORT_RESERVE - $(elapsed) ))
     if (( left < MIN_PART )); then
         printf '%s\tskipped\t0\t%s\tno time left in the %ss budget\n' "$name" "$limit" "$BUDGET" >> "$WORK/parts.tsv"
@@ -101,10 +108,17 @@ if (( ! DRY_RUN )); then
         echo "[gpu_check] no CUDA device visible: this script is for a GPU machine (see DEVELOPERS.md)" >&2
         exit 2
     fi
-    if compgen -G "$ROOT/wheels/*.whl" > /dev/null; then
-        echo "[gpu_check] installing the carried wheels: $(cd "$ROOT/wheels" && ls *.whl | tr '\n' ' ')"
-        $PY -m pip install --no-deps --quiet --disable-pip-version-check "$ROOT"/wheels/*.whl \
-            || echo "[gpu_check] wheel install failed; the parts that need them record why"
+    WHEELS=$(compgen -G "$ROOT/.whl/*.whl"; compgen -G "$ROOT/wheels/*.whl")
+    if [[ -n "$WHEELS" ]]; then
+        # Into a folder of their own (nothing installed on the machine changes), first on the path.
+        echo "[gpu_check] installing the carried wheels: $(echo "$WHEELS" | xargs -n1 basename | tr '\n' ' ')"
+        # shellcheck disable=SC2086
+        if $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+                --target "$WORK/site" $WHEELS; then
+            export PYTHONPATH="$ROOT:$WORK/site${PYTHONPATH#"$ROOT"}"
+        else
+            echo "[gpu_check] wheel install failed; the parts that need them record why"
+        fi
     fi
 fi
 
@@ -129,7 +143,7 @@ part bench-liger 90 env KIDKERNELS_BENCH_NO_COMPILE=1 "${BENCH[@]}" -k "liger-N"
 if $PY -m kid.cli reproduce --help > /dev/null 2>&1; then
     if [[ -n "$SPIDER_DIR" ]]; then
         part kid-reproduce 600 "$PY" -m kid.cli reproduce --preset smollm2 --scale gpu --spider-dir "$SPIDER_DIR" \
-            --out-dir "$DEST/kid-reproduce"
+            --out-dir "${GPU_CHECK_REPRODUCE_DIR:-$WORK/kid-reproduce}"
     else
         skip kid-reproduce "no Spider data (KID_SPIDER_DIR, shared/data/spider)"
     fi
