@@ -204,6 +204,7 @@ def _step_rows(summary: dict) -> list[str]:
     step = summary.get("step") or {}
     lines = ["| config | measured peak allocated (GiB) | reserved (GiB) | fake-tensor estimate (GiB) "
              "| measured / estimate | step time (s) | status |", "|---|---|---|---|---|---|---|"]
+    sources = sorted({r["estimate_source"] for r in step.get("results", []) if r.get("estimate_source")})
     for r in step.get("results", []):
         ok = r.get("status") == "ok"
         est = r.get("estimate_peak_bytes")
@@ -215,6 +216,8 @@ def _step_rows(summary: dict) -> list[str]:
             f"{r['step_s']:.2f}" if ok else "-",
             "ok" if ok else f"{r.get('status')}: {(r.get('reason') or '')[:60]}".replace("|", "/"),
         ]) + " |")
+    if sources:
+        lines += ["", "Estimates: " + "; ".join(sources) + "."]
     return lines
 
 
