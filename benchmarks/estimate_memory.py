@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import datetime
 import functools
-import importlib.metadata
 import json
 import os
 import sys
@@ -35,6 +34,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .fake_memory import NOT_MODELLED, ROUTES, LiveBytesTracker, cuda_like_execution, fake_causal_lm
+from .gpu_report import package_version
 from .model_presets import PRESETS, UnknownModel, hf_config
 from .train_step import (
     IMPLEMENTATIONS,
@@ -62,7 +62,8 @@ LABELS = {
     "weights": "parameters and buffers of both models",
     "gradients": "gradients of the trainable parameters",
     "optimizer state": "AdamW moments and step counters",
-    "activations": "allocated by the forward passes and still alive (saved for backward, hidden rows, ...)",
+    "activations": "allocated by the forward passes and still alive (saved for backward, hidden rows; under "
+                   "autocast also the bf16 copies of the weights)",
     "logits": "lm_head outputs: [B, T, V] in the eager step, zero rows with kidkernels",
     "loss workspace": "allocated inside a loss call and still alive (chunk buffers; gradients formed in forward)",
     "selection workspace": "allocated inside KID's entropy / argmax / selection calls",
@@ -87,15 +88,8 @@ PAPER_VARIANTS = (("sft", {}), ("fkd", {}), ("rkd", {}), ("kid", {}), ("kid", {"
 PAPER_MICRO_BATCHES = (4, 16)
 
 
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def versions() -> dict:
-    return {name: _version(name) for name in ("kidkernels", "torch", "transformers", "peft")}
+    return {name: package_version(name) for name in ("kidkernels", "torch", "transformers", "peft")}
 
 
 # ---- instrumentation of the step (fake tensors only) ------------------------------------------------------------

@@ -49,7 +49,7 @@ def device_slug(name: str) -> str:
     return slug or "gpu"
 
 
-def _version(package: str) -> str | None:
+def package_version(package: str) -> str | None:
     try:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
@@ -183,7 +183,7 @@ def collect(work: Path, dest: Path, *, command: str, budget_s: int | None = None
     entries, machines = report.load_entries([dest / files["bench"]]) if "bench" in files else ([], [])
     summary = {
         "kind": "gpu_check", "date": date, "command": command, "budget_s": budget_s, "elapsed_s": elapsed_s,
-        "device": device, "versions": {p: _version(p) for p in PACKAGES}, "git_commit": _git_commit(root),
+        "device": device, "versions": {p: package_version(p) for p in PACKAGES}, "git_commit": _git_commit(root),
         "parts": read_parts(work / "parts.tsv"), "kernel_tests": read_junit(work / "kernel-tests.xml"),
         "files": files, "bench_machines": machines, "bench_entries": entries, "step": step,
         "note": "measured on the device named here; the step's estimate column is the fake-tensor estimate of the "
