@@ -7,13 +7,13 @@ cases run at small sizes on the PyTorch backend; their figures exercise the harn
 from __future__ import annotations
 
 import datetime
-import importlib.metadata
 import os
 import platform
 
 import pytest
 import torch
 
+from .gpu_report import package_version
 from .harness import (
     compile_disabled,
     current_device,
@@ -31,13 +31,6 @@ if current_device().type != "cuda":
 
 CPU_NOTE = ("no CUDA device: the benchmarks ran on the CPU at small sizes (PyTorch backend); "
             "GPU figures need a GPU (KIDKERNELS_BENCH_SCALE=gpu on a CUDA machine)")
-
-
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def pytest_report_header(config):
@@ -64,8 +57,9 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "peak_tflops_assumed": peak,
         "peak_tflops_source": peak_source,
         "date": datetime.date.today().isoformat(),
-        "versions": {name: _version(name) for name in
-                     ("kidkernels", "torch", "triton", "transformers", "liger-kernel", "pytest-benchmark")},
+        "versions": {name: package_version(name) for name in
+                     ("kidkernels", "torch", "triton", "transformers", "liger-kernel", "cut-cross-entropy",
+                      "pytest-benchmark")},
         "kidkernels_backend_env": os.environ.get("KIDKERNELS_BACKEND"),
         "note": None if device.type == "cuda" else CPU_NOTE,
     }

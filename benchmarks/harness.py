@@ -13,7 +13,8 @@ Environment variables (all optional):
 - ``KIDKERNELS_BENCH_ROUNDS`` / ``KIDKERNELS_BENCH_WARMUP``: timed rounds and warm-up rounds per case.
 - ``KIDKERNELS_BENCH_PEAK_TFLOPS``: the matmul peak the floor is computed at (default 800 on CUDA, the bf16 rate
   an H100 reaches on large products; on CPU a float32 matmul measured once per session).
-- ``KIDKERNELS_BENCH_NO_COMPILE=1``: record the torch.compile provider as skipped instead of compiling.
+- ``KIDKERNELS_BENCH_NO_COMPILE=1``: record the torch.compile-based providers (``compile``, Liger's chunked
+  ``liger_chunked``) as skipped instead of compiling.
 """
 from __future__ import annotations
 

@@ -15,7 +15,6 @@ logits (eager, the comparison), RKD and KID (random and hard selection).
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -25,20 +24,11 @@ from kid.methods import DistillContext, compute_objective
 from kid.models import answer_hidden_states, lm_head_of
 from kidkernels.reference import reference_distill_loss_from_logits
 
+from .fake_memory import default_dtype
 from .shapes import ModelShape, StepShape
 
 VARIANTS = ("sft", "teacher_forward", "rkd_hf_eager", "rkd_kidkernels", "kid_random", "kid_hard")
 KID_ALPHA = 0.2
-
-
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype):
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
 
 
 def build_model(shape: ModelShape, *, device: torch.device, dtype: torch.dtype, seed: int):
@@ -49,7 +39,7 @@ def build_model(shape: ModelShape, *, device: torch.device, dtype: torch.dtype, 
     config = Qwen2Config(**shape.config_kwargs(), max_position_embeddings=4096, use_cache=False,
                          attn_implementation="sdpa")
     torch.manual_seed(seed)
-    with torch.device(device), _default_dtype(dtype):
+    with torch.device(device), default_dtype(dtype):
         model = Qwen2ForCausalLM(config)
     return model.to(device=device, dtype=dtype)
 

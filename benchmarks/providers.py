@@ -14,6 +14,17 @@ the zero-argument step the harness times (forward, plus ``.backward()`` for ``fw
 - ``liger``: Liger-Kernel's Triton ``LigerFusedLinearJSD`` (FKL, RKL, JSD; no MLE term: it times the divergence
   alone); ``liger_chunked``: its chunked ``LigerFusedLinearJSDLoss`` (divergence + cross-entropy, torch.compile per
   chunk).  Both need CUDA and ``pip install liger-kernel``; otherwise recorded as skipped with the reason.
+
+The MLE-only path (``cross_entropy``: :func:`kidkernels.fused_linear_cross_entropy`, SFT) has its own peers, each
+recorded as skipped with the reason where it is missing:
+
+- ``torch_lce``: PyTorch's own ``torch.nn.functional.linear_cross_entropy`` (PyTorch 2.13+) on its chunked path
+  (``options=torch.nn.LinearCrossEntropyOptions()``, the automatic chunking; ``options=None`` would be plain
+  ``linear`` + ``cross_entropy``);
+- ``liger_flce``: Liger-Kernel's ``LigerFusedLinearCrossEntropyLoss`` (CUDA);
+- ``cce``: Apple's Cut Cross-Entropy, ``cut_cross_entropy.linear_cross_entropy`` with its defaults (the "cce"
+  Triton implementation, gradient filtering ``filter_eps="high"``; CUDA, ``pip install cut-cross-entropy``);
+- ``eager_lowp_mm``: Hugging Face's way (``ForCausalLMLoss``): logits in the input dtype, upcast, ``cross_entropy``.
 """
 from __future__ import annotations
 
@@ -28,6 +39,7 @@ import kidkernels
 from kidkernels.reference import (
     reference_distill_loss_from_logits,
     reference_fused_linear_argmax,
+    reference_fused_linear_cross_entropy,
     reference_fused_linear_distill_loss,
     reference_fused_linear_entropy,
 )
@@ -80,6 +92,30 @@ class DistillProblem:
 
     def reset(self) -> None:
         self.student_input.grad = self.student_weight.grad = None
+
+
+@dataclass
+class CrossEntropyProblem:
+    """Inputs of the MLE term alone: ``[N, H]`` hidden states, a ``[V, H]`` head with a trained model's logit
+    spread, targets with every seventh row ignored (-100)."""
+    input: torch.Tensor
+    weight: torch.Tensor
+    target: torch.Tensor
+    with_grad: bool
+
+    @classmethod
+    def create(cls, n, h, v, *, with_grad, device, dtype, seed=0):
+        g = torch.Generator(device=device).manual_seed(seed)
+        make = functools.partial(_randn, generator=g, device=device, dtype=dtype)
+        x, w = make((n, h), 1.0), make((v, h), 3.0 / h ** 0.5)
+        target = torch.randint(0, v, (n,), generator=g, device=device)
+        target[::7] = -100
+        x.requires_grad_(with_grad)
+        w.requires_grad_(with_grad)
+        return cls(x, w, target, with_grad)
+
+    def reset(self) -> None:
+        self.input.grad = self.weight.grad = None
 
 
 @dataclass
@@ -160,6 +196,41 @@ def _liger_chunked_distill(p: DistillProblem) -> Call:
     return loss, p.tensors, {}
 
 
+def _kidkernels_cross_entropy(p: CrossEntropyProblem) -> Call:
+    return kidkernels.fused_linear_cross_entropy, (p.input, p.weight, p.target), {}
+
+
+def _eager_cross_entropy(p: CrossEntropyProblem) -> Call:
+    return reference_fused_linear_cross_entropy, (p.input, p.weight, p.target), dict(dtype=torch.float32)
+
+
+def _hf_style_cross_entropy(input, weight, target):
+    """Logits from a matmul in the input dtype, upcast to float32, then ``cross_entropy`` (HF ForCausalLMLoss)."""
+    return torch.nn.functional.cross_entropy((input @ weight.t()).float(), target, ignore_index=-100)
+
+
+def _eager_lowp_mm_cross_entropy(p: CrossEntropyProblem) -> Call:
+    return _hf_style_cross_entropy, (p.input, p.weight, p.target), {}
+
+
+def _torch_linear_cross_entropy(p: CrossEntropyProblem) -> Call:
+    options = torch.nn.LinearCrossEntropyOptions()
+    return torch.nn.functional.linear_cross_entropy, (p.input, p.weight, p.target), dict(options=options)
+
+
+def _liger_fused_linear_cross_entropy(p: CrossEntropyProblem) -> Call:
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    loss = LigerFusedLinearCrossEntropyLoss(ignore_index=-100)
+    return loss, (p.weight, p.input, p.target), {}  # Liger takes the weight first
+
+
+def _cut_cross_entropy(p: CrossEntropyProblem) -> Call:
+    from cut_cross_entropy import linear_cross_entropy
+
+    return linear_cross_entropy, (p.input, p.weight, p.target), dict(ignore_index=-100)
+
+
 def _kidkernels_entropy(p: LinearProblem) -> Call:
     return kidkernels.fused_linear_entropy, (p.input, p.weight), {}
 
@@ -219,6 +290,25 @@ def _liger_available(device: torch.device) -> None:
         raise ProviderUnavailable("Liger-Kernel's kernels need CUDA tensors")
 
 
+def _liger_compiled_available(device: torch.device) -> None:
+    _liger_available(device)
+    if compile_disabled():
+        raise ProviderUnavailable("KIDKERNELS_BENCH_NO_COMPILE=1 (Liger's chunked loss compiles each chunk)")
+
+
+def _torch_lce_available(device: torch.device) -> None:
+    if not (hasattr(torch.nn.functional, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions")):
+        raise ProviderUnavailable(f"torch {torch.__version__} has no torch.nn.functional.linear_cross_entropy "
+                                  "with LinearCrossEntropyOptions (PyTorch 2.13+)")
+
+
+def _cce_available(device: torch.device) -> None:
+    if importlib.util.find_spec("cut_cross_entropy") is None:
+        raise ProviderUnavailable("cut-cross-entropy is not installed (pip install cut-cross-entropy)")
+    if device.type != "cuda":
+        raise ProviderUnavailable("Cut Cross-Entropy's Triton kernels need CUDA tensors")
+
+
 # ---- the registry --------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -256,17 +346,22 @@ def make_step(call: Call, with_grad: bool) -> Callable[[], None]:
 
 
 PROVIDERS: dict[str, Provider] = {p.name: p for p in (
-    Provider("kidkernels", {"distill": _kidkernels_distill, "entropy": _kidkernels_entropy,
-                            "argmax": _kidkernels_argmax, "select_hard": _kidkernels_select_hard,
-                            "select_random": _kidkernels_select_random}),
-    Provider("eager", {"distill": _eager_distill, "entropy": _eager_entropy, "argmax": _eager_argmax,
-                       "select_hard": _eager_select_hard}),
-    Provider("eager_lowp_mm", {"distill": _eager_lowp_mm_distill}, low_precision_only=True),
-    Provider("compile", {"distill": _compiled(_eager_distill), "entropy": _compiled(_eager_entropy),
-                         "argmax": _compiled(_eager_argmax)}, may_fail=True, compiled=True),
+    Provider("kidkernels", {"distill": _kidkernels_distill, "cross_entropy": _kidkernels_cross_entropy,
+                            "entropy": _kidkernels_entropy, "argmax": _kidkernels_argmax,
+                            "select_hard": _kidkernels_select_hard, "select_random": _kidkernels_select_random}),
+    Provider("eager", {"distill": _eager_distill, "cross_entropy": _eager_cross_entropy, "entropy": _eager_entropy,
+                       "argmax": _eager_argmax, "select_hard": _eager_select_hard}),
+    Provider("eager_lowp_mm", {"distill": _eager_lowp_mm_distill, "cross_entropy": _eager_lowp_mm_cross_entropy},
+             low_precision_only=True),
+    Provider("compile", {"distill": _compiled(_eager_distill), "cross_entropy": _compiled(_eager_cross_entropy),
+                         "entropy": _compiled(_eager_entropy), "argmax": _compiled(_eager_argmax)},
+             may_fail=True, compiled=True),
+    Provider("torch_lce", {"cross_entropy": _torch_linear_cross_entropy}, check=_torch_lce_available),
+    Provider("liger_flce", {"cross_entropy": _liger_fused_linear_cross_entropy}, check=_liger_available),
+    Provider("cce", {"cross_entropy": _cut_cross_entropy}, check=_cce_available),
     Provider("liger", {"distill": _liger_distill}, check=_liger_available, divergences=("fkl", "rkl", "jsd"),
              includes_mle=False),
-    Provider("liger_chunked", {"distill": _liger_chunked_distill}, check=_liger_available,
+    Provider("liger_chunked", {"distill": _liger_chunked_distill}, check=_liger_compiled_available,
              divergences=("fkl", "rkl", "jsd"), compiled=True),
 )}
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-OPS = {"distill", "entropy", "argmax", "select_hard", "select_random", "kd_step"}
+OPS = {"distill", "cross_entropy", "entropy", "argmax", "select_hard", "select_random", "kd_step"}
 
 
 @pytest.fixture
@@ -62,10 +62,20 @@ def test_every_case_is_recorded_with_its_extra_info(smoke_json, bench_modules):
                                                         "kid_random", "kid_hard"}
     compiled = [e for e in entries if e["provider"] == "compile"]
     assert compiled and all(e["reason"] == "KIDKERNELS_BENCH_NO_COMPILE=1" for e in compiled)
-    liger = [e for e in entries if e["provider"].startswith("liger")]
+    liger = [e for e in entries if e["provider"] in ("liger", "liger_chunked")]
     assert liger and {e["divergence"] for e in liger} <= {"fkl", "rkl", "jsd"}
     if not torch.cuda.is_available():
         assert all(e["status"] == "skipped" for e in liger)
+    # The MLE-only path's peers are all recorded: run where present, skipped with the reason where not.
+    peers = {e["provider"]: e for e in entries if e["op"] == "cross_entropy" and e["pass"] == "fwd_bwd"}
+    assert {"torch_lce", "liger_flce", "cce", "eager", "kidkernels"} <= set(peers)
+    if hasattr(torch.nn.functional, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        assert peers["torch_lce"]["status"] == "ok"
+    else:
+        assert "PyTorch 2.13+" in peers["torch_lce"]["reason"]
+    if not torch.cuda.is_available():
+        assert peers["liger_flce"]["status"] == peers["cce"]["status"] == "skipped"
+        assert peers["cce"]["reason"] and peers["liger_flce"]["reason"]
     machine = data["machine_info"]["kidkernels"]
     assert machine["versions"]["torch"] and machine["date"] and "GPU figures need a GPU" in machine["note"]
 

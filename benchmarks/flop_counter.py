@@ -1,0 +1,90 @@
+"""A dispatch-level counter of matrix-product FLOPs: every ``mm``, ``addmm``, ``addmm_``, ``bmm``, ``baddbmm``,
+``addbmm``, ``mv``, ``addmv``, ``dot`` and ``_scaled_mm`` an aten call runs, in every overload (``out=``, in place,
+``out_dtype=``), counted as 2 x (multiply-adds).
+
+``torch.utils.flop_counter.FlopCounterMode`` counts ``addmm`` but not the in-place ``addmm_`` (nor ``mm(...,
+out_dtype=)``), which chunked losses use to accumulate a weight gradient; this counter exists so that the FLOP
+identities of the cost model can be tested exactly (``tests/test_flop_identity.py``).  It sees only aten calls:
+products done inside a Triton kernel (``tl.dot``) are not counted.  It works on real and on fake tensors.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from math import prod
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+aten = torch.ops.aten
+
+
+def _mm(a, b):  # [M, K] @ [K, N]
+    return 2 * a.shape[0] * a.shape[1] * b.shape[1]
+
+
+def _bmm(a, b):  # [B, M, K] @ [B, K, N]
+    return 2 * a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2]
+
+
+def _mv(a, v):  # [M, K] @ [K]
+    return 2 * a.shape[0] * a.shape[1]
+
+
+def _dot(a, b):
+    return 2 * a.shape[0]
+
+
+def _matmul(a, b):  # broadcasting matmul, should it ever reach dispatch (it decomposes above it)
+    if a.dim() == 1 and b.dim() == 1:
+        return _dot(a, b)
+    m = a.shape[-2] if a.dim() > 1 else 1
+    n = b.shape[-1] if b.dim() > 1 else 1
+    batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]) if a.dim() > 2 or b.dim() > 2 else ()
+    return 2 * prod(batch) * m * a.shape[-1] * n
+
+
+def _linear(x, w, *rest):  # x [..., K] @ w.T [K, N]
+    return 2 * prod(x.shape[:-1]) * x.shape[-1] * w.shape[0]
+
+
+# op overload packet -> (FLOPs from the positional tensor operands, index of the first matrix operand)
+_FORMULAS = {
+    aten.mm: (_mm, 0),
+    aten.addmm: (_mm, 1),
+    aten.addmm_: (_mm, 1),
+    aten._addmm_activation: (_mm, 1),
+    aten.bmm: (_bmm, 0),
+    aten.baddbmm: (_bmm, 1),
+    aten.baddbmm_: (_bmm, 1),
+    aten.addbmm: (_bmm, 1),
+    aten.addbmm_: (_bmm, 1),
+    aten.mv: (_mv, 0),
+    aten.addmv: (_mv, 1),
+    aten.addmv_: (_mv, 1),
+    aten.dot: (_dot, 0),
+    aten.vdot: (_dot, 0),
+    aten._scaled_mm: (_mm, 0),
+    aten.matmul: (_matmul, 0),
+    aten.linear: (_linear, 0),
+}
+
+
+class MatmulFlopCounter(TorchDispatchMode):
+    """``with MatmulFlopCounter() as counter: ...``; then ``counter.total`` (FLOPs) and ``counter.by_op``
+    (``Counter`` of FLOPs per overload name, e.g. ``"aten.addmm_.default"``) and ``counter.calls``."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+        self.by_op: Counter = Counter()
+        self.calls: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        entry = _FORMULAS.get(func.overloadpacket)
+        if entry is not None:
+            formula, first = entry
+            flops = formula(*args[first:first + 2])
+            self.total += flops
+            self.by_op[str(func)] += flops
+            self.calls[str(func)] += 1
+        return func(*args, **(kwargs or {}))

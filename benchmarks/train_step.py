@@ -1,0 +1,362 @@
+"""One optimizer step of ``kid train``, written once and run two ways: on fake tensors for the memory estimate
+(:mod:`benchmarks.estimate_memory`) and on a GPU for the measurement it is checked against
+(:mod:`benchmarks.measure_step`).
+
+A step is what ``transformers.Trainer`` does with :class:`kid.trainer.DistillTrainer` between two optimizer updates:
+``batch_size / micro_batch_size`` micro-batches, each one :func:`micro_batch_step`, then gradient clipping (max norm
+1), the optimizer update (``adamw_torch_fused``, the Trainer's default) and ``zero_grad(set_to_none=True)``.
+
+:func:`micro_batch_step` is the one place that says how the trainer runs a micro-batch; it calls
+:func:`kid.methods.compute_objective` as ``DistillTrainer.compute_loss`` does and back-propagates the loss as the
+Trainer's ``training_step`` does.  If the trainer changes how it runs a micro-batch, change that function only.
+
+:func:`eager_micro_batch_step` is the same micro-batch written the way a user would without this library: the
+models' full Hugging Face logits, then the float32 losses of :mod:`kidkernels.reference` on the answer rows (the MLE
+term and SFT as Hugging Face's own ``ForCausalLMLoss``, on every position's logits upcast to float32).
+"""
+from __future__ import annotations
+
+import contextlib
+import random
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+import kidkernels
+from kid.batching import IGNORE_INDEX, with_answer_tokens
+from kid.config import MethodConfig
+from kid.kid_stage import selectable_positions
+from kid.methods import DistillContext, _generated_kd_batch, _sources, compute_objective
+from kid.models import LoraOptions, eval_mode, lm_head_of
+from kidkernels.reference import reference_distill_loss_from_logits, reference_entropy
+
+METHODS = ("sft", "fkd", "rkd", "kid", "gkd", "imitkd", "fdistill")
+IMPLEMENTATIONS = ("kidkernels", "eager")
+# The on-policy methods draw per batch or per sequence whether an answer is generated; a step's peak is that of a
+# generated batch (and for f-distill of the larger model's generation), so the estimate takes that draw.
+WORST_CASE_OPTIONS = {"gkd": {"gkd_lambda": 1.0}, "imitkd": {"imitkd_gold_probability": 0.0},
+                      "fdistill": {"fdistill_teacher_probability": 1.0}}
+LEARNING_RATE = 2e-4  # the paper's; the optimizer state does not depend on it
+MAX_GRAD_NORM = 1.0  # transformers.TrainingArguments' default
+
+
+@dataclass
+class StepPlan:
+    """What one step trains, on what data.
+
+    teacher, student: a preset of :mod:`benchmarks.model_presets` or a Hugging Face config path (teacher ignored by
+        SFT).  method / method_options: :class:`kid.config.MethodConfig`.  batch_size sequences per optimizer step
+        in micro-batches of micro_batch_size; every sequence is seq_len tokens, the last answer_len of them the
+        answer (the last one EOS).  lora: train LoRA adapters (rank, alpha, dropout) on every linear layer, base
+        weights frozen in ``dtype``; else every weight, in float32 with bf16 autocast (``kid train`` on a GPU).
+    dtype / teacher_dtype: "bfloat16", "float16" or "float32" (the student's base weights / the teacher).
+    implementation: "kidkernels" (:func:`micro_batch_step`) or "eager" (:func:`eager_micro_batch_step`).
+    workspace_bytes: kidkernels' chunk budget (None: its default).
+    """
+    student: str = "qwen1.5-0.5b"
+    teacher: str | None = "qwen1.5-7b"
+    method: str = "kid"
+    method_options: dict = field(default_factory=dict)
+    batch_size: int = 16
+    micro_batch_size: int = 4
+    seq_len: int = 1152
+    answer_len: int = 128
+    lora: bool = True
+    lora_r: int = 64
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    gradient_checkpointing: bool = False
+    dtype: str = "bfloat16"
+    teacher_dtype: str = "bfloat16"
+    implementation: str = "kidkernels"
+    workspace_bytes: int | None = None
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.implementation not in IMPLEMENTATIONS:
+            raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {self.implementation!r}")
+        for name in ("batch_size", "micro_batch_size", "seq_len", "answer_len"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(f"batch_size {self.batch_size} is not a multiple of micro_batch_size "
+                             f"{self.micro_batch_size}")
+        if self.answer_len >= self.seq_len:
+            raise ValueError(f"answer_len {self.answer_len} must be below seq_len {self.seq_len} (the prompt needs "
+                             "at least one token)")
+        for name in ("dtype", "teacher_dtype"):
+            if getattr(self, name) not in ("bfloat16", "float16", "float32"):
+                raise ValueError(f"{name} must be bfloat16, float16 or float32, got {getattr(self, name)!r}")
+        if self.method != "sft" and not self.teacher:
+            raise ValueError(f"method {self.method!r} needs a teacher")
+        self.method_config()  # validates the options
+
+    @property
+    def prompt_len(self) -> int:
+        return self.seq_len - self.answer_len
+
+    @property
+    def micro_batches(self) -> int:
+        return self.batch_size // self.micro_batch_size
+
+    @property
+    def autocast(self) -> bool:
+        """Full fine-tuning keeps float32 master weights and runs the forward under bf16 autocast (``kid train``)."""
+        return not self.lora
+
+    @property
+    def student_weight_dtype(self) -> torch.dtype:
+        return torch.float32 if self.autocast else getattr(torch, self.dtype)
+
+    def method_config(self) -> MethodConfig:
+        options = dict(WORST_CASE_OPTIONS.get(self.method, {}))
+        options.update(self.method_options)
+        if self.method == "kid" or self.method in WORST_CASE_OPTIONS:
+            options.setdefault("max_new_tokens", self.answer_len)
+        return MethodConfig(method=self.method, **options)
+
+    def lora_options(self) -> LoraOptions | None:
+        return LoraOptions(self.lora_r, self.lora_alpha, self.lora_dropout) if self.lora else None
+
+    def describe(self) -> dict:
+        out = asdict(self)
+        out["method_config"] = {k: v for k, v in self.method_config().to_dict().items()
+                                if k in ("alpha", "strategy", "mle_input", "gkd_lambda", "imitkd_gold_probability",
+                                         "fdistill_teacher_probability", "max_new_tokens", "kid_predictions")}
+        return out
+
+
+class Recorder:
+    """Where a run reports what it is doing (the fake-tensor tracker records it; a GPU run ignores it)."""
+    where = ""
+
+    def region(self, label: str, name: str | None = None):
+        return contextlib.nullcontext()
+
+
+@dataclass
+class StepModels:
+    """Student (wrapped as the trainer sees it: peft), frozen teacher (or None), the vocabulary both heads are cut
+    to (the smaller head's rows, as ``DistillTrainer`` does), and the token ids the objectives need.  Random-weight
+    models have no tokenizer: EOS is the second-to-last id, the mask token the last."""
+    student: torch.nn.Module
+    teacher: torch.nn.Module | None
+    vocab_size: int
+
+    @property
+    def eos_token_id(self) -> int:
+        return self.vocab_size - 2
+
+    @property
+    def mask_token_id(self) -> int:
+        return self.vocab_size - 1
+
+
+def allocate_optimizer_state(model, optimizer) -> None:
+    """Create the optimizer's state as its first update does (on zero gradients), then drop the gradients: what a
+    step after the first starts from."""
+    for param in trainable_parameters(model):
+        param.grad = torch.zeros_like(param)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def trainable_parameters(model) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def make_optimizer(model) -> torch.optim.Optimizer:
+    """AdamW fused, as ``transformers.Trainer``'s default ``adamw_torch_fused`` (state: two float32-or-parameter-
+    dtype moments per trainable parameter and a step counter)."""
+    return torch.optim.AdamW(trainable_parameters(model), lr=LEARNING_RATE, fused=True)
+
+
+def make_batches(plan: StepPlan, vocab_size: int, device) -> list[dict]:
+    """The micro-batches of one step in :mod:`kid.batching`'s layout (unpadded: every row is a prompt of
+    ``prompt_len`` tokens and an answer of ``answer_len`` ending in EOS), with the prompts alone for the methods that
+    generate.  Random token ids below the two reserved ones (EOS, mask)."""
+    eos = vocab_size - 2
+    batches = []
+    for _ in range(plan.micro_batches):
+        ids = torch.randint(0, vocab_size - 2, (plan.micro_batch_size, plan.seq_len), device=device)
+        ids[:, -1] = eos
+        answer_index = torch.arange(plan.prompt_len, plan.seq_len, device=device).expand(plan.micro_batch_size, -1)
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "answer_index": answer_index,
+                 "answer_labels": ids[:, plan.prompt_len:].clone()}
+        if plan.method_config().generates:
+            batch["prompt_input_ids"] = ids[:, :plan.prompt_len].clone()
+            batch["prompt_attention_mask"] = torch.ones_like(batch["prompt_input_ids"])
+        batches.append(batch)
+    return batches
+
+
+def step_normalizer(plan: StepPlan, device) -> torch.Tensor:
+    """The Trainer's ``num_items_in_batch``: the target tokens of every micro-batch of the step, a device tensor."""
+    return torch.tensor(plan.batch_size * plan.answer_len, device=device)
+
+
+def objective_context(plan: StepPlan, models: StepModels, micro_batch: int, device) -> DistillContext:
+    """The context ``DistillTrainer._context`` builds, seeded per micro-batch."""
+    config = plan.method_config()
+    generator = torch.Generator(device=device)
+    generator.manual_seed(micro_batch)
+    teacher = models.teacher if config.needs_teacher else None
+    vocab = models.vocab_size  # both heads cut to the shared vocabulary, as DistillTrainer does
+    return DistillContext(config=config, student=models.student, student_head=lm_head_of(models.student, vocab),
+                          teacher=teacher, teacher_head=lm_head_of(teacher, vocab) if teacher is not None else None,
+                          eos_token_id=models.eos_token_id, pad_token_id=models.eos_token_id,
+                          mask_token_id=models.mask_token_id, progress=1.0, generator=generator,
+                          rng=random.Random(micro_batch))
+
+
+# ---- one micro-batch ----------------------------------------------------------------------------------------------
+
+def micro_batch_step(ctx: DistillContext, batch: dict, normalizer, recorder: Recorder,
+                     forward_context=contextlib.nullcontext) -> None:
+    """One micro-batch as the trainer runs it: :func:`kid.methods.compute_objective` under the Trainer's
+    ``compute_loss_context_manager`` (autocast for full fine-tuning) as ``DistillTrainer.compute_loss`` does, then
+    ``loss.backward()`` outside it (``Trainer.training_step``)."""
+    with forward_context():
+        loss = compute_objective(ctx, batch, normalizer).loss
+    loss.backward()
+
+
+def _hf_logits(model, batch: dict, input_ids=None) -> torch.Tensor:
+    """``[B, T, V]`` logits as a Hugging Face forward returns them (every position, in the model's dtype)."""
+    kwargs = dict(input_ids=batch["input_ids"] if input_ids is None else input_ids,
+                  attention_mask=batch["attention_mask"], use_cache=False)
+    if batch.get("position_ids") is not None:
+        kwargs["position_ids"] = batch["position_ids"]
+    return model(**kwargs).logits
+
+
+def _answer_rows(logits: torch.Tensor, batch: dict, *, copy: bool = False) -> torch.Tensor:
+    """``[B, A, V]``: the logits that predict the answer tokens, as a slice (every batch here ends each row with
+    its answer: :func:`make_batches`, :func:`kid.batching.prompt_plus_answer`).  The leanest a careful user gets:
+    a view for the student (nothing saved for the backward; a gather would keep the full logits until then), a
+    copy for the teacher (``copy``: its full logits are freed at once)."""
+    answer = batch["answer_labels"].shape[1]
+    start = batch["input_ids"].shape[1] - answer - 1
+    rows = logits[:, start:start + answer]
+    return rows.contiguous() if copy else rows
+
+
+def _eager_mle(ctx: DistillContext, batch: dict, normalizer, recorder: Recorder) -> torch.Tensor:
+    """The MLE term as ``model(..., labels=labels).loss`` computes it: Hugging Face's ``ForCausalLMLoss`` on every
+    position's logits (upcast to float32 there), summed over the answer tokens and divided by ``normalizer``."""
+    logits = _hf_logits(ctx.student, batch)
+    labels = torch.full_like(batch["input_ids"], IGNORE_INDEX).scatter(1, batch["answer_index"],
+                                                                         batch["answer_labels"])
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    with recorder.region("loss workspace", "eager MLE (HF ForCausalLMLoss)"):
+        return ForCausalLMLoss(logits, labels, vocab_size=logits.shape[-1], num_items_in_batch=normalizer)
+
+
+def _eager_distill(ctx: DistillContext, batch: dict, normalizer, recorder: Recorder, *, divergence: str,
+                   mle_weight: float) -> torch.Tensor:
+    """``kd_weight * divergence + mle_weight * MLE`` on the answer rows of both models' full logits, float32."""
+    cfg = ctx.config
+    vocab = ctx.student_head.num_rows  # the shared vocabulary (padded heads cut)
+    with torch.no_grad():
+        teacher_rows = _answer_rows(_hf_logits(ctx.teacher, batch)[..., :vocab], batch, copy=True)
+    student_rows = _answer_rows(_hf_logits(ctx.student, batch)[..., :vocab], batch)
+    with recorder.region("loss workspace", f"eager {divergence} + MLE"):
+        loss = reference_distill_loss_from_logits(
+            student_rows, teacher_rows, batch["answer_labels"], divergence=divergence, beta=cfg.beta,
+            temperature=cfg.temperature, kd_weight=cfg.kd_weight, mle_weight=mle_weight, reduction="sum",
+            dtype=torch.float32)
+        return loss / normalizer
+
+
+def _eager_imperfect_ids(ctx: DistillContext, batch: dict, recorder: Recorder) -> torch.Tensor:
+    """KID's stage from full logits: entropies (hard/easy) and argmax predictions of the answer rows."""
+    cfg = ctx.config
+    gold = batch["answer_labels"]
+    valid = selectable_positions(gold, ctx.eos_token_id, mask_eos=cfg.mask_eos)
+    with torch.no_grad(), eval_mode(ctx.student):
+        if cfg.strategy in ("hard", "easy"):
+            rows = _answer_rows(_hf_logits(ctx.student, batch), batch)
+            with recorder.region("selection workspace", "eager entropy"):
+                scores = reference_entropy(rows, dtype=torch.float32)
+            del rows
+            chosen = kidkernels.select_positions(valid, cfg.alpha, cfg.strategy, scores=scores)
+        else:  # no vocabulary involved: the same selection as the library's
+            chosen = kidkernels.select_positions(valid, cfg.alpha, cfg.strategy, generator=ctx.generator)
+        answer = batch["input_ids"].gather(1, batch["answer_index"])
+        masked = torch.where(chosen, torch.full_like(answer, ctx.mask_token_id), answer)
+        masked_ids = with_answer_tokens(batch["input_ids"], batch["answer_index"], masked, gold)
+        if cfg.masking_only:
+            return masked_ids
+        rows = _answer_rows(_hf_logits(ctx.student, batch, input_ids=masked_ids), batch)
+        with recorder.region("selection workspace", "eager argmax"):
+            predicted = rows.argmax(dim=-1)
+        del rows
+        hat = torch.where(chosen, predicted, answer)
+    return with_answer_tokens(batch["input_ids"], batch["answer_index"], hat, gold)
+
+
+def _eager_loss(ctx: DistillContext, batch: dict, normalizer, recorder: Recorder) -> torch.Tensor:
+    cfg = ctx.config
+    if cfg.method == "sft":
+        return cfg.mle_weight * _eager_mle(ctx, batch, normalizer, recorder)
+    if cfg.method in ("fkd", "rkd") or (cfg.method == "kid" and cfg.mle_input == "imperfect"):
+        kd_batch = batch if cfg.method != "kid" else dict(batch, input_ids=_eager_imperfect_ids(ctx, batch, recorder))
+        return _eager_distill(ctx, kd_batch, normalizer, recorder, divergence=cfg.kd_divergence,
+                              mle_weight=cfg.mle_weight)
+    if cfg.method == "kid":
+        kd_batch = dict(batch, input_ids=_eager_imperfect_ids(ctx, batch, recorder))
+    else:
+        sources = _sources(ctx, batch["input_ids"].shape[0])
+        if all(s == "gold" for s in sources):
+            return _eager_distill(ctx, batch, normalizer, recorder, divergence=cfg.kd_divergence,
+                                  mle_weight=cfg.mle_weight)
+        kd_batch = _generated_kd_batch(ctx, batch, sources)
+    loss = _eager_distill(ctx, kd_batch, normalizer, recorder, divergence=cfg.kd_divergence, mle_weight=0.0)
+    if cfg.mle_weight:
+        loss = loss + cfg.mle_weight * _eager_mle(ctx, batch, normalizer, recorder)
+    return loss
+
+
+def eager_micro_batch_step(ctx: DistillContext, batch: dict, normalizer, recorder: Recorder,
+                           forward_context=contextlib.nullcontext) -> None:
+    """The same micro-batch without this library (module docstring): same passes, same order, full logits and
+    float32 eager losses instead of hidden states at the answer rows and kidkernels."""
+    with forward_context():
+        loss = _eager_loss(ctx, batch, normalizer, recorder)
+    loss.backward()
+
+
+MICRO_BATCH_STEPS = {"kidkernels": micro_batch_step, "eager": eager_micro_batch_step}
+
+
+# ---- one optimizer step -------------------------------------------------------------------------------------------
+
+def run_step(plan: StepPlan, models: StepModels, batches: list[dict], normalizer, optimizer,
+             recorder: Recorder | None = None, *, device_type: str = "cuda", label: str = "step",
+             micro_batches: int | None = None) -> None:
+    """The micro-batches of one optimizer step, clipping, the update and ``zero_grad``, as the Trainer runs them.
+
+    micro_batches: run only the first ones (the memory estimate runs two: from the second on, every micro-batch
+    starts from the same live tensors, the accumulated gradients included, and runs the same ops on the same shapes,
+    so the later ones repeat the second's peak exactly; the update then starts from the same state as well).
+    """
+    recorder = recorder or Recorder()
+    count = len(batches) if micro_batches is None else min(micro_batches, len(batches))
+    one_micro_batch = MICRO_BATCH_STEPS[plan.implementation]
+    device = batches[0]["input_ids"].device
+
+    def forward_context():
+        if plan.autocast:
+            return torch.autocast(device_type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+    for index, batch in enumerate(batches[:count]):
+        recorder.where = f"{label}, micro-batch {index + 1}/{len(batches)}"
+        ctx = objective_context(plan, models, index, device)
+        one_micro_batch(ctx, batch, normalizer, recorder, forward_context)
+    recorder.where = f"{label}, optimizer update"
+    with recorder.region("optimizer step"):
+        torch.nn.utils.clip_grad_norm_(trainable_parameters(models.student), MAX_GRAD_NORM)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)

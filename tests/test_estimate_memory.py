@@ -1,0 +1,260 @@
+"""The fake-tensor memory estimate (``benchmarks/estimate_memory.py``): the live-bytes tracker against hand counts,
+a fake run against a real run of the same step on the CPU, the weights / gradients / optimizer state of a step
+against a hand count from the model config, the loss's extra memory against its workspace budget, CUDA's op
+choices, and the command line.  Tiny models only: each estimate takes about a second."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from benchmarks import estimate_memory
+from benchmarks.estimate_memory import build_fake_models, estimate_step, main, paper_table_markdown
+from benchmarks.fake_memory import LiveBytesTracker, allocated_bytes, cuda_like_execution
+from benchmarks.model_presets import PRESETS
+from benchmarks.train_step import StepPlan
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+
+
+def tiny_plan(**overrides) -> StepPlan:
+    values = dict(student="tiny-qwen2", teacher="tiny-qwen2-teacher", method="rkd", batch_size=4,
+                  micro_batch_size=2, seq_len=48, answer_len=16, lora_r=8, lora_alpha=16)
+    values.update(overrides)
+    return StepPlan(**values)
+
+
+# ---- the tracker ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fake", [True, False], ids=["fake", "real"])
+def test_tracker_counts_live_storages_by_hand(fake):
+    mode = FakeTensorMode() if fake else None
+    tracker = LiveBytesTracker()
+    with mode or torch.device("cpu"):
+        weight = torch.nn.Parameter(torch.empty(1000, 64))  # 256,000 bytes = 500 blocks of 512
+    tracker.register([weight], "weights")
+    with mode or torch.device("cpu"), tracker:
+        x = torch.empty(300, 64)  # 76,800 bytes: 150 blocks
+        y = x @ weight.t()  # [300, 1000] float32: 1,200,000 -> 1,200,128 bytes (2,344 blocks)
+        z = y.relu()  # saved by relu's backward (its result)
+        view = z[:10]  # a view: no new storage
+        del y  # not saved by the graph (mm saves x): freed
+        assert tracker.current == 256_000 + 76_800 + 1_200_128
+        assert tracker.peak.bytes == 256_000 + 76_800 + 2 * 1_200_128
+        assert tracker.peak.by_label == {"weights": 256_000, "activations": 76_800 + 2 * 1_200_128}
+        del z
+        assert tracker.current == 256_000 + 76_800 + 1_200_128  # the view keeps z's storage alive
+        with tracker.region("loss workspace", "unit") as region:
+            scratch = torch.empty(17)  # 68 bytes -> one 512-byte block
+            del scratch
+        assert (region.entry_bytes, region.extra_bytes) == (tracker.current, 512)
+        view.sum().backward()
+        assert weight.grad is not None
+        tracker.relabel(weight.grad, "gradients")
+        del view
+    # After the backward: the weight, x (still referenced here) and the weight's gradient.
+    assert tracker.live_by_label() == {"weights": 256_000, "activations": 76_800, "gradients": 256_000}
+    assert allocated_bytes(0) == 0 and allocated_bytes(1) == 512 and allocated_bytes(512) == 512
+
+
+def test_relabel_moves_bytes_of_the_peak_only_for_blocks_alive_at_the_peak():
+    tracker = LiveBytesTracker()
+    with FakeTensorMode(), tracker:
+        a = torch.empty(256)  # 1,024 bytes, alive at the peak
+        b = torch.empty(512)  # 2,048 bytes: the peak
+        del b
+        c = torch.empty(128)  # 512 bytes, allocated after the peak
+        tracker.relabel(a, "gradients")
+        tracker.relabel(c, "gradients")
+    assert tracker.peak.bytes == 3_072
+    assert tracker.peak.by_label == {"activations": 2_048, "gradients": 1_024}
+
+
+def test_host_reads_other_than_kidkernels_input_checks_are_refused():
+    from benchmarks.fake_memory import HostReadError
+
+    with FakeTensorMode(), LiveBytesTracker():
+        flag = torch.empty(3).sum() > 0
+        with pytest.raises(HostReadError, match="read on the host"):
+            bool(flag)
+
+
+# ---- CUDA's op choices ------------------------------------------------------------------------------------------
+
+class _OpNames(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def test_attention_takes_cuda_flash_attention_and_saves_only_log_sum_exps():
+    batch, heads, length, dim = 2, 4, 256, 16
+    with cuda_like_execution(("attention",)), FakeTensorMode():
+        q, k, v = (torch.empty(batch, heads, length, dim, dtype=torch.bfloat16, requires_grad=True)
+                   for _ in range(3))
+        tracker, names = LiveBytesTracker(), _OpNames()
+        with tracker, names:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert "aten._scaled_dot_product_flash_attention" in names.names
+    assert not any(n.endswith("_for_cpu") or "math" in n for n in names.names)
+    # Live after the forward: the output and the float32 log-sum-exps saved for the backward, plus small RNG
+    # state tensors; never a [T, T] score matrix.
+    lse = batch * heads * length * 4
+    assert out.dtype == torch.bfloat16
+    assert out.numel() * 2 + lse <= tracker.current <= out.numel() * 2 + lse + 4 * 512
+    assert tracker.largest[0] < length * length * 2
+
+
+def test_dropout_keeps_a_bool_mask_as_on_cuda():
+    n = 4096
+    for routes, mask_bytes in ((("dropout",), n), ((), 2 * n)):  # CUDA: bool mask; CPU path: a bf16 mask
+        with cuda_like_execution(routes), FakeTensorMode():
+            x = torch.empty(n, dtype=torch.bfloat16, requires_grad=True)
+            tracker = LiveBytesTracker()
+            with tracker:
+                y = F.dropout(x, 0.1, training=True)
+            assert tracker.current == 2 * n + mask_bytes, routes
+            del y
+
+
+# ---- whole steps ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method, options, implementation, lora, checkpointing", [
+    ("sft", {}, "kidkernels", True, False),
+    ("kid", {"strategy": "hard"}, "kidkernels", True, True),
+    ("rkd", {}, "eager", False, False),
+], ids=["sft-lora", "kid-hard-lora-ckpt", "rkd-eager-full"])
+def test_fake_run_equals_a_real_run_on_the_cpu(monkeypatch, method, options, implementation, lora, checkpointing):
+    """The same step on fake and on real CPU tensors, CPU op choices both (the mask skip answers for fake masks
+    as the real run computes it): identical peaks, identical composition."""
+    monkeypatch.setenv("KIDKERNELS_BACKEND", "torch")
+    plan = tiny_plan(method=method, method_options=options, implementation=implementation, lora=lora,
+                     gradient_checkpointing=checkpointing, dtype="float32", teacher_dtype="float32")
+    fake = estimate_step(plan, routes=("mask_skip",), fake=True)
+    real = estimate_step(plan, routes=("mask_skip",), fake=False)
+    assert fake["peak_bytes"] == real["peak_bytes"] > fake["weights_bytes"]
+    assert fake["peak_by_label"] == real["peak_by_label"]
+    assert fake["loss_extra_bytes"] == real["loss_extra_bytes"] > 0
+
+
+def _qwen2_parameter_shapes(name: str) -> list[tuple[int, ...]]:
+    c = PRESETS[name]
+    h, i, v = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
+    layer = [(h, h), (h,)] * 3 + [(h, h), (i, h), (i, h), (h, i), (h,), (h,)]  # q k v (+bias), o, mlp, two norms
+    shapes = [(v, h)] + layer * c["num_hidden_layers"] + [(h,)]
+    return shapes + ([] if c["tie_word_embeddings"] else [(v, h)])
+
+
+def _lora_shapes(name: str, r: int) -> list[tuple[int, ...]]:
+    c = PRESETS[name]
+    h, i = c["hidden_size"], c["intermediate_size"]
+    layer = [(r, h), (h, r)] * 4 + [(r, h), (i, r)] * 2 + [(r, i), (h, r)]  # q k v o, gate up, down
+    return layer * c["num_hidden_layers"]
+
+
+def _bytes(shapes, itemsize: int) -> int:
+    return sum(allocated_bytes(torch.Size(s).numel() * itemsize) for s in shapes)
+
+
+def test_weights_gradients_and_optimizer_state_at_the_peak_equal_a_hand_count():
+    plan = tiny_plan(method="rkd")
+    result = estimate_step(plan)
+    models = build_fake_models(plan, FakeTensorMode())
+    buffers = sum(allocated_bytes(b.numel() * b.element_size())
+                  for m in (models.student, models.teacher) for b in m.buffers())
+    lora = _lora_shapes("tiny-qwen2", plan.lora_r)
+    weights = (_bytes(_qwen2_parameter_shapes("tiny-qwen2"), 2) + _bytes(lora, 4)
+               + _bytes(_qwen2_parameter_shapes("tiny-qwen2-teacher"), 2) + buffers)
+    assert result["weights_bytes"] == weights
+    assert result["trainable_parameters"] == sum(torch.Size(s).numel() for s in lora)
+    assert "micro-batch 2/2" in result["peak_where"]  # the gradients of micro-batch 1 exist
+    by_label = result["peak_by_label"]
+    assert by_label["weights"] == weights
+    assert by_label["gradients"] == _bytes(lora, 4)
+    # Fused AdamW: two float32 moments per LoRA tensor and a float32 step counter each (one 512-byte block).
+    assert by_label["optimizer state"] == 2 * _bytes(lora, 4) + 512 * len(lora)
+
+
+@pytest.mark.parametrize("method", ["rkd", "sft", "kid"])
+def test_the_loss_extra_memory_stays_within_the_workspace(method):
+    """Each kidkernels loss call's extra memory is its chunk buffers (at most ``workspace_bytes``) plus its O(N)
+    outputs: the input gradient formed in the forward pass and per-row statistics; the eager loss's is more than
+    one float32 [N, V] logits tensor."""
+    workspace = 32 << 10  # a quarter of one float32 [N, V] logits tensor here
+    plan = tiny_plan(method=method, workspace_bytes=workspace)
+    ours = estimate_step(plan)
+    eager = estimate_step(tiny_plan(method=method, workspace_bytes=workspace, implementation="eager"))
+    rows = plan.micro_batch_size * plan.answer_len
+    hidden, vocab = PRESETS["tiny-qwen2"]["hidden_size"], PRESETS["tiny-qwen2"]["vocab_size"]
+    outputs = allocated_bytes(rows * hidden * 2) + allocated_bytes(16 * 4 * rows) + 8 * 512
+    assert ours["loss_calls"] >= plan.micro_batches
+    assert workspace // 2 < ours["loss_extra_bytes"] <= workspace + outputs
+    # No loss or selection buffer is larger than the workspace, and no tensor of the step is a float32 [N, V].
+    largest = ours["largest_tensor_bytes_by_label"]
+    assert max(largest.get("loss workspace", 0), largest.get("selection workspace", 0)) <= workspace
+    assert ours["largest_tensor_bytes"] < 4 * rows * vocab
+    assert eager["loss_extra_bytes"] > 4 * rows * vocab
+    assert ours["peak_bytes"] < eager["peak_bytes"]
+
+
+def test_on_policy_generation_and_full_fine_tuning_are_estimated():
+    gkd = estimate_step(tiny_plan(method="gkd"))
+    assert gkd["peak_bytes"] > gkd["weights_bytes"]
+    assert gkd["plan"]["method_config"]["gkd_lambda"] == 1.0  # the generated batch: the worst case
+    full = estimate_step(tiny_plan(method="sft", lora=False))
+    params = sum(torch.Size(s).numel() for s in _qwen2_parameter_shapes("tiny-qwen2"))
+    assert full["trainable_parameters"] == params
+    assert full["peak_by_label"]["optimizer state"] >= 2 * 4 * params  # float32 master weights' moments
+
+
+# ---- command line and table -------------------------------------------------------------------------------------
+
+TINY_ARGS = ["--student", "tiny-qwen2", "--teacher", "tiny-qwen2-teacher", "--batch-size", "4",
+             "--micro-batch-size", "2", "--seq-len", "48", "--answer-len", "16", "--lora-r", "8"]
+
+
+def test_command_line_prints_both_estimates_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "estimate.json"
+    assert main(TINY_ARGS + ["--method", "kid", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "ESTIMATE" in text and "not a measurement" in text and "Not modelled:" in text
+    assert "with kidkernels: ESTIMATED peak" in text and "without this library" in text
+    payload = json.loads(out.read_text())
+    assert {r["plan"]["implementation"] for r in payload["results"]} == {"kidkernels", "eager"}
+    with pytest.raises(SystemExit) as refused:  # nothing is overwritten unless asked
+        main(TINY_ARGS + ["--json", str(out)])
+    assert refused.value.code == 2
+
+
+@pytest.mark.parametrize("bad", [["--student", "no-such-model"], ["--micro-batch-size", "3"],
+                                 ["--seq-len", "16"]])
+def test_command_line_mistakes_exit_2(bad, capsys):
+    with pytest.raises(SystemExit) as error:
+        main(TINY_ARGS + bad)
+    assert error.value.code == 2
+
+
+def test_paper_table_renders_between_markers(tmp_path):
+    results = [estimate_step(tiny_plan(method="kid", implementation=impl, micro_batch_size=micro))
+               for impl in ("kidkernels", "eager") for micro in (2, 4)]
+    table = paper_table_markdown(results, source="unit.json")
+    assert "Estimates, not measurements" in table
+    assert table.count("| kid | ") == 2 and "| kid | 2 | off |" in table
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{estimate_memory.START_MARKER}\nold\n{estimate_memory.END_MARKER}\nend\n")
+    estimate_memory.write_between_markers(readme, table)
+    text = readme.read_text()
+    assert "old" not in text and "| kid | 4 | off |" in text and text.endswith(f"{estimate_memory.END_MARKER}\nend\n")
+    saved = tmp_path / "estimate.json"
+    saved.write_text(json.dumps({"kind": "estimate", "results": results}))
+    readme.write_text(f"{estimate_memory.START_MARKER}\n{estimate_memory.END_MARKER}\n")
+    assert main(["--render-table", str(saved), "--readme", str(readme)]) == 0
+    assert readme.read_text().count("| kid | ") == 2
