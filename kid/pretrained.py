@@ -158,13 +158,12 @@ def _versions() -> dict:
     import torch
     import transformers
 
+    from importlib import metadata
+
     versions = {"torch": torch.__version__, "transformers": transformers.__version__}
     try:
-        import gguf  # noqa: F401
-        from importlib import metadata
-
         versions["gguf"] = metadata.version("gguf")
-    except Exception:  # noqa: BLE001 - informational only
+    except metadata.PackageNotFoundError:
         pass
     return versions
 

@@ -119,20 +119,21 @@ SCALES: dict[str, ReproduceScale] = {
         student_lora=True, lora_r=8, max_input_tokens=128, max_output_tokens=32, train_examples=8,
         eval_examples=4, eval_batch_size=4, rollout_new_tokens=6, eval_new_tokens=12, time_limit_s=None,
         eval_workers=2),
-    # One H100/H200, about 8 minutes for three seeds (an estimate; no GPU has run it yet).  Cost model: a training
-    # step of 16 x ~1,100 tokens ~0.07 s (sft) to ~0.13 s (kid); every generated token of a 16-row rollout ~10 ms
-    # (student) / ~25 ms (teacher), so the on-policy methods dominate (f-distill generates with both models every
-    # step): ~3.5 s of training per student step over the seven methods, x 3 seeds x 30 steps ~ 5 min; each of
-    # the 22 evaluations (972 Spider dev questions, batches of 256, at most 128 new tokens) ~5-10 s; the teacher's
-    # 300 SFT steps ~25 s; conversion, data and kernel compilation ~1 min.  time_limit_s stops starting runs after
-    # 7.5 minutes whatever the real speed (re-run the command to finish).  Students train every weight: a
+    # One H100/H200, about 8 minutes for three seeds: an estimate, no GPU has run it yet.  Cost model (bf16, 16
+    # sequences of ~1,100 tokens a step): a student step ~0.07 s (sft) to ~0.13 s (kid, an extra no-grad pass);
+    # a rollout token ~6 ms for the student and ~15 ms for the teacher (launch-bound decoding), so the on-policy
+    # methods dominate: gkd and imitkd ~0.5 s a step, f-distill (teacher and student rollouts every step) ~1.5 s;
+    # ~2.9 s per step of all seven methods, x 30 steps x 3 seeds ~ 4.4 min.  Each of the 22 evaluations (972
+    # Spider dev questions in batches of 256, at most 128 new tokens) ~5-10 s, ~2.5 min; the teacher's 200 SFT
+    # steps ~25 s; conversion, prompts, kernel compilation ~1 min.  time_limit_s: no run starts after 7.5 minutes
+    # whatever the real speed (re-run the same command to finish the rest).  Every weight is trained: a
     # layer-dropped student starts far from a language model (perplexity ~1.8e7 on English text) and needs more
-    # than LoRA's adapters to recover in a few dozen steps.
+    # than LoRA adapters to recover in a few dozen steps.
     "gpu": ReproduceScale(
-        "gpu", teacher_layers=None, student_layers=10, teacher_steps=300, student_steps=30, batch_size=16,
+        "gpu", teacher_layers=None, student_layers=10, teacher_steps=200, student_steps=30, batch_size=16,
         micro_batch_size=16, teacher_learning_rate=1e-4, student_learning_rate=3e-4, teacher_lora=False,
-        student_lora=False, max_input_tokens=1024, max_output_tokens=128, train_examples=4800, eval_examples=None, eval_batch_size=256,
-        rollout_new_tokens=64, eval_new_tokens=128, time_limit_s=450.0),
+        student_lora=False, max_input_tokens=1024, max_output_tokens=128, train_examples=3200,
+        eval_examples=None, eval_batch_size=256, rollout_new_tokens=64, eval_new_tokens=128, time_limit_s=450.0),
 }
 
 
@@ -864,7 +865,8 @@ def plot_results(rows: list[dict], benchmarks: list[str], records: list[dict], p
             continue
         seen.add(r["method"])
         logged = [h for h in r["log_history"] or [] if "loss" in h]
-        axes[2].plot([h["step"] for h in logged], [h["loss"] for h in logged], label=METHOD_LABELS[r["method"]])
+        axes[2].plot([h["step"] for h in logged], [h["loss"] for h in logged], marker="o", markersize=3,
+                     label=METHOD_LABELS[r["method"]])
     axes[2].set_title("training loss (first seed)")
     axes[2].set_xlabel("optimizer step")
     if seen:
