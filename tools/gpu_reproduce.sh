@@ -42,7 +42,8 @@ run)
     export PYTHONPATH="$SITE:$PWD" PYTHONUNBUFFERED=1
     tar -C "$WORK" -xJf .device/part2/spider.tar.xz
     SPIDER="$WORK/$(cat .device/part2/SPIDER_NAME)"
-    python3 -c "import kid.pretrained as p; print('GGUF:', p.smollm2_gguf_path())"
+    # Pre-flight: the packages and the weights are found (seconds, before any slow work).
+    python3 -c "import datasets, sqlglot, gguf, kid.pretrained as p; print('GGUF:', p.smollm2_gguf_path())"
     set +e
     python3 -m kid.cli reproduce --preset smollm2 --scale gpu --seeds 1 2 3 --spider-dir "$SPIDER" \
         --out-dir "$WORK/kid_reproduce" --no-progress "$@" 2>&1 | tee "$OUT/reproduce_console.log"
