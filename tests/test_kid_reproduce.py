@@ -1,0 +1,185 @@
+"""kid reproduce: the table arithmetic, the input checks (one line, exit 2, before any slow work), and the whole
+protocol at its smoke scale on the real (shrunk) SmolLM2 with one failed method that a re-run retries alone.
+
+The smoke test is the heavy one: about a minute on 2 idle cores (two to three on busy ones), plus the session's
+SmolLM2 conversion if no other test made it.
+"""
+import json
+import math
+
+import pytest
+
+from kid.cli import main
+from kid.reproduce import (
+    PAPER_METHOD_OPTIONS,
+    SCALES,
+    TABLE_METHODS,
+    Protocol,
+    format_table,
+    load_examples,
+    method_config,
+    summarize,
+)
+from tests.smollm2_models import require_smollm2, session_models_dir
+
+
+@pytest.fixture(autouse=True)
+def _torch_backend(monkeypatch):
+    monkeypatch.setenv("KIDKERNELS_BACKEND", "torch")  # the interpreter is far too slow for a 49,152 vocabulary
+
+
+def _record(method, seed, ex, runtime):
+    return {"method": method, "seed": seed, "train_runtime_s": runtime,
+            "ex": {name: {"ex": value} for name, value in ex.items()}}
+
+
+def test_summary_means_spreads_paired_gains_and_latency():
+    records = [
+        _record("teacher", 0, {"a": 0.5, "b": 0.3}, 10.0),
+        _record("sft", 1, {"a": 0.20, "b": 0.10}, 10.0),
+        _record("sft", 2, {"a": 0.30, "b": 0.20}, 20.0),
+        _record("kid", 1, {"a": 0.25, "b": 0.15}, 25.0),
+        _record("kid", 2, {"a": 0.30, "b": 0.30}, 40.0),
+        {"method": "gkd", "seed": 1, "failed": "RuntimeError: x"},
+    ]
+    rows = {r["method"]: r for r in summarize(records, ["a", "b"], [1, 2])}
+    assert list(rows) == ["teacher", "sft", "kid"]  # failed runs have no row; the paper's order
+    kid = rows["kid"]
+    assert kid["a"][0] == pytest.approx(27.5) and kid["a"][1] == pytest.approx(math.sqrt(12.5))
+    assert kid["average"][0] == pytest.approx((20 + 30) / 2)
+    # Gains paired by seed: seed 1: 20 - 15 = 5; seed 2: 30 - 25 = 5.
+    assert kid["gain_vs_sft"][0] == pytest.approx(5.0) and kid["gain_vs_sft"][1] == pytest.approx(0.0)
+    assert kid["latency_vs_sft"][0] == pytest.approx((2.5 + 2.0) / 2)
+    assert rows["sft"]["latency_vs_sft"][0] == 1.0 and rows["teacher"]["seeds"] == [0]
+    assert rows["teacher"]["a"] == (50.0, None)  # one run: no spread
+    text = format_table(summarize(records, ["a", "b"], [1, 2]), ["a", "b"])
+    assert "| KID | 27.5 ± 3.5 | 22.5 ± 10.6 | 25.0 ± 7.1 | 5.0 ± 0.0 | 2.25x ± 0.35 | 1,2 |" in text
+    assert "| Teacher (SFT) | 50.0 | 30.0 | 40.0 | - | - | 0 |" in text
+
+
+def test_method_table_is_the_papers_configurations():
+    assert set(PAPER_METHOD_OPTIONS) == set(TABLE_METHODS)
+    scale = SCALES["gpu"]
+    configs = {m: method_config(m, scale) for m in TABLE_METHODS}
+    assert all(configs[m].method == m for m in TABLE_METHODS)
+    gkd = configs["gkd"]
+    assert (gkd.kd_divergence, gkd.gkd_lambda, gkd.mle_weight) == ("rkl", 1.0, 0.0)
+    assert (configs["kid"].alpha, configs["kid"].strategy, configs["kid"].kd_divergence) == (0.2, "random", "rkl")
+    assert configs["fdistill"].kd_divergence == "tvd" and configs["imitkd"].kd_divergence == "fkl"
+    for m in ("fkd", "rkd", "fdistill", "imitkd", "kid"):
+        assert configs[m].mle_weight == 1.0
+    for m in ("fdistill", "imitkd", "gkd"):
+        assert configs[m].max_new_tokens == scale.rollout_new_tokens
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--scale", "gpu"], "--scale gpu needs --spider-dir"),
+    (["--methods", "sft,bogus"], "bogus"),
+    (["--seeds", "1", "1"], "repeated seeds"),
+    (["--spider-dir", "/nonexistent/spider"], "Spider directory not found"),
+    (["--spider-dk", "dk.json"], "need --spider-dir"),
+    (["--student-steps", "0"], "student_steps must be >= 1"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
+    out = tmp_path / "run"
+    assert main(["reproduce", "--out-dir", str(out), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not out.exists()  # nothing made before the check
+
+
+def test_refuses_a_foreign_directory_and_other_settings(tmp_path, capsys):
+    (tmp_path / "mine.txt").write_text("x")
+    assert main(["reproduce", "--out-dir", str(tmp_path)]) == 2
+    assert "holds no kid reproduce run" in capsys.readouterr().err
+    run = tmp_path / "run"
+    protocol = Protocol(run, scale="smoke", progress=False)
+    run.mkdir()
+    protocol._save_settings()
+    assert main(["reproduce", "--out-dir", str(run), "--student-steps", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "other settings (student_steps)" in err
+    Protocol(run, scale="smoke", seeds=[1, 2], methods=["sft", "kid"])  # seeds and methods may change
+
+
+def test_load_examples_in_worker_processes_equals_the_loader(tmp_path):
+    from kid.data import load_spider
+    from kid.demo import demo_slice_paths
+
+    paths = demo_slice_paths()
+    serial = load_spider(paths.heldout_file, paths.db_dir, paths.tables_file)
+    parallel = load_examples("spider", paths.heldout_file, paths.db_dir, paths.tables_file, tmp_path / "chunks",
+                             chunk=20, workers=2)
+    assert parallel.to_list() == serial.to_list()
+    assert not list((tmp_path / "chunks").iterdir())  # the chunk files are removed
+
+
+def test_smoke_protocol_survives_failures_and_a_rerun_retries_only_them(tmp_path_factory, tmp_path, monkeypatch,
+                                                                        capsys):
+    require_smollm2()
+    models = session_models_dir(tmp_path_factory)
+    out = tmp_path / "reproduce"
+    argv = ["reproduce", "--scale", "smoke", "--out-dir", str(out), "--models-dir", str(models), "--no-progress"]
+    trained, evaluated = [], []
+    original_train, original_eval = Protocol.train_run, Protocol.evaluate_run
+
+    def train_run(self, run_dir, method, **kwargs):
+        trained.append(method if run_dir.parent.name != "reproduce" else "teacher")
+        if inject and method == "rkd":
+            raise RuntimeError("injected training failure")
+        return original_train(self, run_dir, method, **kwargs)
+
+    def evaluate_run(self, run_dir, base_dir):
+        evaluated.append(run_dir.name)
+        if inject and run_dir.name == "kid":
+            raise RuntimeError("injected evaluation failure")
+        return original_eval(self, run_dir, base_dir)
+
+    monkeypatch.setattr(Protocol, "train_run", train_run)
+    monkeypatch.setattr(Protocol, "evaluate_run", evaluate_run)
+
+    inject = True
+    assert main(argv) == 1  # failed runs: exit status 1, every other run done
+    assert "2 run(s) failed" in capsys.readouterr().err
+    assert trained == ["teacher", "sft", "fkd", "rkd", "kid", "gkd", "imitkd", "fdistill"]
+    status = {m: json.loads((out / "seed1" / m / "status.json").read_text()) for m in TABLE_METHODS}
+    assert status["rkd"]["state"] == "failed" and "injected training failure" in status["rkd"]["error"]
+    assert "injected training failure" in (out / "seed1" / "rkd" / "error.txt").read_text()
+    assert status["kid"]["state"] == "failed" and status["kid"]["trained"] is True
+    assert all(status[m]["state"] == "done" for m in TABLE_METHODS if m not in ("rkd", "kid"))
+    report = json.loads((out / "reproduce_report.json").read_text())
+    assert report["complete"] is False and {(f["method"], f["seed"]) for f in report["failed"]} == {
+        ("rkd", 1), ("kid", 1)}
+    assert [r["method"] for r in report["table"]] == ["teacher", "sft", "fkd", "fdistill", "imitkd", "gkd"]
+
+    inject = False
+    trained.clear()
+    evaluated.clear()
+    assert main(argv) == 0
+    assert trained == ["rkd"]  # the only run not trained before
+    assert sorted(evaluated) == ["kid", "rkd"]  # kid was trained: evaluated only
+    report = json.loads((out / "reproduce_report.json").read_text())
+    assert report["complete"] is True and report["failed"] == [] and report["stopped"] is None
+    assert [r["method"] for r in report["table"]] == ["teacher", *TABLE_METHODS]
+    smoke = SCALES["smoke"]
+    for run in report["runs"]:
+        result = run["ex"]["demo-heldout"]
+        assert result["total"] == smoke.eval_examples and 0 <= result["correct"] <= result["total"]
+        assert result["ex"] == pytest.approx(result["correct"] / result["total"])
+        assert run["global_steps"] == (smoke.teacher_steps if run["method"] == "teacher" else smoke.student_steps)
+        saved = json.loads((out / ("teacher_sft" if run["method"] == "teacher" else f"seed1/{run['method']}")
+                            / "eval_demo-heldout.json").read_text())
+        assert len(saved["report"]["examples"]) == smoke.eval_examples
+    rows = {r["method"]: r for r in report["table"]}
+    assert rows["sft"]["latency_vs_sft"][0] == 1.0 and rows["gkd"]["latency_vs_sft"][0] > 0
+    assert report["device"].startswith("cpu") and report["versions"]["torch"]
+    assert report["settings"]["method_configs"]["gkd"]["gkd_lambda"] == 1.0
+    assert report["models"]["student"]["layers"] == [0] and report["models"]["teacher"]["layers"] == [0, 29]
+    assert report["train_examples"] == smoke.train_examples and report["timings_s"]["total_s"] > 0
+    table = (out / "reproduce_table.md").read_text()
+    assert table.startswith("| Method | demo-heldout EX | Avg | Gain vs SFT | Latency vs SFT | seeds |")
+    assert (out / "reproduce_plot.png").stat().st_size > 1000
+    # Students train LoRA adapters at smoke scale (the teacher every weight): the adapters are what is kept.
+    assert (out / "seed1" / "kid" / "final" / "adapter_config.json").is_file()
+    assert (out / "teacher_sft" / "final" / "model.safetensors").is_file()
+    assert not list(out.glob("**/checkpoint-*"))  # no end-of-run checkpoints
