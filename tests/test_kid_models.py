@@ -1,0 +1,87 @@
+"""kid.models and kid.rollout on real (tiny) Hugging Face models: the guard against forwards that build logits
+although none were asked for, and decoding with the LoRA adapters merged into a copy of the weights."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kid.batching import DistillCollator
+from kid.models import LoraOptions, apply_lora, answer_hidden_states, check_no_logits
+from kid.rollout import generate_answers, merged_lora_weights
+from tests.kid_tiny import EOS, PAD, tiny_examples, tiny_model
+
+
+def test_a_forward_that_ignores_logits_to_keep_fails_loudly():
+    from transformers import Qwen2ForCausalLM
+
+    class IgnoresLogitsToKeep(Qwen2ForCausalLM):
+        """What transformers 4.46-4.48 did: accept logits_to_keep and return the full logits."""
+
+        def forward(self, *args, logits_to_keep=None, **kwargs):
+            return super().forward(*args, **kwargs)
+
+    good = tiny_model(0)
+    bad = IgnoresLogitsToKeep(good.config)
+    bad.load_state_dict(good.state_dict())
+    batch = DistillCollator(PAD)(tiny_examples(3))
+    rows = answer_hidden_states(good, batch)
+    assert rows.shape == (*batch["answer_labels"].shape, 32)
+    with pytest.raises(RuntimeError, match=r"returned logits for \d+ positions although logits_to_keep asked for "
+                                           r"none.*transformers>=4.56"):
+        answer_hidden_states(bad, batch)
+    # tuple outputs (return_dict=False) and outputs without logits
+    check_no_logits(good, (torch.zeros(2, 0, 5),))
+    check_no_logits(good, None)
+    with pytest.raises(RuntimeError, match="returned logits for 7 positions"):
+        check_no_logits(good, (torch.zeros(2, 7, 5),))
+
+
+def _lora_student(seed=0):
+    model = apply_lora(tiny_model(seed, layers=2, init_std=0.2), LoraOptions(r=4, alpha=8, dropout=0.0))
+    # LoRA's B starts at zero (the adapter would change nothing): give every adapter a visible effect.
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model
+
+
+def test_merged_lora_decoding_matches_the_lora_layers_and_changes_nothing():
+    model = _lora_student()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    batch = DistillCollator(PAD, with_prompts=True)(tiny_examples(4, seed=2))
+    ids, mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
+    with torch.no_grad():
+        plain = model(input_ids=ids, attention_mask=mask).logits
+        with merged_lora_weights(model) as merged:
+            assert merged
+            folded = model(input_ids=ids, attention_mask=mask).logits
+        base_only = model.get_base_model()
+        with model.disable_adapter():
+            without_adapters = base_only(input_ids=ids, attention_mask=mask).logits
+    # the merged forward is the LoRA forward (and the adapters matter: not the base model's)
+    assert (folded - plain).abs().max() < 1e-5
+    assert (without_adapters - plain).abs().max() > 1e-2
+    options = dict(max_new_tokens=6, eos_token_id=EOS, pad_token_id=PAD, do_sample=False)
+    greedy = generate_answers(model, ids, mask, **options)
+    greedy_merged = generate_answers(model, ids, mask, merge_lora=True, **options)
+    assert torch.equal(greedy, greedy_merged)
+    # nothing was modified: weights bit for bit, trainable flags, and the LoRA layers' own forward is back
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+    assert not any("forward" in vars(m) for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, plain)
+
+
+def test_merged_lora_is_a_no_op_without_plain_lora_layers():
+    full = tiny_model(0)
+    with merged_lora_weights(full) as merged:
+        assert not merged
+    model = _lora_student()
+    with merged_lora_weights(model, enabled=False) as merged:
+        assert not merged
+    assert not any("forward" in vars(m) for m in model.modules())
