@@ -233,7 +233,8 @@ class TeacherAnswerCollator:
             feature = dict(feature)
             if ANSWER_COLUMN not in feature:
                 raise ValueError(f"a training example has no {ANSWER_COLUMN!r}: attach the teacher outputs first "
-                                 "(kid.teacher_outputs.attach_teacher_outputs)")
+                                 "(kid.teacher_outputs.attach_teacher_outputs) and keep the column "
+                                 "(TrainingArguments(remove_unused_columns=False))")
             answers.append(list(feature.pop(ANSWER_COLUMN)))
             rest.append(feature)
         batch = self.collator(rest)

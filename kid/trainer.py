@@ -44,6 +44,7 @@ import contextlib
 import hashlib
 import random
 import time
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 
 import torch
@@ -190,7 +191,7 @@ class DistillTrainer(Trainer):
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, *args, **kwargs)
         step = _Step(batch_samples)
         for index, batch in enumerate(batch_samples):
-            if isinstance(batch, dict):
+            if isinstance(batch, MutableMapping):
                 batch[STEP_KEY] = _MicroBatchRef(step, index)
         return batch_samples, num_items_in_batch
 
@@ -285,6 +286,8 @@ class DistillTrainer(Trainer):
             total = parts if total is None else LossParts(total.loss + parts.loss, total.kd + parts.kd,
                                                           total.mle + parts.mle, total.tokens + parts.tokens)
         self._record(total, step.scale, plan.kd_plan, step.rollout if index == 0 else None)
+        if index == len(step.device_batches) - 1:
+            step.batches = []  # the micro-batches refer to their step: no reference cycle once it is done
         empty_cache_steps = getattr(self.args, "torch_empty_cache_steps", None)
         if empty_cache_steps is not None and self.state.global_step % empty_cache_steps == 0 \
                 and torch.cuda.is_available():

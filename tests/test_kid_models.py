@@ -85,3 +85,37 @@ def test_merged_lora_is_a_no_op_without_plain_lora_layers():
     with merged_lora_weights(model, enabled=False) as merged:
         assert not merged
     assert not any("forward" in vars(m) for m in model.modules())
+
+
+def test_generate_grouped_sorts_by_length_and_makes_the_calls_asked_for(monkeypatch):
+    import kid.rollout
+
+    model = tiny_model(0, layers=2, init_std=0.2)
+    rows = tiny_examples(5, seed=4, prompt_len=(2, 10))
+    prompts = [torch.tensor(r["input_ids"][:next(i for i, y in enumerate(r["labels"]) if y != -100)]) for r in rows]
+    assert len({p.numel() for p in prompts}) > 2
+    calls = []
+    real = kid.rollout.generate_answers
+
+    def record(model, ids, mask, **kwargs):
+        calls.append(mask.sum(1).tolist())
+        return real(model, ids, mask, **kwargs)
+
+    monkeypatch.setattr(kid.rollout, "generate_answers", record)
+    options = dict(max_new_tokens=4, eos_token_id=EOS, pad_token_id=PAD, do_sample=False)
+    answers = kid.rollout.generate_grouped(model, prompts, batch_size=2, **options)
+    # ceil(5 / 2) calls of prompts of similar length, each padded to its own longest prompt only
+    assert len(calls) == 3 and [n for call in calls for n in call] == sorted(p.numel() for p in prompts)
+    for prompt, answer in zip(prompts, answers):
+        alone = real(model, prompt[None], torch.ones_like(prompt)[None], **options)[0]
+        assert torch.equal(answer, alone[alone != -100])  # in input order, cut after EOS
+    # a process of a sharded student that must make 4 calls for its 5 prompts (another process needs 4), or one
+    # call with no prompt of its own, repeats a prompt and drops the answers
+    calls.clear()
+    assert len(kid.rollout.generate_grouped(model, prompts, batch_size=2, num_calls=4, **options)) == 5
+    assert len(calls) == 4
+    calls.clear()
+    assert kid.rollout.generate_grouped(model, prompts[:1], num_calls=2, **options)[0] is not None
+    assert len(calls) == 2
+    with pytest.raises(ValueError, match="need 3 generate calls"):
+        kid.rollout.generate_grouped(model, prompts, batch_size=2, num_calls=2, **options)

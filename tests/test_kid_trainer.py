@@ -305,7 +305,7 @@ def _trainer(output_dir, method: MethodConfig, *, steps=4, eval_steps=None, micr
     extra = dict(eval_strategy="steps", eval_steps=eval_steps, per_device_eval_batch_size=2) if eval_steps else {}
     args = training_arguments(config, **extra, **overrides)
     return DistillTrainer(model=tiny_model(0), args=args, train_dataset=tiny_dataset(12, seed=4),
-                          eval_dataset=tiny_dataset(4, seed=9) if eval_steps else None,
+                          eval_dataset=tiny_dataset(2, seed=9) if eval_steps else None,
                           data_collator=DistillCollator(PAD, with_prompts=method.generates),
                           processing_class=tiny_tokenizer(), method_config=method,
                           teacher=tiny_teacher() if method.needs_teacher else None, mask_token_id=MASK,
@@ -313,21 +313,22 @@ def _trainer(output_dir, method: MethodConfig, *, steps=4, eval_steps=None, micr
 
 
 @pytest.mark.parametrize("method", [MethodConfig(method="kid", alpha=0.5, strategy="random"),
-                                    MethodConfig(method="gkd", gkd_lambda=1.0, max_new_tokens=4)],
+                                    MethodConfig(method="gkd", gkd_lambda=0.5, max_new_tokens=3)],
                          ids=lambda m: m.method)
 def test_evaluation_during_training_changes_nothing_training_draws(tmp_path, method):
-    # KID's random selection is seeded per (seed, process, step, micro-batch) and GKD samples from the global RNG:
-    # an evaluate() after every step (each evaluation runs the objective, KID stage and generation included) must
-    # leave both streams alone, so the training losses are those of a run without evaluation -- and a run resumed
-    # from a checkpoint, which has not evaluated before it, repeats the original.
-    plain = _trainer(tmp_path / "plain", method)
+    # KID's random selection is seeded per (seed, process, step, micro-batch), GKD's gold-or-generated draws per
+    # (seed, step) and its samples come from the global RNG: an evaluate() after every step (each runs the
+    # objective, KID stage and generation included, and a data loader) must leave all of them alone, so the
+    # training losses are those of a run without evaluation -- and a run resumed from a checkpoint, which has not
+    # evaluated before it, repeats the original.
+    plain = _trainer(tmp_path / "plain", method, steps=3)
     plain.train()
-    evaluated = _trainer(tmp_path / "eval", method, eval_steps=1)
+    evaluated = _trainer(tmp_path / "eval", method, steps=3, eval_steps=1)
     evaluated.train()
     evals = [h for h in evaluated.state.log_history if "eval_loss" in h]
-    assert len(evals) == 4 and all_finite([h["eval_loss"] for h in evals])
+    assert len(evals) == 3 and all_finite([h["eval_loss"] for h in evals])
     losses = [[h["loss"] for h in t.state.log_history if "loss" in h] for t in (plain, evaluated)]
-    assert len(losses[0]) == 4 and len(set(losses[0])) == 4
+    assert len(losses[0]) == 3 and len(set(losses[0])) == 3
     assert losses[1] == pytest.approx(losses[0], rel=1e-6)
 
 
