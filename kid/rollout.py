@@ -62,7 +62,8 @@ def merged_lora_weights(model, enabled: bool = True):
     layers = _plain_lora_layers(model) if enabled else []
     restore = []
     try:
-        with torch.no_grad():
+        # The merge itself in float32 (an enclosing autocast would form B @ A in bfloat16).
+        with torch.no_grad(), torch.autocast("cpu", enabled=False), _cuda_autocast_off():
             for layer, base, adapters in layers:
                 weight = base.weight
                 merged = weight.to(torch.float32, copy=True)
@@ -81,6 +82,10 @@ def merged_lora_weights(model, enabled: bool = True):
     finally:
         for layer in restore:
             del layer.forward
+
+
+def _cuda_autocast_off():
+    return torch.autocast("cuda", enabled=False) if torch.cuda.is_available() else contextlib.nullcontext()
 
 
 def _plain_lora_layers(model) -> list:

@@ -268,8 +268,8 @@ class DistillTrainer(Trainer):
         model.train()
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
-        step, index = self._micro_batch(model, inputs)
-        with self.compute_loss_context_manager():
+        with self.compute_loss_context_manager():  # mixed precision for the generation and KID's stage too
+            step, index = self._micro_batch(model, inputs)
             plan = self._plan(model, step, index)
         total = None
         for i, term in enumerate(plan.terms):
