@@ -9,6 +9,7 @@ Submodules:
 * :mod:`kid.models` - loading, LoRA, hidden states at the answer rows, mask token choice.
 * :mod:`kid.kid_stage` - KID's imperfect-data stage (select, mask, predict, write back).
 * :mod:`kid.rollout` - answers generated during training (GKD, ImitKD, f-distill).
+* :mod:`kid.teacher_outputs` - the teacher's answers generated once before training (f-distill).
 * :mod:`kid.methods` - the objectives, every term through kidkernels.
 * :mod:`kid.trainer` - :class:`~kid.trainer.DistillTrainer` (``transformers.Trainer``).
 * :mod:`kid.training` - one run end to end (``kid train``), run reports.

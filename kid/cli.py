@@ -459,5 +459,90 @@ def _reproduce(p: argparse.ArgumentParser) -> RunFunction:
     return run
 
 
+# ---- teacher outputs generated once before training (f-distill as the paper ran it) --------------------------
+
+@command("generate-teacher", "generate the teacher's answers to the training prompts once, for fdistill "
+                             "(train with --teacher-outputs DIR)")
+def _generate_teacher(p: argparse.ArgumentParser) -> RunFunction:
+    from .data.loaders import LOADERS
+
+    p.add_argument("--teacher", required=True, help="teacher model directory or Hub name")
+    p.add_argument("--teacher-adapter", default=None, help="LoRA adapter of the teacher from an sft run (merged in)")
+    p.add_argument("--tokenizer", default=None,
+                   help="the training run's tokenizer, i.e. the student's (default: the teacher's); prompts are "
+                        "looked up by their token ids")
+    p.add_argument("--data-file", required=True, type=Path, help="training data json")
+    p.add_argument("--db-dir", required=True, type=Path, help="databases at DIR/<db_id>/<db_id>.sqlite")
+    p.add_argument("--tables-file", type=Path, default=None, help="tables.json (column comments, foreign keys)")
+    p.add_argument("--data-format", choices=sorted(LOADERS), default="spider", help="data format (default spider)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N examples")
+    p.add_argument("--out", required=True, type=Path, help="directory of the outputs (continued if interrupted)")
+    p.add_argument("--max-input-tokens", type=int, default=1024, help="as in kid train (default 1024)")
+    p.add_argument("--max-output-tokens", type=int, default=128, help="as in kid train (default 128)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="answer budget (default 128)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (default 8)")
+    p.add_argument("--num-beams", type=int, default=1, help="1: greedy (default); the f-distill reference used 6")
+    p.add_argument("--sample", action="store_true", help="sample instead (--temperature, --top-k, --top-p)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0: no top-k truncation")
+    p.add_argument("--top-p", type=float, default=1.0, help="1: no nucleus truncation")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--overwrite", action="store_true", help="generate again into a directory made otherwise")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    def run(args: argparse.Namespace) -> int:
+        import torch
+        from transformers import AutoTokenizer
+
+        from .data.loaders import load_dataset_by_name
+        from .models import load_causal_lm, prepare_teacher
+        from .teacher_outputs import check_output_dir, generate_teacher_outputs, missing_prompts, output_settings
+        from .training import tokenize_dataset
+
+        for name in ("max_input_tokens", "max_output_tokens", "max_new_tokens", "batch_size", "num_beams"):
+            if getattr(args, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        if args.sample and not (args.temperature > 0 and 0 < args.top_p <= 1 and args.top_k >= 0):
+            raise ValueError("--temperature must be > 0, --top-p in (0, 1], --top-k >= 0")
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.teacher)
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no EOS token")
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        decoding = dict(do_sample=args.sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                        num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
+        settings = {"teacher": str(args.teacher), "teacher_adapter": args.teacher_adapter,
+                    "tokenizer": str(args.tokenizer or args.teacher), "max_input_tokens": args.max_input_tokens}
+        meta = output_settings(eos_token_id=tokenizer.eos_token_id, settings=settings, **decoding)
+        check_output_dir(args.out, meta, overwrite=args.overwrite)  # before any slow work
+        data = load_dataset_by_name(args.data_format, args.data_file, args.db_dir, args.tables_file,
+                                    limit=args.limit)
+        if len(data) == 0:
+            raise ValueError(f"no examples with a database in {args.data_file}")
+        data = tokenize_dataset(data, tokenizer, max_input_tokens=args.max_input_tokens,
+                                max_output_tokens=args.max_output_tokens, progress=not args.no_progress)
+        if not args.overwrite and missing_prompts(args.out, data) == 0 and (args.out / "meta.json").is_file():
+            meta = generate_teacher_outputs(None, data, args.out, eos_token_id=tokenizer.eos_token_id,
+                                            pad_token_id=pad, settings=settings, progress=False, **decoding)
+            print(f"kid generate-teacher: {args.out} already holds the answers to all {meta['prompts']} prompts")
+            return 0
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        teacher = prepare_teacher(load_causal_lm(args.teacher, dtype=args.dtype), adapter=args.teacher_adapter,
+                                  device=device, dtype=args.dtype)
+        try:
+            meta = generate_teacher_outputs(teacher, data, args.out, eos_token_id=tokenizer.eos_token_id,
+                                            pad_token_id=pad, batch_size=args.batch_size, settings=settings,
+                                            overwrite=args.overwrite, progress=not args.no_progress, **decoding)
+        except KeyboardInterrupt:
+            print(f"kid generate-teacher: interrupted; the answers written so far are kept in {args.out}: run the "
+                  "same command again to continue", file=sys.stderr)
+            return 130
+        print(f"kid generate-teacher: answers to {meta['prompts']} prompts in {args.out}; train with "
+              f"--method fdistill --teacher-outputs {args.out}")
+        return 0
+
+    return run
+
+
 if __name__ == "__main__":
     sys.exit(main())

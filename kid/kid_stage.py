@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 import kidkernels
-from kidkernels.ops.gemm import linear_logits
+from kidkernels.ops.gemm import linear_logits, without_autocast
 
 from .batching import IGNORE_INDEX, with_answer_tokens
 from .models import LMHead, answer_hidden_states
@@ -50,13 +50,15 @@ def selectable_positions(answer_labels: torch.Tensor, eos_token_id: int | None, 
     return valid
 
 
+@without_autocast  # the Trainer's bf16 autocast would round the logits (and the Gumbel sum) to bfloat16
 def sample_next_tokens(hidden: torch.Tensor, head: LMHead, *, temperature: float = 1.0,
                        generator: torch.Generator | None = None, chunk_bytes: int = SAMPLING_CHUNK_BYTES
                        ) -> torch.Tensor:
     """``[...]`` int64 samples from ``softmax(hidden @ W.T + b) / temperature)`` per row, by the Gumbel-max trick,
     over row chunks whose fp32 logits take at most ``chunk_bytes`` (never the whole ``[rows, V]`` at once).
 
-    hidden: ``[..., H]`` in the head's dtype.  The chunk count depends only on shapes: no host synchronisation.
+    hidden: ``[..., H]`` in the head's dtype.  The logits and the Gumbel noise are float32 whatever the dtypes and
+    any enclosing ``torch.autocast``.  The chunk count depends only on shapes: no host synchronisation.
     """
     weight, bias = head.weight, head.bias
     rows = hidden.reshape(-1, hidden.shape[-1])

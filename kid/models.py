@@ -201,6 +201,23 @@ def _fsdp_owner(model: torch.nn.Module, head: torch.nn.Module):
     return owner
 
 
+def check_no_logits(model, output) -> None:
+    """Fail loudly if a forward asked for no logits (``logits_to_keep`` empty) returned some anyway.
+
+    transformers 4.46-4.48 accept ``logits_to_keep`` and ignore it, and a custom model may too: every forward would
+    then build the full ``[B, T, V]`` logits.  Only the shape is read (no host synchronisation).
+    """
+    logits = output[0] if isinstance(output, (tuple, list)) and output else getattr(output, "logits", None)
+    if torch.is_tensor(logits) and logits.dim() >= 2 and logits.shape[-2] != 0:
+        import transformers
+
+        raise RuntimeError(
+            f"{type(unwrap(model)).__name__} returned logits for {logits.shape[-2]} positions although "
+            "logits_to_keep asked for none: it ignores logits_to_keep and builds the full [batch, tokens, vocab] "
+            f"logits (transformers {transformers.__version__}; kid needs transformers>=4.56 and a causal LM whose "
+            "forward honours logits_to_keep)")
+
+
 def answer_hidden_states(model, batch, *, input_ids: torch.Tensor | None = None,
                          dtype: torch.dtype | None = None) -> torch.Tensor:
     """``[B, A, H]`` final hidden states at the rows that predict the answer tokens (``answer_index - 1``).
@@ -208,7 +225,8 @@ def answer_hidden_states(model, batch, *, input_ids: torch.Tensor | None = None,
     batch: a mapping with ``input_ids``, ``attention_mask``, ``answer_index`` and optionally ``position_ids``
     (see :mod:`kid.batching`).  input_ids: run on these ids instead of ``batch["input_ids"]`` (same shape).
     dtype: cast the rows to this dtype (the lm_head's: under mixed precision the decoder's output may differ).
-    Runs under the caller's grad mode.
+    Runs under the caller's grad mode.  Raises RuntimeError if the model returns logits anyway
+    (:func:`check_no_logits`).
     """
     ids = batch["input_ids"] if input_ids is None else input_ids
     captured: list[torch.Tensor] = []
@@ -222,7 +240,7 @@ def answer_hidden_states(model, batch, *, input_ids: torch.Tensor | None = None,
                       logits_to_keep=torch.empty(0, dtype=torch.long, device=ids.device))
         if batch.get("position_ids") is not None:
             kwargs["position_ids"] = batch["position_ids"]
-        model(**kwargs)
+        check_no_logits(model, model(**kwargs))
     finally:
         handle.remove()
     if torch.is_grad_enabled():

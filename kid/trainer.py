@@ -1,42 +1,104 @@
 """``DistillTrainer``: ``transformers.Trainer`` with a distillation objective from :mod:`kid.methods`.
 
 Checkpointing and resume, gradient accumulation, bf16, gradient checkpointing, logging, progress bars and
-multi-process runs (torchrun / accelerate with DDP) are the Trainer's; this class only supplies the loss:
+multi-process runs (torchrun / accelerate with DDP or FSDP) are the Trainer's; this class supplies the loss and the
+step around it:
 
-* ``compute_loss`` builds a :class:`kid.methods.DistillContext` and calls the method's objective.  The teacher is
-  frozen, held outside the Trainer's model (each process keeps its own copy on its device).
-* Normaliser: the Trainer counts the target tokens of all micro-batches of an optimizer step (and, with
-  ``average_tokens_across_devices``, of all processes) and passes the count as ``num_items_in_batch``; every term is
-  a sum over target tokens divided by that count, so two micro-batches accumulate exactly the gradient of one batch
-  of twice the size.  DDP averages gradients over processes, so the loss is multiplied by the process count.
-* Randomness: KID's selection and sampled predictions, and the on-policy methods' choice of which sequences are
-  generated, are seeded from ``(args.seed, process, optimizer step, micro-batch)``.  ``generate`` itself samples
-  from the global RNG, which checkpoints save and resume restores; a resumed run draws what an uninterrupted run
-  would.
+* One optimizer step at a time.  ``get_batch_samples`` (the Trainer fetches the step's micro-batches before the
+  first forward) tags each micro-batch with its step; the step is prepared at its first ``training_step``, after the
+  Trainer has restored the RNG state on resume: the normalisers of the whole step, and for the generating methods
+  the source draws and one length-grouped ``generate`` per model for all the step's prompts
+  (:func:`kid.rollout.rollout_step`), with the student's LoRA adapters merged into a copy of the weights for
+  decoding (``MethodConfig.merge_lora_for_generation``).
+* One graph at a time.  ``training_step`` plans the micro-batch's objective as terms (:func:`kid.methods.
+  plan_objective`) and back-propagates each term before building the next: a two-pass objective (a KD pass over
+  generated answers or KID's y-hat, then an MLE pass over the gold batch) holds one student graph's activations at
+  a time, not two.  Under DDP every term but the last runs under ``no_sync``: one all-reduce per micro-batch.
+* Normalisers: every term is a sum over target tokens divided by a count over all micro-batches of the optimizer
+  step and, with ``average_tokens_across_devices`` (the default), all processes: the gold tokens for the MLE term,
+  the KD batches' tokens for the KD term (generated answers count their own tokens), or the step's sequences for
+  the per-sequence mean (``MethodConfig.normalization``).  Two micro-batches thus accumulate exactly the gradient of
+  one batch of twice the size.  DDP and FSDP average gradients over processes, so the loss is multiplied by the
+  process count.
+* The same collectives on every process: the generating methods' host draws come from a seed without the process
+  index, and cover every process's rows (:mod:`kid.rollout`), so whether a micro-batch takes one student pass or
+  two, and how often the student generates, is decided identically everywhere.
+* Randomness: KID's selection and sampled predictions are seeded from ``(args.seed, process, optimizer step,
+  micro-batch)``, the source draws from ``(args.seed, optimizer step)``; ``evaluate()`` uses seeds of its own and
+  restores the global RNG when it ends, so an evaluation during training does not change what training draws
+  next.  ``generate`` samples from the global
+  RNG, which checkpoints save and resume restores: a resumed run draws what an uninterrupted run would.
 * Vocabularies: checkpoints of one family may pad their lm_heads to different sizes (Qwen1.5: 151,936 rows for
   0.5B-7B, 152,064 for 14B+); both heads are cut to the smaller size, which must cover the tokenizer.
 * Metrics (added to each log line): ``kd``, ``mle`` (the parts, averaged over the logging window), ``tokens_per_s``
-  (attended input tokens of the student's training pass per second) and ``step_time_s`` (seconds per optimizer
-  step over the logging window: the host waits for the device at logging time anyway, so no extra synchronisation).
+  (attended input tokens of every student pass that trains -- the KD pass over the generated batch and the MLE
+  pass over the gold one for the generating methods -- per second of wall time) and ``step_time_s`` (seconds per
+  optimizer step over the logging window: the host waits for the device at logging time anyway, so no extra
+  synchronisation); for the generating methods also ``generation_s`` (seconds per optimizer step spent generating)
+  and ``gen_len`` (mean generated answer length, tokens).  :meth:`DistillTrainer.report_fields` gives the run's time
+  split (generation vs the rest) for the run report.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import random
 import time
+from collections.abc import MutableMapping
+from dataclasses import dataclass, field
 
 import torch
 from transformers import Trainer
 
+from .batching import IGNORE_INDEX
 from .config import MethodConfig
-from .methods import DistillContext, compute_objective
+from .methods import DistillContext, LossParts, compute_objective, plan_objective
 from .models import lm_head_of
+from .rollout import StepRollout, rollout_step
+
+# Key of the reference to its optimizer step that get_batch_samples adds to each micro-batch.
+STEP_KEY = "_kid_step"
+
+
+def stable_seed(*parts: int) -> int:
+    """A 63-bit seed from integers, the same in every process and every run (unlike ``hash`` of a string)."""
+    digest = hashlib.sha256(repr(tuple(int(p) for p in parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+# Tags that keep the seed streams apart.
+_DEVICE_SEEDS, _HOST_SEEDS, _EVAL_SEEDS = 1, 2, 3
+
+
+class _Step:
+    """One optimizer step's micro-batches (as the Trainer's loop holds them) and, once prepared, its device copies,
+    normalisers and rollout."""
+
+    def __init__(self, batches: list):
+        self.batches = batches
+        self.ready = False
+        self.device_batches: list[dict] = []
+        self.normalizer = None
+        self.kd_normalizer = None
+        self.num_sequences = None
+        self.scale = 1.0
+        self.rollout: StepRollout | None = None
+        self.global_step = 0
+
+
+@dataclass
+class _MicroBatchRef:
+    """What ``get_batch_samples`` adds to each micro-batch: its step and its index in the step."""
+    step: _Step = field(repr=False)
+    index: int
 
 
 class DistillTrainer(Trainer):
     """A ``transformers.Trainer`` whose loss is the ``method_config`` objective.
 
     teacher: frozen causal LM (needed by every method but "sft"); moved to ``args.device``.
-    method_config: :class:`kid.config.MethodConfig`.
+    method_config: :class:`kid.config.MethodConfig`.  With ``teacher_outputs`` (f-distill), the teacher's answers
+        are read from that directory (``kid generate-teacher``) and attached to ``train_dataset``.
     mask_token_id: KID's mask token (see :func:`kid.models.default_mask_token`).
     eos_token_id, pad_token_id: default to the processing class's (tokenizer's).
     Other arguments are ``transformers.Trainer``'s; use :class:`kid.batching.DistillCollator` as the data collator
@@ -80,93 +142,262 @@ class DistillTrainer(Trainer):
                         f"student and teacher lm_heads differ ({s_vocab} vs {t_vocab} "
                         f"rows) and the smaller does not cover the tokenizer ({tokens} tokens); KD needs one "
                         "vocabulary")
+        if method_config.teacher_outputs is not None:
+            self._attach_teacher_outputs(method_config.teacher_outputs)
         # The Trainer counts target tokens for num_items_in_batch only when the model "accepts loss kwargs".
         self.model_accepts_loss_kwargs = True
-        self._micro_step = (-1, 0)
+        self._eval_calls = 0
         self._metric_sums: dict[str, torch.Tensor] = {}
         self._metric_count = 0
         self._window_start: tuple[float, int] | None = None
+        self._window_host = {"generation_s": 0.0, "gen_rows": 0, "gen_tokens": 0}
+        self.generation_seconds = 0.0  # this process, this train() call
+        self._train_seconds = 0.0
 
-    # ---- the loss --------------------------------------------------------------------------------------------
+    def _attach_teacher_outputs(self, path) -> None:
+        from .teacher_outputs import TeacherAnswerCollator, attach_teacher_outputs, load_teacher_outputs
 
-    def _seed(self) -> int:
-        step = self.state.global_step
-        last_step, micro = self._micro_step
-        micro = micro + 1 if last_step == step else 0
-        self._micro_step = (step, micro)
-        return hash((self.args.seed, self.args.process_index, step, micro)) & 0x7FFF_FFFF_FFFF
+        meta, outputs = load_teacher_outputs(path)
+        if self.train_dataset is not None:
+            self.train_dataset = attach_teacher_outputs(self.train_dataset, outputs,
+                                                        max_new_tokens=self.method_config.max_new_tokens)
+        self.data_collator = TeacherAnswerCollator(self.data_collator)
+        self.teacher_outputs_meta = meta
 
-    def _context(self, model, device: torch.device) -> DistillContext:
-        seed = self._seed()
+    # ---- seeds and contexts ------------------------------------------------------------------------------------
+
+    def _context(self, model, device: torch.device, *, device_seed: int = 0, host_seed: int = 0) -> DistillContext:
         generator = torch.Generator(device=device)
-        generator.manual_seed(seed)
+        generator.manual_seed(device_seed)
         max_steps = max(self.state.max_steps or 0, 1)
         return DistillContext(
             config=self.method_config, student=model, student_head=lm_head_of(model, self.vocab_size),
             teacher=self.teacher,
             teacher_head=lm_head_of(self.teacher, self.vocab_size) if self.teacher is not None else None,
             eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id, mask_token_id=self.mask_token_id,
-            progress=min(self.state.global_step / max_steps, 1.0), generator=generator, rng=random.Random(seed))
+            progress=min(self.state.global_step / max_steps, 1.0), generator=generator,
+            rng=random.Random(host_seed), process_index=self.args.process_index,
+            num_processes=self.args.world_size)
+
+    def _train_context(self, model, device, step: int, micro: int) -> DistillContext:
+        seed = self.args.seed
+        return self._context(model, device,
+                             device_seed=stable_seed(_DEVICE_SEEDS, seed, self.args.process_index, step, micro),
+                             host_seed=stable_seed(_HOST_SEEDS, seed, step, micro))
+
+    # ---- one optimizer step ------------------------------------------------------------------------------------
+
+    def get_batch_samples(self, epoch_iterator, num_batches, *args, **kwargs):
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, *args, **kwargs)
+        step = _Step(batch_samples)
+        for index, batch in enumerate(batch_samples):
+            if isinstance(batch, MutableMapping):
+                batch[STEP_KEY] = _MicroBatchRef(step, index)
+        return batch_samples, num_items_in_batch
+
+    def _gather_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` ``[k]`` summed over processes (a collective every process calls at the same point)."""
+        return self.accelerator.gather(values.unsqueeze(0)).reshape(-1, values.shape[0]).sum(0)
+
+    def _prepare_step(self, model, step: _Step) -> None:
+        cfg = self.method_config
+        step.device_batches = [self._prepare_inputs({k: v for k, v in b.items() if k != STEP_KEY})
+                               for b in step.batches]
+        batches = step.device_batches
+        device = batches[0]["answer_labels"].device
+        step.global_step = self.state.global_step
+        across = self.args.world_size > 1 and self.args.average_tokens_across_devices
+        step.scale = float(self.args.world_size) if across else 1.0
+        gold = torch.stack([(b["answer_labels"] != IGNORE_INDEX).sum() for b in batches]).sum()
+        sequences = torch.tensor(sum(int(b["answer_labels"].shape[0]) for b in batches), device=device)
+        rollout = None
+        if cfg.generates:
+            rows = [int(b["input_ids"].shape[0]) for b in batches]
+            if self.args.world_size > 1:
+                gathered = self.accelerator.gather(torch.tensor([rows], device=device)).reshape(-1, len(rows))
+                rows_per_process = gathered.tolist()
+            else:
+                rows_per_process = [rows]
+            ctx = self._train_context(model, device, step.global_step, 0)
+            rollout = rollout_step(ctx, batches, seed=stable_seed(_HOST_SEEDS, self.args.seed, step.global_step),
+                                   rows_per_process=rows_per_process)
+            step.rollout = rollout
+            self.generation_seconds += rollout.generation_s
+        if rollout is not None and rollout.any_generated:
+            # The KD batches differ from the gold ones: the KD term has its own token count.  The host has waited
+            # for the generation anyway, so the counts are read here (host numbers: no synchronisation later).
+            kd = torch.stack([(b["answer_labels"] if plan.kd_batch is None else plan.kd_batch["answer_labels"])
+                              .ne(IGNORE_INDEX).sum() for b, plan in zip(batches, rollout.plans)]).sum()
+            counts = torch.stack([gold, kd, sequences])
+            if across:
+                counts = self._gather_sum(counts)
+            step.normalizer, step.kd_normalizer, step.num_sequences = (int(c) for c in counts.tolist())
+        else:
+            counts = torch.stack([gold, sequences])
+            if across:
+                counts = self._gather_sum(counts)
+            step.normalizer, step.num_sequences = counts[0], counts[1]
+            step.kd_normalizer = None
+        step.ready = True
+
+    def _micro_batch(self, model, inputs) -> tuple[_Step, int]:
+        ref = inputs.get(STEP_KEY)
+        if not isinstance(ref, _MicroBatchRef):
+            # Called outside the Trainer's loop: a step of this micro-batch alone.
+            ref = _MicroBatchRef(_Step([inputs]), 0)
+        if not ref.step.ready:
+            self._prepare_step(model, ref.step)
+        return ref.step, ref.index
+
+    def _plan(self, model, step: _Step, index: int):
+        batch = step.device_batches[index]
+        ctx = self._train_context(model, batch["answer_labels"].device, step.global_step, index)
+        kd_plan = step.rollout.plans[index] if step.rollout is not None else None
+        return plan_objective(ctx, batch, step.normalizer, kd_normalizer=step.kd_normalizer,
+                              num_sequences=step.num_sequences, kd_plan=kd_plan)
+
+    def _uses_trainer_backward(self) -> bool:
+        from accelerate.utils import DistributedType
+
+        # DeepSpeed's engine steps inside backward at accumulation boundaries: one backward per micro-batch.
+        return self.accelerator.distributed_type == DistributedType.DEEPSPEED
+
+    def training_step(self, model, inputs, num_items_in_batch=None, *args, **kwargs):
+        if self._uses_trainer_backward():
+            return super().training_step(model, inputs, num_items_in_batch, *args, **kwargs)
+        model.train()
+        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+            self.optimizer.train()
+        with self.compute_loss_context_manager():  # mixed precision for the generation and KID's stage too
+            step, index = self._micro_batch(model, inputs)
+            plan = self._plan(model, step, index)
+        total = None
+        for i, term in enumerate(plan.terms):
+            # DDP: all-reduce once, at the micro-batch's last backward (the Trainer's no_sync covers the others).
+            sync = contextlib.nullcontext()
+            if i < len(plan.terms) - 1 and getattr(model, "require_backward_grad_sync", False):
+                sync = model.no_sync()
+            with sync:
+                with self.compute_loss_context_manager():
+                    parts = term()
+                loss = parts.loss * step.scale if step.scale != 1.0 else parts.loss
+                self.accelerator.backward(loss)
+            parts = LossParts(loss.detach(), parts.kd, parts.mle, parts.tokens)
+            total = parts if total is None else LossParts(total.loss + parts.loss, total.kd + parts.kd,
+                                                          total.mle + parts.mle, total.tokens + parts.tokens)
+        self._record(total, step.scale, plan.kd_plan, step.rollout if index == 0 else None)
+        if index == len(step.device_batches) - 1:
+            step.batches = []  # the micro-batches refer to their step: no reference cycle once it is done
+        empty_cache_steps = getattr(self.args, "torch_empty_cache_steps", None)
+        if empty_cache_steps is not None and self.state.global_step % empty_cache_steps == 0 \
+                and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return total.loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        labels = inputs["answer_labels"]
-        if num_items_in_batch is None:
-            # No step-wide count (the Trainer counts only batches with "labels"): this micro-batch's own count,
-            # times the accumulation steps, since the loss counts as already scaled for accumulation.
-            normalizer = (labels != -100).sum() * getattr(self, "current_gradient_accumulation_steps",
-                                                           self.args.gradient_accumulation_steps)
-            scale = 1.0
-        else:
-            normalizer = num_items_in_batch
-            # The count covers every process; DDP then averages the gradients over processes.
-            scale = float(self.accelerator.num_processes) if self.args.average_tokens_across_devices else 1.0
-        if torch.is_tensor(normalizer):
-            normalizer = normalizer.to(labels.device)
-        parts = compute_objective(self._context(model, labels.device), inputs, normalizer)
-        loss = parts.loss * scale if scale != 1.0 else parts.loss
         if model.training:
-            self._record(parts, inputs["attention_mask"], scale)
+            # The Trainer's own training_step (DeepSpeed): the prepared step, all terms in one graph.
+            step, index = self._micro_batch(model, inputs)
+            batch = step.device_batches[index]
+            ctx = self._train_context(model, batch["answer_labels"].device, step.global_step, index)
+            parts = compute_objective(
+                ctx, batch, step.normalizer, kd_normalizer=step.kd_normalizer, num_sequences=step.num_sequences,
+                kd_plan=step.rollout.plans[index] if step.rollout is not None else None)
+            loss = parts.loss * step.scale if step.scale != 1.0 else parts.loss
+            self._record(parts, step.scale, None, step.rollout if index == 0 else None)
+        else:
+            # Evaluation: this batch's own token mean, with seeds that leave training's streams alone.
+            self._eval_calls += 1
+            batch = {k: v for k, v in inputs.items() if k != STEP_KEY}
+            ctx = self._context(model, batch["answer_labels"].device,
+                                device_seed=stable_seed(_EVAL_SEEDS, self.args.seed, self.args.process_index,
+                                                        self._eval_calls),
+                                host_seed=stable_seed(_EVAL_SEEDS, self.args.seed, self._eval_calls))
+            parts = compute_objective(ctx, batch)
+            loss = parts.loss
         return (loss, {"kd": parts.kd, "mle": parts.mle}) if return_outputs else loss
+
+    def evaluate(self, *args, **kwargs):
+        """The Trainer's evaluation, with the global RNG (``generate``'s, the data loaders') restored afterwards: an
+        evaluation during training leaves what training draws next unchanged."""
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            return super().evaluate(*args, **kwargs)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Evaluation: the objective's loss on the batch (there are no logits to return: none is ever built)."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
 
     # ---- metrics -----------------------------------------------------------------------------------------------
 
-    def _record(self, parts, attention_mask: torch.Tensor, scale: float = 1.0) -> None:
+    def _record(self, parts: LossParts, scale: float, kd_plan, rollout: StepRollout | None) -> None:
         # Device tensors accumulated without .item(): read once per logging window.  The parts get the loss's
         # process-count scale, so that their mean over processes (at logging time) is the batch's value.
         if self._window_start is None:
             self._window_start = (time.perf_counter(), self.state.global_step)
-        values = {"kd": parts.kd * scale, "mle": parts.mle * scale, "tokens": attention_mask.sum()}
+        values = {"kd": parts.kd * scale, "mle": parts.mle * scale, "tokens": parts.tokens}
         for name, value in values.items():
             value = value.detach().to(torch.float64)
             self._metric_sums[name] = self._metric_sums[name] + value if name in self._metric_sums else value
         self._metric_count += 1
+        if rollout is not None:
+            self._window_host["generation_s"] += rollout.generation_s
+        if kd_plan is not None:
+            self._window_host["gen_rows"] += kd_plan.generated_rows
+            self._window_host["gen_tokens"] += kd_plan.generated_tokens
 
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if self._metric_count and "loss" in logs:
             # Every process logs here together (the Trainer has just gathered the loss the same way): each
-            # process's kd / mle are its share of the batch's, so average them over processes; add up the tokens.
-            names = ("kd", "mle", "tokens")
-            local = torch.stack([self._metric_sums[k] for k in names])
+            # process's kd / mle are its share of the batch's, so average them over processes; add up the tokens
+            # and generated rows / tokens; average the generation time.
+            host = self._window_host
+            local = torch.stack([self._metric_sums[k] for k in ("kd", "mle", "tokens")] + [
+                torch.tensor(float(host[k]), dtype=torch.float64, device=self._metric_sums["kd"].device)
+                for k in ("gen_rows", "gen_tokens", "generation_s")])
             if self.args.world_size > 1:
-                gathered = self.accelerator.gather(local).reshape(-1, len(names))
-                local = torch.cat([gathered[:, :2].mean(0), gathered[:, 2:].sum(0)])
-            sums = dict(zip(names, local.tolist()))
+                gathered = self.accelerator.gather(local.unsqueeze(0)).reshape(-1, local.shape[0])
+                mean, total = gathered.mean(0), gathered.sum(0)
+                local = torch.stack([mean[0], mean[1], total[2], total[3], total[4], mean[5]])
+            kd, mle, tokens, gen_rows, gen_tokens, generation_s = local.tolist()
             # Each micro-batch's parts are already divided by its step's token count: their sum over the window
             # divided by the window's optimizer steps is the mean per step (also when the last step is short).
             now, step = time.perf_counter(), self.state.global_step
             start_time_s, start_step = self._window_start or (now, step)
             steps = max(step - start_step, 1)
-            logs["kd"] = round(sums["kd"] / steps, 6)
-            logs["mle"] = round(sums["mle"] / steps, 6)
+            logs["kd"] = round(kd / steps, 6)
+            logs["mle"] = round(mle / steps, 6)
             if step > start_step:
                 elapsed = now - start_time_s
                 logs["step_time_s"] = round(elapsed / steps, 4)
-                logs["tokens_per_s"] = round(sums["tokens"] / elapsed, 1)
+                logs["tokens_per_s"] = round(tokens / elapsed, 1)
+            if self.method_config.generates:
+                logs["generation_s"] = round(generation_s / steps, 4)
+                logs["gen_len"] = round(gen_tokens / gen_rows, 2) if gen_rows else 0.0
             self._window_start = (now, step)
             self._metric_sums, self._metric_count = {}, 0
-        super().log(logs, start_time)
+            self._window_host = {"generation_s": 0.0, "gen_rows": 0, "gen_tokens": 0}
+        super().log(logs, *args, **kwargs)
 
     def _inner_training_loop(self, *args, **kwargs):
         # The first window opens at the first micro-batch: on resume, global_step is restored only inside the loop.
         self._window_start = None
-        return super()._inner_training_loop(*args, **kwargs)
+        self.generation_seconds = 0.0
+        started = time.perf_counter()
+        try:
+            return super()._inner_training_loop(*args, **kwargs)
+        finally:
+            self._train_seconds = time.perf_counter() - started
+
+    def report_fields(self) -> dict:
+        """The run's time split, for the run report (this process; the processes run in lockstep):
+        ``generation_time_s`` (answers generated during training, including the merge of LoRA weights),
+        ``training_time_s`` (the rest of the training loop: the passes, backward, optimizer, logging, saving) and
+        ``generation_fraction``."""
+        total = self._train_seconds
+        generation = self.generation_seconds
+        return {"generation_time_s": round(generation, 3), "training_time_s": round(max(total - generation, 0.0), 3),
+                "generation_fraction": round(generation / total, 4) if total > 0 else None}

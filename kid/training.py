@@ -254,6 +254,10 @@ def run_training(config: TrainConfig, method: MethodConfig, *, student=None, tea
     )
     from .trainer import DistillTrainer
 
+    if method.teacher_outputs is not None:  # a missing or unfinished directory is named before any model loads
+        from .teacher_outputs import finished_meta
+
+        finished_meta(method.teacher_outputs)
     out_dir = Path(config.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if tokenizer is None:
@@ -368,6 +372,7 @@ def build_report(trainer, config: TrainConfig, method: MethodConfig, metrics: di
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "log_history": history,
     }
+    report.update(trainer.report_fields() if hasattr(trainer, "report_fields") else {})  # generation vs training
     if config.sft_report:
         with open(config.sft_report, encoding="utf-8") as f:
             sft = json.load(f)

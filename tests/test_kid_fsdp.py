@@ -83,7 +83,7 @@ WORKER = textwrap.dedent('''
         ctx = DistillContext(config=method, student=model, student_head=lm_head_of(model), teacher=teacher,
                              teacher_head=lm_head_of(teacher), eos_token_id=EOS, pad_token_id=PAD,
                              mask_token_id=MASK, generator=torch.Generator().manual_seed(100 + r),
-                             rng=random.Random(r))
+                             rng=random.Random(0))  # host draws: the same on every process
         torch.manual_seed(1000 + r)  # generation samples from the global generator
         parts = compute_objective(ctx, batch, torch.tensor(normalizer))
         (parts.loss * scale).backward()

@@ -230,3 +230,24 @@ def test_triton_backend_matches_torch(student, monkeypatch):
         out = _run(student, batch, 0.5, strategy)
         assert torch.equal(out.chosen, ref.chosen)
         assert torch.equal(out.input_ids, ref.input_ids)
+
+
+def test_sampled_predictions_ignore_an_enclosing_bf16_autocast():
+    # Under the Trainer's bf16 autocast, x @ W.T would come out in bfloat16 and the Gumbel-max sample would be
+    # taken on rounded logits.  The samples must be those of the float32 logits, bit for bit.
+    from kid.models import LMHead
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(3000, 16, generator=g)
+    weight = torch.randn(40, 16, generator=g) * 0.6
+    head = LMHead(weight, torch.randn(40, generator=g))
+    plain = sample_next_tokens(hidden, head, generator=torch.Generator().manual_seed(1), chunk_bytes=40960)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (hidden @ weight.t()).dtype == torch.bfloat16  # autocast is on: an unguarded product is bf16
+        autocast = sample_next_tokens(hidden, head, generator=torch.Generator().manual_seed(1), chunk_bytes=40960)
+    assert torch.equal(plain, autocast)
+    # ... and rounding the logits to bf16 does change some samples: the check above can fail.
+    rounded = LMHead(weight.bfloat16().float(), head.bias)
+    noisy = sample_next_tokens(hidden.bfloat16().float(), rounded, generator=torch.Generator().manual_seed(1),
+                               chunk_bytes=40960)
+    assert not torch.equal(plain, noisy)

@@ -93,6 +93,12 @@ def uneven_examples():
     # predictions only on the row's own masked sequence, so the imperfect data -- and hence the gradient -- must
     # not depend on the micro-batch layout.
     MethodConfig(method="kid", alpha=0.5, strategy="uniform"),
+    # The generating methods: the step's answers are generated once for all its prompts (sorted by length), the
+    # source draws follow the rows' order over the step, and the KD term is normalised by the step's KD tokens, so
+    # the micro-batch layout changes neither the samples nor the gradient.
+    MethodConfig(method="gkd", gkd_lambda=1.0, max_new_tokens=5),
+    MethodConfig(method="imitkd", imitkd_gold_probability=0.5, max_new_tokens=5),
+    MethodConfig(method="fdistill", max_new_tokens=5, normalization="sequence"),
 ], ids=lambda m: m.method)
 def test_gradient_accumulation_is_exact(tmp_path, uneven_examples, method):
     accumulated = _first_step_grads(tmp_path, method, uneven_examples, micro_batch_size=2)
@@ -287,3 +293,78 @@ def test_interrupt_saves_a_checkpoint_and_resume_finishes(tmp_path, monkeypatch)
     # resume=True with no checkpoint is a clear error
     with pytest.raises(ValueError, match="no checkpoint"):
         _run(tmp_path / "empty", method, steps=2, resume=True)
+
+
+# ---- e. one optimizer step: evaluation, generation, throughput ------------------------------------------------------
+
+def _trainer(output_dir, method: MethodConfig, *, steps=4, eval_steps=None, micro_batch_size=2, callbacks=(),
+             **overrides):
+    from kid.trainer import DistillTrainer
+
+    config = train_config(output_dir, batch_size=4, micro_batch_size=micro_batch_size, max_steps=steps)
+    extra = dict(eval_strategy="steps", eval_steps=eval_steps, per_device_eval_batch_size=2) if eval_steps else {}
+    args = training_arguments(config, **extra, **overrides)
+    return DistillTrainer(model=tiny_model(0), args=args, train_dataset=tiny_dataset(12, seed=4),
+                          eval_dataset=tiny_dataset(2, seed=9) if eval_steps else None,
+                          data_collator=DistillCollator(PAD, with_prompts=method.generates),
+                          processing_class=tiny_tokenizer(), method_config=method,
+                          teacher=tiny_teacher() if method.needs_teacher else None, mask_token_id=MASK,
+                          callbacks=list(callbacks))
+
+
+@pytest.mark.parametrize("method", [MethodConfig(method="kid", alpha=0.5, strategy="random"),
+                                    MethodConfig(method="gkd", gkd_lambda=0.5, max_new_tokens=3)],
+                         ids=lambda m: m.method)
+def test_evaluation_during_training_changes_nothing_training_draws(tmp_path, method):
+    # KID's random selection is seeded per (seed, process, step, micro-batch), GKD's gold-or-generated draws per
+    # (seed, step) and its samples come from the global RNG: an evaluate() after every step (each runs the
+    # objective, KID stage and generation included, and a data loader) must leave all of them alone, so the
+    # training losses are those of a run without evaluation -- and a run resumed from a checkpoint, which has not
+    # evaluated before it, repeats the original.
+    plain = _trainer(tmp_path / "plain", method, steps=3)
+    plain.train()
+    evaluated = _trainer(tmp_path / "eval", method, steps=3, eval_steps=1)
+    evaluated.train()
+    evals = [h for h in evaluated.state.log_history if "eval_loss" in h]
+    assert len(evals) == 3 and all_finite([h["eval_loss"] for h in evals])
+    losses = [[h["loss"] for h in t.state.log_history if "loss" in h] for t in (plain, evaluated)]
+    assert len(losses[0]) == 3 and len(set(losses[0])) == 3
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
+
+
+def test_generation_once_per_optimizer_step_and_the_time_split(tmp_path, monkeypatch):
+    import kid.rollout
+
+    calls = []
+    real = kid.rollout.generate_answers
+
+    def counting(model, prompt_ids, *args, **kwargs):
+        calls.append((prompt_ids.shape[0], kwargs.get("merge_lora")))
+        return real(model, prompt_ids, *args, **kwargs)
+
+    monkeypatch.setattr(kid.rollout, "generate_answers", counting)
+    method = MethodConfig(method="gkd", gkd_lambda=1.0, max_new_tokens=4)
+    trainer = _trainer(tmp_path / "gkd", method, steps=3, micro_batch_size=1)  # 4 micro-batches per step
+    assert trainer.args.gradient_accumulation_steps == 4
+    trainer.train()
+    # one student generate per optimizer step, for the step's 4 prompts (not one per micro-batch of 1)
+    assert calls == [(4, True)] * 3
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert all(h["generation_s"] > 0 and 1 <= h["gen_len"] <= 4 for h in logs), logs
+    split = trainer.report_fields()
+    assert split["generation_time_s"] > 0 and split["training_time_s"] > 0
+    assert 0 < split["generation_fraction"] < 1
+
+
+def test_tokens_per_s_counts_the_passes_that_train(tmp_path):
+    # A generating method trains on two student passes: the KD pass over the generated batch (prompt + generated
+    # answer) and the MLE pass over the gold batch.  Both count, not the gold batch alone.
+    method = MethodConfig(method="gkd", gkd_lambda=1.0, max_new_tokens=6)
+    trainer = _trainer(tmp_path / "tok", method)
+    batch = DistillCollator(PAD, with_prompts=True)(tiny_examples(2, seed=5))
+    [tagged], _ = trainer.get_batch_samples(iter([batch]), 1, trainer.args.device)
+    trainer.training_step(trainer.model, tagged)
+    kd_batch = tagged["_kid_step"].step.rollout.plans[0].kd_batch
+    expected = int(kd_batch["attention_mask"].sum() + batch["attention_mask"].sum())
+    assert int(kd_batch["attention_mask"].sum()) != int(batch["attention_mask"].sum())
+    assert int(trainer._metric_sums["tokens"]) == expected
