@@ -28,12 +28,24 @@ def hidden_and_weight(n: int, hidden: int, vocab: int, *, logit_std: float, dtyp
     return x.to(**to), w.to(**to), (b.to(**to) if b is not None else None)
 
 
+def _registered_python_impl(func):
+    """The Python function behind a ``kidkernels::`` custom op (None for any other op)."""
+    name = getattr(func, "_schema", None) and func._schema.name
+    if not name or not name.startswith("kidkernels::"):
+        return None
+    from torch._library.custom_ops import OPDEFS
+
+    return OPDEFS[name]._init_fn
+
+
 class TensorRecorder:
     """Records every aten op run inside it and the largest tensor any op produced, in bytes.
 
     Used to prove that no ``[N, V]`` tensor is ever allocated (``max_bytes``; bytes rather than elements, since the
     Triton interpreter views buffers as uint8) and that no value is read back to the
-    host (``host_reads``: calls of ``aten._local_scalar_dense``, which ``.item()``, ``bool(t)`` and friends go through).
+    host (``host_reads``: calls of ``aten._local_scalar_dense`` and ``aten.is_nonzero``, which ``.item()``, ``bool(t)``
+    and friends go through).
+    The ops inside kidkernels' registered ops are recorded as well (see ``_registered_python_impl``).
     """
 
     def __init__(self):
@@ -43,7 +55,14 @@ class TensorRecorder:
 
         class _Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                out = func(*args, **(kwargs or {}))
+                inner = _registered_python_impl(func)
+                if inner is not None:
+                    # A kidkernels op registered with torch.library is one node to the dispatcher: run its Python
+                    # implementation with this mode active again, so that the ops inside it are recorded too.
+                    with self:
+                        out = inner(*args, **(kwargs or {}))
+                else:
+                    out = func(*args, **(kwargs or {}))
                 recorder.ops.append(str(func))
                 for t in out if isinstance(out, (tuple, list)) else (out,):
                     if isinstance(t, torch.Tensor):
@@ -56,7 +75,9 @@ class TensorRecorder:
 
     @property
     def host_reads(self) -> int:
-        return sum("_local_scalar_dense" in op for op in self.ops)
+        # bool(t) reaches a dispatch mode as is_nonzero (its item() is not dispatched again), .item() as
+        # _local_scalar_dense.
+        return sum(any(name in op for name in ("_local_scalar_dense", "is_nonzero", "aten.item")) for op in self.ops)
 
     def __enter__(self):
         self._mode.__enter__()
