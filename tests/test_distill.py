@@ -76,6 +76,36 @@ def test_jsd_beta(backend, device, beta):
     assert_close(*run_both(case, divergence="jsd", beta=beta, mle_weight=0.3, backend=backend), 1e-4)
 
 
+@pytest.mark.parametrize("beta, kl", [(0.0, "fkl"), (1.0, "rkl")])
+def test_jsd_beta_limits_are_the_kls(backend, device, beta, kl):
+    """"jsd" with beta 0 is forward KL and with beta 1 reverse KL, exactly, as in TRL's generalized JSD (beta weights
+    the teacher): in the function, the module form and distill_loss.  The mixture form itself tends to 0 at both ends,
+    as beta KL(p||q) and (1 - beta) KL(q||p): checked on the float64 reference and on ours just inside the ends."""
+    case = make_case(device=device, seed=40)
+    params = [case["student_input"], case["student_weight"], case["student_bias"]]
+    jsd = kidkernels.fused_linear_distill_loss(**case, divergence="jsd", beta=beta, mle_weight=0.3, backend=backend)
+    same = kidkernels.fused_linear_distill_loss(**case, divergence=kl, mle_weight=0.3, backend=backend)
+    assert torch.equal(jsd, same)
+    for a, b in zip(torch.autograd.grad(jsd, params), torch.autograd.grad(same, params)):
+        assert torch.equal(a, b)
+    inputs = {k: v for k, v in case.items() if k != "target"}
+    module = kidkernels.FusedLinearDistillLoss(divergence="jsd", beta=beta, mle_weight=0.3, backend=backend)
+    assert torch.equal(module(*(inputs[k] for k in ("student_input", "student_weight", "teacher_input",
+                                                    "teacher_weight")), case["target"],
+                              student_bias=case["student_bias"], teacher_bias=case["teacher_bias"]), same)
+    g = torch.Generator().manual_seed(41)
+    s, t = (torch.randn(3, V, generator=g) * 3).to(device), (torch.randn(3, V, generator=g) * 3).to(device)
+    assert torch.equal(kidkernels.distill_loss(s, t, divergence="jsd", beta=beta, backend=backend),
+                       kidkernels.distill_loss(s, t, divergence=kl, backend=backend))
+    # the ends as limits, in float64: jsd / beta -> KL(p||q) as beta -> 0, jsd / (1 - beta) -> KL(q||p) as beta -> 1
+    # (slowly: the mixture caps log(p / m) at log(1 / beta) where q << beta p)
+    eps = 1e-9
+    near = reference_distill_loss_from_logits(s.double(), t.double(), divergence="jsd",
+                                              beta=eps if beta == 0.0 else 1.0 - eps)
+    limit = reference_distill_loss_from_logits(s.double(), t.double(), divergence=kl)
+    assert abs(near.item() / eps - limit.item()) <= 1e-4 * limit.item()
+
+
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 @pytest.mark.parametrize("temperature", [0.5, 3.0])
 def test_temperature(backend, device, divergence, temperature):
@@ -636,3 +666,133 @@ def test_every_statistic_is_written(backend, device, divergence):
         assert torch.isfinite(stats).all(), stats
         results.append(stats.cpu())
     assert torch.allclose(results[0], results[1], rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------- padded vocabularies
+
+@pytest.mark.parametrize("padded", ["teacher", "student"])
+def test_shared_vocab_uses_the_leading_rows(backend, device, padded):
+    """``shared_vocab=V`` with one head padded to more rows (Qwen's 152,064 vs 151,936): the same loss and gradients
+    as with both heads cut to their first V rows (the teacher renormalised over them), the padded student's extra rows
+    get a zero gradient, and nothing weight-sized is copied."""
+    extra = 37
+    case = make_case(device=device, seed=42)
+    g = torch.Generator().manual_seed(43)
+    big = dict(case)
+    name = "teacher" if padded == "teacher" else "student"
+    weight, bias = case[f"{name}_weight"], case[f"{name}_bias"]
+    pad_w = (torch.randn(extra, weight.shape[1], generator=g) * 5).to(device)  # padding rows with real mass
+    pad_b = (torch.randn(extra, generator=g) * 5).to(device)
+    big[f"{name}_weight"] = torch.cat([weight.detach(), pad_w]).requires_grad_(padded == "student")
+    big[f"{name}_bias"] = torch.cat([bias.detach(), pad_b]).requires_grad_(padded == "student")
+    opts = dict(divergence="jsd", beta=0.3, mle_weight=0.5, temperature=1.3, backend=backend)
+    with TensorRecorder() as rec:
+        ours = kidkernels.fused_linear_distill_loss(**big, shared_vocab=V, **opts)
+    cut = kidkernels.fused_linear_distill_loss(**case, **opts)
+    assert torch.equal(ours, cut)
+    weight_bytes = V * big["teacher_weight"].shape[1] * 4
+    assert rec.max_bytes < weight_bytes, "a weight-sized tensor was allocated (a copy of the padded head?)"
+    trained = [big["student_input"], big["student_weight"], big["student_bias"]]
+    grads = torch.autograd.grad(ours, trained)
+    ref_grads = torch.autograd.grad(cut, [case["student_input"], case["student_weight"], case["student_bias"]])
+    assert torch.equal(grads[0], ref_grads[0])
+    assert torch.equal(grads[1][:V], ref_grads[1]) and torch.equal(grads[2][:V], ref_grads[2])
+    if padded == "student":
+        assert grads[1].shape[0] == V + extra
+        assert torch.equal(grads[1][V:], torch.zeros_like(grads[1][V:]))
+        assert torch.equal(grads[2][V:], torch.zeros_like(grads[2][V:]))
+    # against the float64 reference on the cut heads
+    ref = reference_fused_linear_distill_loss(**case, divergence="jsd", beta=0.3, mle_weight=0.5, temperature=1.3)
+    assert rel_l2(ours, ref) <= 1e-5
+
+
+def test_shared_vocab_from_logits_and_errors(backend, device):
+    g = torch.Generator().manual_seed(44)
+    s = (torch.randn(4, V, generator=g) * 3).to(device).requires_grad_(True)
+    t = (torch.randn(4, V + 21, generator=g) * 3).to(device)
+    target = torch.tensor([1, 5, -100, V - 1], device=device)
+    ours = kidkernels.distill_loss(s, t, target, shared_vocab=V, mle_weight=0.5, backend=backend)
+    cut = kidkernels.distill_loss(s, t[:, :V].contiguous(), target, mle_weight=0.5, backend=backend)
+    assert torch.equal(ours, cut)
+    assert torch.equal(torch.autograd.grad(ours, s)[0], torch.autograd.grad(cut, s)[0])
+    padded_student = torch.cat([s.detach(), torch.randn(4, 5).to(device)], 1).requires_grad_(True)
+    loss = kidkernels.distill_loss(padded_student, t, target, shared_vocab=V, mle_weight=0.5, backend=backend)
+    (grad,) = torch.autograd.grad(loss, padded_student)
+    assert torch.equal(loss, cut) and torch.equal(grad[:, V:], torch.zeros_like(grad[:, V:]))
+    with pytest.raises(ValueError, match=f"V={V}.*V={V + 21}"):
+        kidkernels.distill_loss(s, t)
+    with pytest.raises(ValueError, match="shared_vocab"):
+        kidkernels.distill_loss(s, t, shared_vocab=V + 1)
+    with pytest.raises(ValueError, match="outside"):
+        kidkernels.distill_loss(s, t, torch.tensor([1, 5, V, 2]), shared_vocab=V, backend=backend)
+    case = make_case(n=4, ignored=())
+    case["teacher_weight"] = torch.randn(V + 3, H_T)
+    with pytest.raises(ValueError, match=f"V={V}.*V={V + 3}"):
+        kidkernels.fused_linear_distill_loss(**case)
+    with pytest.raises(TypeError, match="shared_vocab"):
+        kidkernels.fused_linear_distill_loss(**case, shared_vocab=float(V))
+
+
+# ------------------------------------------------------------------------------------- the backward pass
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_backward_scales_in_place(backend, device, dtype):
+    """"mean"/"sum" form the gradients in the forward pass; the backward only scales them by the upstream gradient,
+    in place: no weight- or input-sized tensor is allocated, except (bfloat16 weights, float32 accumulation) the
+    weight gradient in the weight's dtype, rounded once from the float32 accumulator."""
+    case = make_case(n=64, h_s=32, h_t=32, vocab=101, device=device, dtype=dtype, seed=45, ignored=(3,))
+    loss = kidkernels.fused_linear_distill_loss(**case, mle_weight=0.5, backend=backend)
+    weight_bytes = case["student_weight"].numel() * case["student_weight"].element_size()
+    input_bytes = case["student_input"].numel() * case["student_input"].element_size()
+    with TensorRecorder() as rec:
+        (loss * 3.0).backward()
+    big = [a for a in rec.allocations if a[1] >= min(weight_bytes, input_bytes)]
+    if dtype == torch.float32:
+        assert big == [], big
+    else:
+        assert [(nbytes, dt) for _, nbytes, dt in big] == [(weight_bytes, torch.bfloat16)], big
+    fresh = make_case(n=64, h_s=32, h_t=32, vocab=101, device=device, dtype=dtype, seed=45, ignored=(3,))
+    expected = torch.autograd.grad(3.0 * kidkernels.fused_linear_distill_loss(**fresh, mle_weight=0.5,
+                                                                              backend=backend),
+                                   [fresh["student_input"], fresh["student_weight"], fresh["student_bias"]])
+    for got, want in zip((case["student_input"].grad, case["student_weight"].grad, case["student_bias"].grad),
+                         expected):
+        assert torch.equal(got, want)
+
+
+def test_second_backward_with_retained_graph(backend, device):
+    """A second backward through the same graph (retain_graph=True), after the first scaled the saved gradients in
+    place, still gets its own upstream gradient right; after a first upstream of 0 it raises instead of returning
+    zeros."""
+    case = make_case(device=device, seed=46)
+    params = [case["student_input"], case["student_weight"], case["student_bias"]]
+    loss = kidkernels.fused_linear_distill_loss(**case, mle_weight=0.5, backend=backend)
+    once = torch.autograd.grad(loss, params, torch.tensor(1.0), retain_graph=True)
+    once = [g.clone() for g in once]
+    twice = torch.autograd.grad(loss, params, torch.tensor(-2.5), retain_graph=True)
+    third = torch.autograd.grad(loss, params, torch.tensor(0.5))
+    for a, b, c in zip(once, twice, third):
+        assert torch.allclose(b, -2.5 * a, rtol=1e-6, atol=0) and torch.allclose(c, 0.5 * a, rtol=1e-6, atol=0)
+    loss = kidkernels.fused_linear_distill_loss(**case, mle_weight=0.5, backend=backend)
+    torch.autograd.grad(loss, params, torch.tensor(0.0), retain_graph=True)
+    with pytest.raises(RuntimeError, match="zero upstream gradient"):
+        torch.autograd.grad(loss, params, torch.tensor(1.0))
+
+
+def test_weight_grad_accumulates_in_float32_by_default(backend, device):
+    """bfloat16 weights over many row chunks: the weight gradient accumulates in float32 and is rounded once (the
+    default, and weight_grad_fp32=True), closer to float64 than accumulating in bfloat16 (weight_grad_fp32=False,
+    rounded once per chunk)."""
+    case = make_case(n=64, vocab=257, device=device, dtype=torch.bfloat16, seed=47, ignored=())
+    options = dict(divergence="rkl", mle_weight=1.0, backend=backend, workspace_bytes=1)  # one row per chunk
+    grads = {}
+    for flag in (None, True, False):
+        loss = kidkernels.fused_linear_distill_loss(**case, weight_grad_fp32=flag, **options)
+        (grads[flag],) = torch.autograd.grad(loss, [case["student_weight"]])
+        assert grads[flag].dtype == torch.bfloat16
+    assert torch.equal(grads[None], grads[True])
+    ref = reference_fused_linear_distill_loss(**case, divergence="rkl", mle_weight=1.0)
+    (ref_grad,) = torch.autograd.grad(ref, [case["student_weight"]])
+    # (most of the error left is the bfloat16 rounding of each chunk's logits gradient, the gradient matmul's input)
+    assert rel_l2(grads[None], ref_grad) < 0.75 * rel_l2(grads[False], ref_grad)
+    assert rel_l2(grads[None], ref_grad) <= 1e-2
