@@ -42,6 +42,9 @@ class DistillContext:
     student: the trained model *as the trainer wraps it* (DDP, peft): its forward is what gradients flow through.
     teacher: frozen causal LM or None (SFT).  student_head / teacher_head: their lm_heads (:func:`lm_head_of`), read
         at use: an objective reads ``.weight`` only after the student's forward, when FSDP holds it whole.
+    shared_vocab: when the two heads have different numbers of rows (one padded: Qwen's 152,064 vs 151,936, the same
+        tokenizer), the rows both models use: the fused loss reads the first ``shared_vocab`` rows of each head
+        (``kidkernels``' ``shared_vocab=``, views), and KID's predictions are drawn from them.  None: equal heads.
     progress: fraction of training done, in [0, 1] (ImitKD's schedule).
     generator: device-side randomness (KID's random selection and sampled predictions), seeded per micro-batch.
     rng: host-side randomness (which sequences or batches are generated), seeded per micro-batch.
@@ -54,6 +57,7 @@ class DistillContext:
     eos_token_id: int
     pad_token_id: int
     mask_token_id: int | None = None
+    shared_vocab: int | None = None
     progress: float = 0.0
     generator: torch.Generator | None = None
     rng: random.Random | None = None
@@ -90,7 +94,8 @@ def distill_term(ctx: DistillContext, batch, normalizer, *, divergence: str, mle
     return kidkernels.fused_linear_distill_loss(
         student_hidden, s.weight, teacher_hidden, t.weight, batch["answer_labels"], divergence=divergence,
         beta=cfg.beta, temperature=cfg.temperature, kd_weight=cfg.kd_weight, mle_weight=mle_weight,
-        student_bias=s.bias, teacher_bias=t.bias, normalizer=normalizer, return_parts=True)
+        student_bias=s.bias, teacher_bias=t.bias, normalizer=normalizer, return_parts=True,
+        shared_vocab=ctx.shared_vocab)
 
 
 # ---- objectives ------------------------------------------------------------------------------------------------
@@ -118,6 +123,12 @@ def _with_gold_mle(ctx: DistillContext, gold_batch, normalizer, kd_batch) -> Los
     return LossParts(kd_loss + cfg.mle_weight * mle, kd, mle.detach())
 
 
+def _prediction_head(ctx: DistillContext) -> LMHead:
+    """The student's head for KID's predictions: restricted to the shared vocabulary, so that every predicted token
+    is one the teacher has."""
+    return ctx.student_head if ctx.shared_vocab is None else ctx.student_head.leading_rows(ctx.shared_vocab)
+
+
 def kid(ctx: DistillContext, batch, normalizer) -> LossParts:
     """KID: the imperfect-data stage (:mod:`kid.kid_stage`), then reverse KL on (x, y-hat) with MLE against the gold
     tokens y, by default on the same student pass (``mle_input="gold"``: a second pass over (x, y))."""
@@ -126,7 +137,7 @@ def kid(ctx: DistillContext, batch, normalizer) -> LossParts:
         raise ValueError("KID needs a mask token id in the context")
     with eval_mode(ctx.student):
         imperfect = make_imperfect(
-            ctx.student, batch, ctx.student_head, alpha=cfg.alpha, strategy=cfg.strategy,
+            ctx.student, batch, _prediction_head(ctx), alpha=cfg.alpha, strategy=cfg.strategy,
             mask_token_id=ctx.mask_token_id, eos_token_id=ctx.eos_token_id, mask_eos=cfg.mask_eos,
             masking_only=cfg.masking_only, predictions=cfg.kid_predictions,
             sampling_temperature=cfg.sampling_temperature, generator=ctx.generator)
