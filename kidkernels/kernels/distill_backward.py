@@ -17,7 +17,7 @@ the MLE term's softmax is the divergence's q: one exponential per element, not t
 import triton
 import triton.language as tl
 
-from .distill_forward import CENTER, CENTER_2, LOGZ_STUDENT, LOGZ_TEACHER, LSE_CE, MAX_STUDENT, MAX_TEACHER, TOP
+from .distill_forward import CENTER, CENTER_2, LSE_CE, TOP, load_log_normalisers
 from .divergence import divergence_grad
 
 
@@ -39,17 +39,12 @@ def distill_grad_kernel(
     if counted:
         s_row = s_ptr + row * s_row_stride
         t_row = t_ptr + row * t_row_stride
-        m_s = tl.load(stats_ptr + MAX_STUDENT * stat_stride + row)
-        logz_s = tl.load(stats_ptr + LOGZ_STUDENT * stat_stride + row)
+        m_s, logz_s, m_t, logz_t = load_log_normalisers(stats_ptr, stat_stride, row, HAS_TEACHER)
         lse_c = tl.load(stats_ptr + LSE_CE * stat_stride + row)
         top = tl.load(stats_ptr + TOP * stat_stride + row).to(tl.int32)
-        m_t = 0.0
-        logz_t = 0.0
         center = 0.0
         center_2 = 0.0
         if HAS_TEACHER:
-            m_t = tl.load(stats_ptr + MAX_TEACHER * stat_stride + row)
-            logz_t = tl.load(stats_ptr + LOGZ_TEACHER * stat_stride + row)
             center = tl.load(stats_ptr + CENTER * stat_stride + row)
             center_2 = tl.load(stats_ptr + CENTER_2 * stat_stride + row)
         w = 1.0

@@ -37,6 +37,20 @@ NUM_STATS = tl.constexpr(layout.NUM_STATS)
 
 
 @triton.jit
+def load_log_normalisers(stats_ptr, stat_stride, row, HAS_TEACHER: tl.constexpr):
+    """``(max, log z)`` of the student's and of the teacher's tempered logits (``(0, 0)`` without a teacher), so that
+    ``log q = (a - max) - log z``."""
+    m_s = tl.load(stats_ptr + MAX_STUDENT * stat_stride + row)
+    logz_s = tl.load(stats_ptr + LOGZ_STUDENT * stat_stride + row)
+    m_t = 0.0
+    logz_t = 0.0
+    if HAS_TEACHER:
+        m_t = tl.load(stats_ptr + MAX_TEACHER * stat_stride + row)
+        logz_t = tl.load(stats_ptr + LOGZ_TEACHER * stat_stride + row)
+    return m_s, logz_s, m_t, logz_t
+
+
+@triton.jit
 def distill_stats_kernel(
     s_ptr, s_row_stride, t_ptr, t_row_stride, target_ptr, stats_ptr, stat_stride,
     V, inv_temp, ignore_index,
@@ -138,10 +152,7 @@ def distill_value_kernel(
     if counted:
         s_row = s_ptr + row * s_row_stride
         t_row = t_ptr + row * t_row_stride
-        m_s = tl.load(stats_ptr + MAX_STUDENT * stat_stride + row)
-        logz_s = tl.load(stats_ptr + LOGZ_STUDENT * stat_stride + row)
-        m_t = tl.load(stats_ptr + MAX_TEACHER * stat_stride + row)
-        logz_t = tl.load(stats_ptr + LOGZ_TEACHER * stat_stride + row)
+        m_s, logz_s, m_t, logz_t = load_log_normalisers(stats_ptr, stat_stride, row, True)
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
             mask = cols < V

@@ -145,8 +145,10 @@ def _write_grad_from(terms, student, target, stats, cfg: DistillConfig, row_weig
     dtype = compute_dtype(student.dtype)
     grad = _divergence_grad(terms, stats, cfg) if cfg.has_teacher else None
     if cfg.ce_in_grad:
-        if cfg.has_teacher and not cfg.separate_ce_lse:
-            softmax = terms[4] * cfg.mle_weight  # T == 1: the MLE term's softmax is the divergence's q
+        if not cfg.separate_ce_lse:  # T == 1: the MLE term's softmax is the divergence's q, in the same form
+            q = terms[4] if terms is not None else \
+                _log_softmax(student.to(dtype), stats, MAX_STUDENT, LOGZ_STUDENT).exp_()
+            softmax = q * cfg.mle_weight
         else:
             softmax = (student.to(dtype) - stats[LSE_CE][:, None]).exp_().mul_(cfg.mle_weight)
         grad = softmax if grad is None else grad.add_(softmax)

@@ -2,11 +2,15 @@
 
 The logits of a low-precision model must reach the softmax in float32 (rounding them to bfloat16 first costs 4-23%
 gradient error).  On CUDA, ``torch.mm(..., out_dtype=torch.float32)`` has cuBLAS accumulate and write float32
-directly.  Where that overload is missing (CPU, older PyTorch) the product is formed block by block over the vocabulary
-from float32 copies of one block of weight rows at a time, so the extra memory stays bounded by ``block_bytes``.
+directly, and ``torch.addmm(bias, ..., out_dtype=torch.float32)`` adds the bias in the same product (no second pass
+over the logits).  Where those overloads are missing (CPU, older PyTorch) the product is formed block by block over the
+vocabulary from float32 copies of one block of weight rows at a time, so the extra memory stays bounded by
+``UPCAST_BLOCK_BYTES``.  The weight gradient of low-precision weights accumulates across chunks in a float32 buffer,
+updated in place by ``torch.addmm(acc, ..., out_dtype=torch.float32, out=acc)`` where PyTorch has it.
 
 Callers often run under ``torch.autocast`` (e.g. a Trainer's bf16 mixed precision), which would silently turn these
-products into bfloat16 ones: :func:`without_autocast` switches it off around every entry point that multiplies.
+products into bfloat16 ones: :func:`without_autocast` switches it off around every entry point that multiplies (they
+run inside the registered ops of :mod:`.custom_ops`, which ``torch.compile`` does not trace).
 """
 from __future__ import annotations
 
