@@ -552,8 +552,9 @@ def test_masked_bias_columns_in_the_fused_loss(backend, device, monkeypatch):
     for divergence in DIVERGENCES:
         ours = kidkernels.fused_linear_distill_loss(**case, divergence=divergence, mle_weight=0.5, backend=backend)
         grads = torch.autograd.grad(ours, [case["student_input"], case["student_weight"], case["student_bias"]])
-        restricted = dict(case, student_weight=case["student_weight"][keep], teacher_weight=case["teacher_weight"][keep],
-                          student_bias=case["student_bias"][keep], teacher_bias=case["teacher_bias"][keep])
+        restricted = dict(case, student_weight=case["student_weight"][keep],
+                          teacher_weight=case["teacher_weight"][keep], student_bias=case["student_bias"][keep],
+                          teacher_bias=case["teacher_bias"][keep])
         remap = torch.full((V,), -100, dtype=torch.int64)
         remap[keep] = torch.arange(keep.numel())
         restricted["target"] = torch.where(case["target"] == -100, -100, remap[case["target"].clamp(min=0).cpu()])

@@ -8,8 +8,8 @@ load) for :func:`online_lse_update`, :func:`online_kl_update` and :func:`online_
 The running state of a log-sum-exp is ``(m, z)`` with ``m`` the largest logit seen and ``z = sum(exp(x - m))``, so
 ``logsumexp = m + log(z)``.  A tile is reduced to its own state and merged into the running one (:func:`merge_lse`):
 the sum with the smaller maximum is rescaled by ``exp(m_small - m_large)``.  The one-pass KL state holds both models'
-log-sum-exp states and ``s = sum exp(x - m_x) ((x - y) - (m_x - m_y))`` (:func:`merge_kl`).  The merges are what a kernel that
-splits a row over several programs (or fuses the matmul) combines its partial states with.
+log-sum-exp states and ``s = sum exp(x - m_x) ((x - y) - (m_x - m_y))`` (:func:`merge_kl`).  The merges are what a
+kernel that splits a row over several programs (or fuses the matmul) combines its partial states with.
 """
 import triton
 import triton.language as tl
