@@ -58,6 +58,9 @@ class DistillContext:
     student: the trained model *as the trainer wraps it* (DDP, peft): its forward is what gradients flow through.
     teacher: frozen causal LM or None (SFT).  student_head / teacher_head: their lm_heads (:func:`lm_head_of`), read
         at use: an objective reads ``.weight`` only after the student's forward, when FSDP holds it whole.
+    shared_vocab: when the two heads have different numbers of rows (one padded: Qwen's 152,064 vs 151,936, the same
+        tokenizer), the rows both models use: the fused loss reads the first ``shared_vocab`` rows of each head
+        (``kidkernels``' ``shared_vocab=``, views), and KID's predictions are drawn from them.  None: equal heads.
     progress: fraction of training done, in [0, 1] (ImitKD's schedule).
     generator: device-side randomness (KID's random selection and sampled predictions), seeded per micro-batch; it
         may differ between processes.
@@ -74,6 +77,7 @@ class DistillContext:
     eos_token_id: int
     pad_token_id: int
     mask_token_id: int | None = None
+    shared_vocab: int | None = None
     progress: float = 0.0
     generator: torch.Generator | None = None
     rng: random.Random | None = None
@@ -143,7 +147,8 @@ def loss_term(ctx: DistillContext, batch, *, kd: bool, mle_weight: float, kd_nor
             rows, kd_rows, ce_rows = kidkernels.fused_linear_distill_loss(
                 student_hidden, s.weight, teacher_hidden, t.weight, targets, divergence=cfg.kd_divergence,
                 beta=cfg.beta, temperature=cfg.temperature, kd_weight=cfg.kd_weight, mle_weight=mle_weight,
-                student_bias=s.bias, teacher_bias=t.bias, reduction="none", return_parts=True)
+                student_bias=s.bias, teacher_bias=t.bias, reduction="none", return_parts=True,
+                shared_vocab=ctx.shared_vocab)
             kd_value = (kd_rows * weights).sum().detach()
         else:
             ce_rows = kidkernels.fused_linear_cross_entropy(student_hidden, s.weight, targets, bias=s.bias,
@@ -168,7 +173,7 @@ def loss_term(ctx: DistillContext, batch, *, kd: bool, mle_weight: float, kd_nor
     loss, kd_value, mle_value = kidkernels.fused_linear_distill_loss(
         student_hidden, s.weight, teacher_hidden, t.weight, targets, divergence=cfg.kd_divergence, beta=cfg.beta,
         temperature=cfg.temperature, kd_weight=cfg.kd_weight, mle_weight=mle_weight * ratio, student_bias=s.bias,
-        teacher_bias=t.bias, normalizer=kd_normalizer, return_parts=True)
+        teacher_bias=t.bias, normalizer=kd_normalizer, return_parts=True, shared_vocab=ctx.shared_vocab)
     if mle_weight == 0:
         mle_value = _zero(loss)  # the cross-entropy of the KD batch's own answers is not the MLE term
     return LossParts(loss, kd_value, mle_value * ratio if ratio != 1.0 else mle_value, tokens)
@@ -207,6 +212,12 @@ def _two_passes(ctx, gold_batch, kd_batch, normalizer, kd_normalizer, num_sequen
     return terms
 
 
+def _prediction_head(ctx: DistillContext) -> LMHead:
+    """The student's head for KID's predictions: restricted to the shared vocabulary, so that every predicted token
+    is one the teacher has."""
+    return ctx.student_head if ctx.shared_vocab is None else ctx.student_head.leading_rows(ctx.shared_vocab)
+
+
 def _kid(ctx, batch, normalizer, kd_normalizer, num_sequences, kd_plan) -> ObjectivePlan:
     """KID: the imperfect-data stage (:mod:`kid.kid_stage`), then reverse KL on (x, y-hat) with MLE against the gold
     tokens y, by default on the same student pass (``mle_input="gold"``: a second pass over (x, y))."""
@@ -215,7 +226,7 @@ def _kid(ctx, batch, normalizer, kd_normalizer, num_sequences, kd_plan) -> Objec
         raise ValueError("KID needs a mask token id in the context")
     with eval_mode(ctx.student):
         imperfect = make_imperfect(
-            ctx.student, batch, ctx.student_head, alpha=cfg.alpha, strategy=cfg.strategy,
+            ctx.student, batch, _prediction_head(ctx), alpha=cfg.alpha, strategy=cfg.strategy,
             mask_token_id=ctx.mask_token_id, eos_token_id=ctx.eos_token_id, mask_eos=cfg.mask_eos,
             masking_only=cfg.masking_only, predictions=cfg.kid_predictions,
             sampling_temperature=cfg.sampling_temperature, generator=ctx.generator)

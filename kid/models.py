@@ -79,6 +79,12 @@ class LMHead:
             return None
         return self._cut(_full_parameter(self._module, "bias", self._model))
 
+    def leading_rows(self, vocab_size: int) -> LMHead:
+        """The same head restricted to its first ``vocab_size`` rows (views, read at use like this one)."""
+        return LMHead(self._weight, self._bias, module=self._module, model=self._model, vocab_size=vocab_size) \
+            if self._module is not None else LMHead(self._weight[:vocab_size], None if self._bias is None
+                                                    else self._bias[:vocab_size])
+
     def _cut(self, tensor: torch.Tensor) -> torch.Tensor:
         if self._vocab_size is not None and self._vocab_size < tensor.shape[0]:
             return tensor[:self._vocab_size]  # a view: no copy

@@ -131,6 +131,8 @@ class DistillTrainer(Trainer):
         self.teacher = teacher.to(self.args.device) if teacher is not None else None
         s_vocab = lm_head_of(self.model).num_rows
         self.vocab_size = s_vocab
+        # Heads of different sizes (one padded, the same tokenizer): the fused loss uses their first shared rows.
+        self.shared_vocab = None
         if self.teacher is not None:
             self.teacher.eval().requires_grad_(False)
             t_vocab = lm_head_of(self.teacher).num_rows
@@ -142,6 +144,7 @@ class DistillTrainer(Trainer):
                         f"student and teacher lm_heads differ ({s_vocab} vs {t_vocab} "
                         f"rows) and the smaller does not cover the tokenizer ({tokens} tokens); KD needs one "
                         "vocabulary")
+                self.shared_vocab = self.vocab_size
         if method_config.teacher_outputs is not None:
             self._attach_teacher_outputs(method_config.teacher_outputs)
         # The Trainer counts target tokens for num_items_in_batch only when the model "accepts loss kwargs".
@@ -171,9 +174,9 @@ class DistillTrainer(Trainer):
         generator.manual_seed(device_seed)
         max_steps = max(self.state.max_steps or 0, 1)
         return DistillContext(
-            config=self.method_config, student=model, student_head=lm_head_of(model, self.vocab_size),
-            teacher=self.teacher,
-            teacher_head=lm_head_of(self.teacher, self.vocab_size) if self.teacher is not None else None,
+            config=self.method_config, student=model, student_head=lm_head_of(model), teacher=self.teacher,
+            teacher_head=lm_head_of(self.teacher) if self.teacher is not None else None,
+            shared_vocab=self.shared_vocab,
             eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id, mask_token_id=self.mask_token_id,
             progress=min(self.state.global_step / max_steps, 1.0), generator=generator,
             rng=random.Random(host_seed), process_index=self.args.process_index,

@@ -7,6 +7,11 @@ Public API (a contract):
 - :func:`distill_loss`: the same loss from logits the caller already holds.
 - :func:`fused_linear_cross_entropy`, :class:`FusedLinearCrossEntropyLoss`: the MLE term alone (supervised
   fine-tuning) from hidden states and an lm_head weight, with no teacher matmul.
+- :func:`fused_linear_entropy`, :func:`fused_linear_argmax`, :func:`select_positions`, :func:`fused_linear_select`:
+  KID's masking stage.
+
+Each calls ops registered with ``torch.library`` (:mod:`kidkernels.ops.custom_ops`): ``torch.compile(fullgraph=True)``
+of a caller compiles to one graph.
 """
 from .loss import (
     FusedLinearCrossEntropyLoss,

@@ -1,8 +1,10 @@
 """Checks of the public API's arguments: every bad input gets an exception that names the problem.
 
-None of these checks reads a CUDA tensor's values on the host.  The range of ``target`` is checked eagerly for CPU
-tensors (no device to synchronise with) and with a device-side assertion on CUDA; the kernels additionally turn an
-out-of-range target into a NaN row, so it can never pass silently.
+None of these checks reads a tensor's values: they look at types, shapes, dtypes and devices only, so that a
+caller compiled with ``torch.compile`` traces them away.  The range of ``target`` is checked by the registered ops
+themselves, first thing (:func:`kidkernels.ops.custom_ops.check_target_range`: eagerly for CPU tensors, with a
+device-side assertion on CUDA); the kernels additionally turn an out-of-range target into a NaN row, so it can never
+pass silently.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import numbers
 
 import torch
 
-from .ops.config import DIVERGENCES, REDUCTIONS
+from .ops.config import DIVERGENCES, MAX_VOCAB, REDUCTIONS
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -44,7 +46,7 @@ def check_options(divergence, beta, temperature, kd_weight, mle_weight, ignore_i
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
     check_reduction(reduction)
-    beta = check_number("beta", beta, low=0.0, high=1.0)
+    beta = check_number("beta", beta, low=0.0, high=1.0, low_open=False, high_open=False)
     temperature = check_number("temperature", temperature, low=0.0)
     kd_weight = check_number("kd_weight", kd_weight)
     mle_weight = check_number("mle_weight", mle_weight)
@@ -91,8 +93,8 @@ def check_devices(**tensors) -> torch.device:
     return next(iter(devices))
 
 
-def check_target(target, rows: int, vocab: int, ignore_index: int, leading_shape) -> torch.Tensor:
-    """Return the target as a contiguous int64 ``[N]`` tensor."""
+def check_target(target, rows: int, leading_shape) -> torch.Tensor:
+    """Return the target as a contiguous int64 ``[N]`` tensor (its range is checked by the op that reads it)."""
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target must be a torch.Tensor of token ids, got {type(target).__name__}")
     if target.dtype == torch.bool or target.is_floating_point() or target.is_complex():
@@ -101,18 +103,32 @@ def check_target(target, rows: int, vocab: int, ignore_index: int, leading_shape
         raise ValueError(
             f"target must have one entry per row: shape {tuple(leading_shape)} or [{rows}], got {tuple(target.shape)}"
         )
-    target = target.reshape(-1).to(torch.int64).contiguous()
-    if rows == 0:
-        return target
-    bad = (target != ignore_index) & ((target < 0) | (target >= vocab))
-    message = f"target holds ids outside [0, {vocab}) that are not ignore_index={ignore_index}"
-    if target.device.type == "cpu":
-        if bool(bad.any()):
-            first = int(target[bad][0])
-            raise ValueError(f"{message} (e.g. {first})")
-    else:
-        torch._assert_async(~bad.any(), message)
-    return target
+    return target.reshape(-1).to(torch.int64).contiguous()
+
+
+def check_vocab(name: str, vocab: int) -> None:
+    if vocab >= MAX_VOCAB:
+        raise ValueError(f"{name} has {vocab} rows; vocabularies of at most {MAX_VOCAB - 1} are supported")
+
+
+def check_shared_vocab(shared_vocab, student_vocab: int, teacher_vocab: int, student_name: str,
+                       teacher_name: str) -> int:
+    """The number of leading vocabulary rows both models use: ``shared_vocab``, or (None) the common size, which must
+    then be the same for both."""
+    if shared_vocab is None:
+        if student_vocab != teacher_vocab:
+            raise ValueError(
+                f"student and teacher vocabularies differ: {student_name} has V={student_vocab}, {teacher_name} has "
+                f"V={teacher_vocab}; pass shared_vocab=V to use the first V rows of both (a padded head)")
+        return student_vocab
+    if isinstance(shared_vocab, bool) or not isinstance(shared_vocab, numbers.Integral):
+        raise TypeError(f"shared_vocab must be an int or None, got {type(shared_vocab).__name__}")
+    shared_vocab = int(shared_vocab)
+    if not 1 <= shared_vocab <= min(student_vocab, teacher_vocab):
+        raise ValueError(f"shared_vocab must be in [1, {min(student_vocab, teacher_vocab)}] (the smaller of "
+                         f"{student_name}'s V={student_vocab} and {teacher_name}'s V={teacher_vocab}), "
+                         f"got {shared_vocab}")
+    return shared_vocab
 
 
 def check_normalizer(normalizer, device):

@@ -4,16 +4,22 @@ Definitions (T the temperature, rows whose target equals ``ignore_index`` count 
 
     p = softmax(teacher_logits / T)          q = softmax(student_logits / T)
     "fkl"  KL(p || q)                        "rkl"  KL(q || p)
-    "jsd"  beta KL(p || m) + (1 - beta) KL(q || m),  m = beta p + (1 - beta) q  (formed in log space)
+    "jsd"  beta KL(p || m) + (1 - beta) KL(q || m),  m = beta p + (1 - beta) q  (formed in log space);
+           beta = 0 is KL(p || q) and beta = 1 is KL(q || p), TRL's convention (beta weights the teacher)
     "tvd"  0.5 sum |p - q|                   (zero subgradient where p == q)
     MLE    cross-entropy of the *untempered* student logits against ``target``
     row loss = kd_weight * divergence + mle_weight * MLE
+
+Columns whose weighting probability is 0 (``-inf`` logits, e.g. a masked vocabulary) contribute exactly 0 (0 log 0 =
+0); a divergence that is truly infinite (FKL where q = 0 but p > 0, RKL where p = 0 but q > 0) is ``inf``, not NaN.
 
 :func:`fused_linear_cross_entropy` is the MLE term alone (supervised fine-tuning): the same kernels with the teacher
 compiled out, so no teacher matmul and no divergence are computed.
 
 Logits, softmax and divergence math run in float32 (float64 for float64 inputs); logits are never rounded to the
-input dtype.  Gradients come back in the input dtype and reach only the student tensors.
+input dtype.  Gradients come back in the input dtype and reach only the student tensors.  Every function here calls
+one op registered with ``torch.library`` (:mod:`.ops.custom_ops`), so ``torch.compile(fullgraph=True)`` of a caller
+compiles without graph breaks, with or without ``torch.autocast``.
 """
 from __future__ import annotations
 
@@ -22,8 +28,8 @@ from torch import nn
 
 from . import _validation as check
 from ._backend import resolve_backend
+from .ops import custom_ops  # noqa: F401  (registers the ops)
 from .ops.config import DistillConfig
-from .ops.distill import DispatchOptions, LinearDistillFunction, LogitsDistillFunction
 from .ops.workspace import workspace_budget
 
 __all__ = ["fused_linear_distill_loss", "FusedLinearDistillLoss", "distill_loss", "fused_linear_cross_entropy",
@@ -34,7 +40,9 @@ _OPTIONS_DOC = """
         Rows equal to ``ignore_index`` count in neither term nor in the mean.  ``None``: every row counts, and
         ``mle_weight`` must be 0.
     divergence: "fkl", "rkl" (default), "jsd" or "tvd".
-    beta: mixture weight of "jsd", in (0, 1). Default 0.5.
+    beta: mixture weight of "jsd" (the teacher's), in [0, 1]: 0 is forward KL and 1 reverse KL exactly (TRL's
+        generalized JSD convention; the mixture form itself tends to 0 at both ends, like beta KL(p||q) and
+        (1 - beta) KL(q||p)).  Default 0.5.
     temperature: T > 0 applied to both models' logits in the divergence (not in the MLE term). Default 1.
     kd_weight, mle_weight: weights of the divergence and of the MLE term. Defaults 1 and 0.
     ignore_index: target value of rows to skip. Default -100.
@@ -44,6 +52,11 @@ _OPTIONS_DOC = """
         micro-batches of a gradient-accumulation step.
     return_parts: also return ``kd`` and ``mle``: the divergence and the cross-entropy, detached, reduced like the
         loss (so ``loss = kd_weight * kd + mle_weight * mle``; ``mle`` is 0 without a target).
+    shared_vocab: use only the first ``shared_vocab`` vocabulary entries of both models, for a teacher (or student)
+        whose head is padded to more rows than the tokenizer has (Qwen: 152,064 vs 151,936 rows, same tokenizer).
+        Both are softmaxed over those entries only, so the teacher is renormalised over them (padding rows carry
+        almost no probability).  Views, no copies; the student's gradient is 0 beyond them.  Without it,
+        vocabularies of different sizes are an error.
     backend: "triton", "torch" or "auto" (default: ``KIDKERNELS_BACKEND``, else auto: Triton on CUDA, and on CPU
         under ``TRITON_INTERPRET=1``; PyTorch otherwise and for float64).
     workspace_bytes: bound on the chunk buffers of logits (default 512 MiB or ``KIDKERNELS_WORKSPACE_MB``).
@@ -70,25 +83,45 @@ def _hidden_rows(input_name: str, x, weight_name: str, w) -> torch.Tensor:
     check.check_float_tensor(input_name, x)
     rows = check.flatten_rows(input_name, x)
     check.check_weight(weight_name, w, rows.shape[1], input_name)
+    check.check_vocab(weight_name, w.shape[0])
     if rows.dtype != w.dtype:
         raise TypeError(f"{input_name} is {rows.dtype} but {weight_name} is {w.dtype}; they must match")
     return rows
 
 
-def _linear_options(reduction, backend, device, dtype, workspace_bytes, weight_grad_fp32) -> DispatchOptions:
-    return DispatchOptions(reduction, resolve_backend(backend, device, dtype), workspace_budget(workspace_bytes),
-                           bool(weight_grad_fp32))
+def _normalizer_args(normalizer):
+    """The op's two normaliser arguments: a tensor, or a Python float."""
+    if isinstance(normalizer, torch.Tensor):
+        return normalizer, None
+    return None, normalizer
 
 
-def _trained(x, w, b):
-    """The trained model's rows, weight and bias as the autograd function takes them."""
-    w = w.contiguous()
-    if not torch.is_grad_enabled():
-        # Inside autograd.Function.forward, needs_input_grad reflects requires_grad, not the caller's grad mode:
-        # detach here so that inference (torch.no_grad) never forms the gradients the forward pass would build.
-        x, w = x.detach(), w.detach()
-        b = b.detach() if b is not None else None
-    return x, w, b
+def _needs_grad(t) -> bool:
+    return t is not None and t.requires_grad and torch.is_grad_enabled()
+
+
+def _weight_grad_fp32(value) -> bool:
+    if value is None:
+        return True
+    if not isinstance(value, bool):
+        raise TypeError(f"weight_grad_fp32 must be a bool or None, got {type(value).__name__}")
+    return value
+
+
+def _linear_loss(xs, ws, bs, xt, wt, bt, target, normalizer, cfg: DistillConfig, *, vocab, reduction, backend,
+                 workspace_bytes, weight_grad_fp32):
+    """Call the registered op on validated tensors; return ``(loss, kd, ce)``."""
+    device = xs.device
+    ws = ws.contiguous()
+    if wt is not None:
+        wt = wt.contiguous()
+    norm_tensor, norm_value = _normalizer_args(normalizer)
+    loss, kd, ce, *_ = torch.ops.kidkernels.linear_distill(
+        xs, ws, bs, xt, wt, bt, target, norm_tensor, norm_value,
+        cfg.divergence, cfg.beta, cfg.temperature, cfg.kd_weight, cfg.mle_weight, cfg.ignore_index, vocab,
+        reduction, resolve_backend(backend, device, xs.dtype), workspace_budget(workspace_bytes),
+        _weight_grad_fp32(weight_grad_fp32), _needs_grad(xs), _needs_grad(ws), _needs_grad(bs))
+    return loss, kd, ce
 
 
 def fused_linear_distill_loss(
@@ -109,9 +142,10 @@ def fused_linear_distill_loss(
     teacher_bias: torch.Tensor | None = None,
     normalizer=None,
     return_parts: bool = False,
+    shared_vocab: int | None = None,
     backend: str | None = None,
     workspace_bytes: int | None = None,
-    weight_grad_fp32: bool = False,
+    weight_grad_fp32: bool | None = None,
 ):
     """Divergence between teacher and student next-token distributions plus the student's MLE term, computed from
     hidden states and lm_head weights without ever holding the ``[N, V]`` logits.
@@ -119,8 +153,10 @@ def fused_linear_distill_loss(
     student_input: ``[..., H_s]`` student hidden states at the target positions (leading dims are flattened to N).
     student_weight: ``[V, H_s]`` student lm_head weight, same dtype as ``student_input``; student_bias: ``[V]``.
     teacher_input: ``[..., H_t]`` with the same N; teacher_weight ``[V, H_t]``; teacher_bias ``[V]``.  The teacher
-        receives no gradient.
-    weight_grad_fp32: accumulate the student weight gradient over chunks in float32 (then cast to the weight dtype).
+        receives no gradient.  (With ``shared_vocab``, the two weights may have different numbers of rows.)
+    weight_grad_fp32: accumulate the student weight gradient across row chunks in float32 and round it to the
+        weight's dtype once, at the end (default None: on, which matters for bfloat16/float16 weights; False
+        accumulates in the weight's dtype, rounding once per chunk).
 
     Returns the loss (a 0-d float32 tensor, or ``[...]`` for "none"), or ``(loss, kd, mle)`` with ``return_parts``.
     Options:
@@ -131,22 +167,19 @@ def fused_linear_distill_loss(
     xt = _hidden_rows("teacher_input", teacher_input, "teacher_weight", teacher_weight)
     if xs.shape[0] != xt.shape[0]:
         raise ValueError(f"student_input has {xs.shape[0]} rows but teacher_input has {xt.shape[0]}")
-    if student_weight.shape[0] != teacher_weight.shape[0]:
-        raise ValueError(f"student and teacher vocabularies differ: student_weight has V={student_weight.shape[0]}, "
-                         f"teacher_weight has V={teacher_weight.shape[0]}")
-    vocab = student_weight.shape[0]
-    check.check_bias("student_bias", student_bias, vocab)
-    check.check_bias("teacher_bias", teacher_bias, vocab)
-    device = check.check_devices(student_input=student_input, student_weight=student_weight,
-                                 teacher_input=teacher_input, teacher_weight=teacher_weight, target=target,
-                                 student_bias=student_bias, teacher_bias=teacher_bias)
+    vocab = check.check_shared_vocab(shared_vocab, student_weight.shape[0], teacher_weight.shape[0],
+                                     "student_weight", "teacher_weight")
+    check.check_bias("student_bias", student_bias, student_weight.shape[0])
+    check.check_bias("teacher_bias", teacher_bias, teacher_weight.shape[0])
+    check.check_devices(student_input=student_input, student_weight=student_weight,
+                        teacher_input=teacher_input, teacher_weight=teacher_weight, target=target,
+                        student_bias=student_bias, teacher_bias=teacher_bias)
     if target is not None:
-        target = check.check_target(target, xs.shape[0], vocab, cfg.ignore_index, leading_shape)
-    normalizer = check.check_normalizer(normalizer, device)
-    opts = _linear_options(reduction, backend, device, xs.dtype, workspace_bytes, weight_grad_fp32)
-    xs, student_weight, student_bias = _trained(xs, student_weight, student_bias)
-    outputs = LinearDistillFunction.apply(xs, student_weight, student_bias, xt, teacher_weight.contiguous(),
-                                          teacher_bias, target, normalizer, cfg, opts)
+        target = check.check_target(target, xs.shape[0], leading_shape)
+    normalizer = check.check_normalizer(normalizer, xs.device)
+    outputs = _linear_loss(xs, student_weight, student_bias, xt, teacher_weight, teacher_bias, target, normalizer,
+                           cfg, vocab=vocab, reduction=reduction, backend=backend, workspace_bytes=workspace_bytes,
+                           weight_grad_fp32=weight_grad_fp32)
     return _finish(outputs, leading_shape, reduction, return_parts)
 
 
@@ -164,13 +197,15 @@ def distill_loss(
     reduction: str = "mean",
     normalizer=None,
     return_parts: bool = False,
+    shared_vocab: int | None = None,
     backend: str | None = None,
     workspace_bytes: int | None = None,
 ):
     """The same loss for callers that already hold logits, computed by the same kernels on the logits in place.
 
     student_logits, teacher_logits: ``[..., V]`` of any float dtype (each read in its own dtype, math in float32);
-    the gradient reaches ``student_logits`` only, in its dtype.  Returns as :func:`fused_linear_distill_loss`.
+    the gradient reaches ``student_logits`` only, in its dtype.  With ``shared_vocab`` the last dimensions may differ.
+    Returns as :func:`fused_linear_distill_loss`.
     Options:
     """
     cfg = _config(divergence, beta, temperature, kd_weight, mle_weight, ignore_index, reduction, target is not None)
@@ -179,19 +214,21 @@ def distill_loss(
     leading_shape = tuple(student_logits.shape[:-1])
     s = check.flatten_rows("student_logits", student_logits)
     t = check.flatten_rows("teacher_logits", teacher_logits)
-    if s.shape[1] != t.shape[1]:
-        raise ValueError(f"student and teacher vocabularies differ: student_logits has V={s.shape[1]}, "
-                         f"teacher_logits has V={t.shape[1]}")
+    vocab = check.check_shared_vocab(shared_vocab, s.shape[1], t.shape[1], "student_logits", "teacher_logits")
+    check.check_vocab("student_logits", s.shape[1])
     if s.shape[0] != t.shape[0]:
         raise ValueError(f"student_logits has {s.shape[0]} rows but teacher_logits has {t.shape[0]}")
     device = check.check_devices(student_logits=student_logits, teacher_logits=teacher_logits, target=target)
     if target is not None:
-        target = check.check_target(target, s.shape[0], s.shape[1], cfg.ignore_index, leading_shape)
+        target = check.check_target(target, s.shape[0], leading_shape)
     normalizer = check.check_normalizer(normalizer, device)
     dtype = torch.float64 if torch.float64 in (s.dtype, t.dtype) else s.dtype
-    opts = DispatchOptions(reduction, resolve_backend(backend, device, dtype), workspace_budget(workspace_bytes))
-    outputs = LogitsDistillFunction.apply(s, t, target, normalizer, cfg, opts)
-    return _finish(outputs, leading_shape, reduction, return_parts)
+    norm_tensor, norm_value = _normalizer_args(normalizer)
+    loss, kd, ce, _stats = torch.ops.kidkernels.distill_logits(
+        s, t, target, norm_tensor, norm_value, cfg.divergence, cfg.beta, cfg.temperature, cfg.kd_weight,
+        cfg.mle_weight, cfg.ignore_index, vocab, reduction, resolve_backend(backend, device, dtype),
+        workspace_budget(workspace_bytes))
+    return _finish((loss, kd, ce), leading_shape, reduction, return_parts)
 
 
 def fused_linear_cross_entropy(
@@ -205,7 +242,7 @@ def fused_linear_cross_entropy(
     normalizer=None,
     backend: str | None = None,
     workspace_bytes: int | None = None,
-    weight_grad_fp32: bool = False,
+    weight_grad_fp32: bool | None = None,
 ):
     """Cross-entropy of ``input @ weight.T + bias`` against ``target`` (supervised fine-tuning), computed from hidden
     states and an lm_head weight without ever holding the ``[N, V]`` logits.
@@ -223,8 +260,7 @@ def fused_linear_cross_entropy(
         0 on ignored rows.
     normalizer: number or 0-d tensor dividing the sum for "mean", e.g. the count of target tokens over all
         micro-batches of a gradient-accumulation step.
-    backend, workspace_bytes: as for :func:`fused_linear_distill_loss`.
-    weight_grad_fp32: accumulate the weight gradient over chunks in float32 (then cast to the weight dtype).
+    backend, workspace_bytes, weight_grad_fp32: as for :func:`fused_linear_distill_loss`.
 
     Logits and softmax in float32 (float64 for float64 inputs); gradients reach ``input``, ``weight`` and ``bias`` in
     their dtypes.  Returns the loss: a 0-d float32 tensor (float64 for float64 inputs), or ``[...]`` for "none".
@@ -235,12 +271,12 @@ def fused_linear_cross_entropy(
     leading_shape = tuple(input.shape[:-1])
     vocab = weight.shape[0]
     check.check_bias("bias", bias, vocab)
-    device = check.check_devices(input=input, weight=weight, target=target, bias=bias)
-    target = check.check_target(target, x.shape[0], vocab, cfg.ignore_index, leading_shape)
-    normalizer = check.check_normalizer(normalizer, device)
-    opts = _linear_options(reduction, backend, device, x.dtype, workspace_bytes, weight_grad_fp32)
-    x, weight, bias = _trained(x, weight, bias)
-    outputs = LinearDistillFunction.apply(x, weight, bias, None, None, None, target, normalizer, cfg, opts)
+    check.check_devices(input=input, weight=weight, target=target, bias=bias)
+    target = check.check_target(target, x.shape[0], leading_shape)
+    normalizer = check.check_normalizer(normalizer, x.device)
+    outputs = _linear_loss(x, weight, bias, None, None, None, target, normalizer, cfg, vocab=vocab,
+                           reduction=reduction, backend=backend, workspace_bytes=workspace_bytes,
+                           weight_grad_fp32=weight_grad_fp32)
     return _finish(outputs, leading_shape, reduction, False)
 
 
@@ -253,14 +289,14 @@ class FusedLinearDistillLoss(nn.Module):
 
     def __init__(self, *, divergence: str = "rkl", beta: float = 0.5, temperature: float = 1.0,
                  kd_weight: float = 1.0, mle_weight: float = 0.0, ignore_index: int = -100, reduction: str = "mean",
-                 return_parts: bool = False, backend: str | None = None, workspace_bytes: int | None = None,
-                 weight_grad_fp32: bool = False):
+                 return_parts: bool = False, shared_vocab: int | None = None, backend: str | None = None,
+                 workspace_bytes: int | None = None, weight_grad_fp32: bool | None = None):
         super().__init__()
         check.check_options(divergence, beta, temperature, kd_weight, mle_weight, ignore_index, reduction)
         self.options = dict(divergence=divergence, beta=beta, temperature=temperature, kd_weight=kd_weight,
                             mle_weight=mle_weight, ignore_index=ignore_index, reduction=reduction,
-                            return_parts=return_parts, backend=backend, workspace_bytes=workspace_bytes,
-                            weight_grad_fp32=weight_grad_fp32)
+                            return_parts=return_parts, shared_vocab=shared_vocab, backend=backend,
+                            workspace_bytes=workspace_bytes, weight_grad_fp32=weight_grad_fp32)
 
     def forward(self, student_input, student_weight, teacher_input, teacher_weight, target=None, *,
                 student_bias=None, teacher_bias=None, normalizer=None):
@@ -276,7 +312,7 @@ class FusedLinearCrossEntropyLoss(nn.Module):
     """Module form of :func:`fused_linear_cross_entropy`: options in ``__init__``, tensors in :meth:`forward`."""
 
     def __init__(self, *, ignore_index: int = -100, reduction: str = "mean", backend: str | None = None,
-                 workspace_bytes: int | None = None, weight_grad_fp32: bool = False):
+                 workspace_bytes: int | None = None, weight_grad_fp32: bool | None = None):
         super().__init__()
         check.check_reduction(reduction)
         self.options = dict(ignore_index=check.check_ignore_index(ignore_index), reduction=reduction,

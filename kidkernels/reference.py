@@ -10,18 +10,37 @@ from __future__ import annotations
 import torch
 
 
+def _weighted_log_ratio(w, log_w, log_other):
+    """Per-element ``w (log_w - log_other)`` with ``0 log 0 = 0``: exactly 0 where the weight ``w`` is 0, ``+inf``
+    where ``w > 0`` but the other probability is 0.  Both logs are replaced where ``w`` is 0 before the subtraction,
+    so autograd never meets ``-inf - -inf`` either (its gradient there is 0, not NaN)."""
+    positive = w > 0
+    zero = torch.zeros((), dtype=w.dtype, device=w.device)
+    ratio = torch.where(positive, log_w, zero) - torch.where(positive, log_other, zero)
+    return torch.where(positive, w * ratio, zero)
+
+
 def reference_divergence(student_logits, teacher_logits, *, divergence="rkl", beta=0.5, temperature=1.0):
-    """Per-row divergence ``[N]`` between softmax(teacher/T) and softmax(student/T), in the logits' dtype."""
+    """Per-row divergence ``[N]`` between softmax(teacher/T) and softmax(student/T), in the logits' dtype.
+
+    Columns of zero weighting probability (``-inf`` logits) contribute 0; "jsd" at beta 0 and 1 is forward and reverse
+    KL (TRL's convention)."""
     logq = torch.log_softmax(student_logits / temperature, dim=-1)
     logp = torch.log_softmax(teacher_logits / temperature, dim=-1)
+    if divergence == "jsd" and beta in (0, 1):
+        divergence = "fkl" if beta == 0 else "rkl"
     if divergence == "fkl":
-        return (logp.exp() * (logp - logq)).sum(-1)
+        return _weighted_log_ratio(logp.exp(), logp, logq).sum(-1)
     if divergence == "rkl":
-        return (logq.exp() * (logq - logp)).sum(-1)
+        return _weighted_log_ratio(logq.exp(), logq, logp).sum(-1)
     if divergence == "jsd":
-        logm = torch.logaddexp(logp + torch.log(torch.tensor(beta, dtype=logp.dtype)),
-                               logq + torch.log1p(torch.tensor(-beta, dtype=logq.dtype)))
-        return beta * (logp.exp() * (logp - logm)).sum(-1) + (1 - beta) * (logq.exp() * (logq - logm)).sum(-1)
+        p, q = logp.exp(), logq.exp()
+        zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+        either = (p > 0) | (q > 0)  # where both are 0, finite stand-ins keep autograd away from -inf - -inf
+        logm = torch.logaddexp(torch.where(either, logp, zero) + torch.log(torch.tensor(beta, dtype=logp.dtype)),
+                               torch.where(either, logq, zero) + torch.log1p(torch.tensor(-beta, dtype=logq.dtype)))
+        return beta * _weighted_log_ratio(p, logp, logm).sum(-1) + \
+            (1 - beta) * _weighted_log_ratio(q, logq, logm).sum(-1)
     if divergence == "tvd":
         return 0.5 * (logp.exp() - logq.exp()).abs().sum(-1)
     raise ValueError(f"unknown divergence {divergence!r}")

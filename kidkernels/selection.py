@@ -20,7 +20,8 @@ import torch
 
 from . import _validation as check
 from ._backend import BACKENDS, resolve_backend
-from .ops.selection import STRATEGIES, linear_entropy_argmax, select_positions_mask
+from .ops import custom_ops  # noqa: F401  (registers the ops)
+from .ops.selection import STRATEGIES, select_positions_mask
 from .ops.workspace import workspace_budget
 
 __all__ = ["fused_linear_entropy", "fused_linear_argmax", "select_positions", "fused_linear_select", "STRATEGIES"]
@@ -112,13 +113,17 @@ def _prepare_linear(input, weight, bias):
     return x, weight.contiguous(), leading_shape
 
 
-def _linear_stats(input, weight, bias, *, temperature, with_entropy, with_argmax, backend, workspace_bytes):
+def _linear_stats(input, weight, bias, *, temperature, statistic, backend, workspace_bytes):
     x, weight, leading_shape = _prepare_linear(input, weight, bias)
-    entropy, argmax = linear_entropy_argmax(
-        x, weight, bias, inv_temp=1.0 / temperature, with_entropy=with_entropy, with_argmax=with_argmax,
-        backend=resolve_backend(backend, x.device, x.dtype), workspace_bytes=workspace_budget(workspace_bytes))
-    reshape = (lambda t: t.reshape(leading_shape) if t is not None else None)
-    return reshape(entropy), reshape(argmax)
+    bias = bias.detach() if bias is not None else None
+    backend = resolve_backend(backend, x.device, x.dtype)
+    workspace_bytes = workspace_budget(workspace_bytes)
+    if statistic == "entropy":
+        out = torch.ops.kidkernels.linear_entropy(x.detach(), weight.detach(), bias, 1.0 / temperature, backend,
+                                                  workspace_bytes)
+    else:
+        out = torch.ops.kidkernels.linear_argmax(x.detach(), weight.detach(), bias, backend, workspace_bytes)
+    return out.reshape(leading_shape)
 
 
 def fused_linear_entropy(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -133,8 +138,8 @@ def fused_linear_entropy(input: torch.Tensor, weight: torch.Tensor, bias: torch.
     Returns ``[...]`` (the input's leading shape; ``[N]`` for 2-D input) float32 (float64 for float64 inputs).
     """
     temperature = _check_temperature(temperature)
-    return _linear_stats(input, weight, bias, temperature=temperature, with_entropy=True, with_argmax=False,
-                         backend=backend, workspace_bytes=workspace_bytes)[0]
+    return _linear_stats(input, weight, bias, temperature=temperature, statistic="entropy", backend=backend,
+                         workspace_bytes=workspace_bytes)
 
 
 def fused_linear_argmax(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -145,8 +150,8 @@ def fused_linear_argmax(input: torch.Tensor, weight: torch.Tensor, bias: torch.T
     input: ``[..., H]``; weight: ``[V, H]`` of the same dtype; bias: ``[V]`` or None.
     Returns ``[...]`` (the input's leading shape) int64.
     """
-    return _linear_stats(input, weight, bias, temperature=1.0, with_entropy=False, with_argmax=True,
-                         backend=backend, workspace_bytes=workspace_bytes)[1]
+    return _linear_stats(input, weight, bias, temperature=1.0, statistic="argmax", backend=backend,
+                         workspace_bytes=workspace_bytes)
 
 
 def select_positions(valid: torch.Tensor, alpha: float, strategy: str, *, scores: torch.Tensor | None = None,

@@ -28,12 +28,40 @@ def hidden_and_weight(n: int, hidden: int, vocab: int, *, logit_std: float, dtyp
     return x.to(**to), w.to(**to), (b.to(**to) if b is not None else None)
 
 
+def _storage(t: torch.Tensor):
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return id(t)
+
+
+def _flat(args, kwargs):
+    for a in list(args) + list((kwargs or {}).values()):
+        if isinstance(a, (list, tuple)):
+            yield from a
+        else:
+            yield a
+
+
+def _registered_python_impl(func):
+    """The Python function behind a ``kidkernels::`` custom op (None for any other op)."""
+    name = getattr(func, "_schema", None) and func._schema.name
+    if not name or not name.startswith("kidkernels::"):
+        return None
+    from torch._library.custom_ops import OPDEFS
+
+    return OPDEFS[name]._init_fn
+
+
 class TensorRecorder:
-    """Records every aten op run inside it and the largest tensor any op produced, in bytes.
+    """Records every aten op run inside it and the largest tensor any op allocated, in bytes (views and in-place
+    results, which share an input's storage, allocate nothing; ``allocations`` lists the others).
 
     Used to prove that no ``[N, V]`` tensor is ever allocated (``max_bytes``; bytes rather than elements, since the
     Triton interpreter views buffers as uint8) and that no value is read back to the
-    host (``host_reads``: calls of ``aten._local_scalar_dense``, which ``.item()``, ``bool(t)`` and friends go through).
+    host (``host_reads``: calls of ``aten._local_scalar_dense`` and ``aten.is_nonzero``, which ``.item()``, ``bool(t)``
+    and friends go through).
+    The ops inside kidkernels' registered ops are recorded as well (see ``_registered_python_impl``).
     """
 
     def __init__(self):
@@ -43,20 +71,34 @@ class TensorRecorder:
 
         class _Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                out = func(*args, **(kwargs or {}))
+                inner = _registered_python_impl(func)
+                if inner is not None:
+                    # A kidkernels op registered with torch.library is one node to the dispatcher: run its Python
+                    # implementation with this mode active again, so that the ops inside it are recorded too.
+                    with self:
+                        out = inner(*args, **(kwargs or {}))
+                else:
+                    out = func(*args, **(kwargs or {}))
                 recorder.ops.append(str(func))
+                # Views and in-place results share an input's storage: only new storage is an allocation.
+                inputs = {_storage(a) for a in _flat(args, kwargs) if isinstance(a, torch.Tensor)}
                 for t in out if isinstance(out, (tuple, list)) else (out,):
-                    if isinstance(t, torch.Tensor):
-                        recorder.max_bytes = max(recorder.max_bytes, t.numel() * t.element_size())
+                    if isinstance(t, torch.Tensor) and _storage(t) not in inputs:
+                        nbytes = t.numel() * t.element_size()
+                        recorder.max_bytes = max(recorder.max_bytes, nbytes)
+                        recorder.allocations.append((str(func), nbytes, t.dtype))
                 return out
 
         self._mode = _Mode()
         self.ops: list[str] = []
+        self.allocations: list[tuple[str, int, torch.dtype]] = []
         self.max_bytes = 0
 
     @property
     def host_reads(self) -> int:
-        return sum("_local_scalar_dense" in op for op in self.ops)
+        # bool(t) reaches a dispatch mode as is_nonzero (its item() is not dispatched again), .item() as
+        # _local_scalar_dense.
+        return sum(any(name in op for name in ("_local_scalar_dense", "is_nonzero", "aten.item")) for op in self.ops)
 
     def __enter__(self):
         self._mode.__enter__()

@@ -239,19 +239,20 @@ def test_no_tokens_by_vocab_tensor(backend, device):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_no_host_reads_in_forward_or_backward(backend, device, reduction):
-    """The dispatch layer never reads a tensor value back to the host (no .item(), no branch on a tensor)."""
-    from kidkernels.ops.config import DistillConfig
-    from kidkernels.ops.distill import DispatchOptions, LinearDistillFunction
+def test_no_host_reads_in_forward_or_backward(backend, device, reduction, monkeypatch):
+    """The public call, the registered op and its backward never read a tensor value back to the host.  The range
+    check of a CPU target reads by design (no device to wait for; a device-side assertion on CUDA): stubbed here."""
+    from kidkernels.ops import custom_ops
 
+    checked = []
+    monkeypatch.setattr(custom_ops, "check_target_range", lambda *args: checked.append(args))
     case = make_case(device=device, seed=18)
-    cfg = DistillConfig.cross_entropy(-100)
-    opts = DispatchOptions(reduction, backend, 1 << 20)
     with TensorRecorder() as rec:
-        loss, _, _ = LinearDistillFunction.apply(case["input"], case["weight"], case["bias"], None, None, None,
-                                                 case["target"], None, cfg, opts)
+        loss = kidkernels.fused_linear_cross_entropy(**case, reduction=reduction, workspace_bytes=1 << 20,
+                                                     backend=backend)
         loss.sum().backward()
-    assert rec.host_reads == 0
+    assert checked and rec.host_reads == 0
+    assert any("kidkernels.linear_distill" in op for op in rec.ops) and any("aten.mm" in op for op in rec.ops)
 
 
 # ------------------------------------------------------------------------------------------------- bad input

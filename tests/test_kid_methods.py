@@ -2,6 +2,7 @@
 backend of kidkernels), and MethodConfig rejects bad options."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -142,17 +143,33 @@ def test_trainer_and_objective_reject_a_missing_teacher(tmp_path):
     with pytest.raises(ValueError, match="lm_heads differ"):
         DistillTrainer(model=student, args=args, method_config=MethodConfig(method="rkd"),
                        teacher=tiny_model(1, vocab=80), eos_token_id=EOS)
-    # Padded lm_heads of one family (Qwen1.5: 151,936 vs 152,064 rows) are fine when the smaller covers the
-    # tokenizer: both heads are cut to it.
+    # Padded lm_heads of one family (Qwen2: 151,936 vs 152,064 rows) are fine when the smaller covers the
+    # tokenizer: the fused loss uses the first shared rows of both (kidkernels' shared_vocab, no slicing here).
+    from kid.methods import _prediction_head, distill_term
+    from kid.models import LMHead
     from tests.kid_tiny import tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
     assert len(tokenizer) <= 64
     trainer = DistillTrainer(model=student, args=args, method_config=MethodConfig(method="rkd"),
                              teacher=tiny_model(1, vocab=80), processing_class=tokenizer)
-    assert trainer.vocab_size == 64
+    assert trainer.vocab_size == trainer.shared_vocab == 64
     ctx = trainer._context(student, torch.device("cpu"))
-    assert ctx.teacher_head.weight.shape[0] == ctx.student_head.weight.shape[0] == 64
+    assert ctx.shared_vocab == 64 and ctx.teacher_head.weight.shape[0] == 80 and ctx.student_head.num_rows == 64
+    batch = DistillCollator(PAD)(tiny_examples(2))
+    loss, kd, _ = distill_term(ctx, batch, 4, divergence="rkl", mle_weight=1.0)
+    t_head = ctx.teacher_head
+    cut = dataclasses.replace(ctx, shared_vocab=None,
+                              teacher_head=LMHead(t_head.weight[:64].clone(), t_head.bias))
+    loss_cut, kd_cut, _ = distill_term(cut, batch, 4, divergence="rkl", mle_weight=1.0)
+    assert torch.allclose(loss, loss_cut, rtol=1e-6) and torch.allclose(kd, kd_cut, rtol=1e-6) and kd > 0
+    # a padded student: KID's predictions come from its first 64 rows only (tokens the teacher has)
+    padded = tiny_model(2, vocab=80)
+    trainer = DistillTrainer(model=padded, args=args, method_config=MethodConfig(method="rkd"), teacher=student,
+                             processing_class=tokenizer)
+    ctx = trainer._context(padded, torch.device("cpu"))
+    assert ctx.shared_vocab == 64 and ctx.student_head.num_rows == 80 and _prediction_head(ctx).num_rows == 64
+    assert _prediction_head(ctx).weight.shape[0] == 64
     ctx = DistillContext(config=MethodConfig(method="fkd"), student=student, student_head=lm_head_of(student),
                          teacher=None, teacher_head=None, eos_token_id=EOS, pad_token_id=PAD)
     batch = DistillCollator(PAD)(tiny_examples(2))
@@ -184,8 +201,8 @@ def test_generating_methods_need_prompts_in_the_batch():
     ({"mle_input": "both"}, "mle_input must be"),
     ({"divergence": "kl"}, "divergence must be"),
     ({"gkd_divergence": "fkl"}, "gkd_divergence must be"),
-    ({"beta": 0.0}, r"beta must be in \(0, 1\)"),
-    ({"beta": 1.0}, r"beta must be in \(0, 1\)"),
+    ({"beta": -0.1}, r"beta must be in \[0, 1\]"),
+    ({"beta": 1.5}, r"beta must be in \[0, 1\]"),
     ({"gkd_lambda": 2.0}, r"gkd_lambda must be in \[0, 1\]"),
     ({"fdistill_teacher_probability": -1}, "fdistill_teacher_probability must be"),
     ({"imitkd_gold_probability": "cosine"}, "imitkd_gold_probability must be 'linear' or a number"),
@@ -217,3 +234,4 @@ def test_method_config_defaults_and_mapping():
         MethodConfig.from_mapping({"alhpa": 0.3})
     assert {m for m in METHODS if MethodConfig(method=m).generates} == set(GENERATING_METHODS)
     assert math.isclose(MethodConfig(alpha=1).alpha, 1.0)
+    assert MethodConfig(method="gkd", beta=0.0).beta == 0.0 and MethodConfig(method="gkd", beta=1.0).beta == 1.0

@@ -7,8 +7,8 @@ surface on a machine with no GPU.  It needs the CUDA tools that the ``triton`` w
     python tools/compile_kernels.py [--arch 90] [--quick]
 
 ``--quick`` compiles one representative variant per kernel and dtype (used by the test suite): the distillation
-kernels with a teacher in bfloat16 and without one (the cross-entropy alone, ``HAS_TEACHER=False``) in float32, so
-that both code paths are compiled.
+kernels with a teacher (JSD: the statistics, value and gradient kernels) in bfloat16 and without one (the
+cross-entropy alone, ``HAS_TEACHER=False``) in float32, so that both code paths are compiled.
 """
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from kidkernels.kernels.distill_backward import distill_grad_kernel  # noqa: E402
-from kidkernels.kernels.distill_forward import distill_lse_kernel, distill_value_kernel  # noqa: E402
-from kidkernels.kernels.entropy_argmax import row_entropy_argmax_kernel  # noqa: E402
+from kidkernels.kernels.distill_forward import distill_stats_kernel, distill_value_kernel  # noqa: E402
+from kidkernels.kernels.entropy_argmax import row_argmax_kernel, row_entropy_kernel  # noqa: E402
 
 BLOCK_V = 4096
 
@@ -48,27 +48,32 @@ def _distill_variants(ptr: str, has_teacher: bool, quick: bool):
         flags = [(True, True)] if quick else [(False, False), (True, False), (True, True)]
     else:  # the cross-entropy alone: a target and the MLE term, T == 1, no divergence (DIVERGENCE is not read)
         separate_flags, divergences, flags = [False], [0], [(True, True)]
-    for separate in separate_flags:
-        sig = dict(_row_pair(ptr), stats_ptr="*fp32", stat_stride="i64", V="i32", inv_temp="fp32",
-                   SEPARATE_CE_LSE="constexpr", HAS_TEACHER="constexpr", BLOCK_V="constexpr")
-        yield "distill_lse", distill_lse_kernel, sig, dict(SEPARATE_CE_LSE=separate, HAS_TEACHER=has_teacher,
-                                                           BLOCK_V=BLOCK_V)
-    for div, (has_target, has_mle) in itertools.product(divergences, flags):
-        common = dict(target_ptr="*i64", stats_ptr="*fp32", stat_stride="i64")
-        scalars = dict(V="i32", inv_temp="fp32", beta="fp32", log_beta="fp32", log_one_minus_beta="fp32")
-        sig = dict(_row_pair(ptr), **common, **scalars, ignore_index="i32", DIVERGENCE="constexpr",
-                   HAS_TARGET="constexpr", HAS_MLE="constexpr", HAS_TEACHER="constexpr", BLOCK_V="constexpr")
-        yield "distill_value", distill_value_kernel, sig, dict(DIVERGENCE=div, HAS_TARGET=has_target,
-                                                               HAS_MLE=has_mle, HAS_TEACHER=has_teacher,
+    common = dict(target_ptr="*i64", stats_ptr="*fp32", stat_stride="i64")
+    scalars = dict(V="i32", inv_temp="fp32", beta="fp32", log_beta="fp32", log_one_minus_beta="fp32")
+    for separate, div, has_target in itertools.product(separate_flags, divergences, sorted({f[0] for f in flags})):
+        sig = dict(_row_pair(ptr), **common, V="i32", inv_temp="fp32", ignore_index="i32",
+                   DIVERGENCE="constexpr", HAS_TEACHER="constexpr", HAS_TARGET="constexpr",
+                   SEPARATE_CE_LSE="constexpr", BLOCK_V="constexpr")
+        yield "distill_stats", distill_stats_kernel, sig, dict(DIVERGENCE=div, HAS_TEACHER=has_teacher,
+                                                               HAS_TARGET=has_target, SEPARATE_CE_LSE=separate,
                                                                BLOCK_V=BLOCK_V)
+    if has_teacher:
+        for div, has_target in itertools.product([d for d in divergences if d >= 2], [True] if quick else
+                                                 [False, True]):
+            sig = dict(_row_pair(ptr), **common, **scalars, ignore_index="i32", DIVERGENCE="constexpr",
+                       HAS_TARGET="constexpr", BLOCK_V="constexpr")
+            yield "distill_value", distill_value_kernel, sig, dict(DIVERGENCE=div, HAS_TARGET=has_target,
+                                                                   BLOCK_V=BLOCK_V)
+    for separate, div, (has_target, has_mle) in itertools.product(separate_flags, divergences, flags):
         for has_weight in ([True] if quick else [False, True]):
             sig = dict(_row_pair(ptr), **common, row_weight_ptr="*fp32", row_weight_stride="i64",
                        grad_ptr=ptr, grad_row_stride="i64", **scalars, kd_scale="fp32", mle_weight="fp32",
                        ignore_index="i32", DIVERGENCE="constexpr", HAS_TARGET="constexpr", HAS_MLE="constexpr",
-                       HAS_ROW_WEIGHT="constexpr", HAS_TEACHER="constexpr", BLOCK_V="constexpr")
+                       HAS_ROW_WEIGHT="constexpr", HAS_TEACHER="constexpr", SEPARATE_CE_LSE="constexpr",
+                       BLOCK_V="constexpr")
             yield "distill_grad", distill_grad_kernel, sig, dict(
                 DIVERGENCE=div, HAS_TARGET=has_target, HAS_MLE=has_mle, HAS_ROW_WEIGHT=has_weight,
-                HAS_TEACHER=has_teacher, BLOCK_V=BLOCK_V)
+                HAS_TEACHER=has_teacher, SEPARATE_CE_LSE=separate, BLOCK_V=BLOCK_V)
 
 
 def variants(quick: bool):
@@ -77,11 +82,11 @@ def variants(quick: bool):
     for ptr in dtypes:
         for has_teacher in ([QUICK_HAS_TEACHER[ptr]] if quick else [True, False]):
             yield from _distill_variants(ptr, has_teacher, quick)
-        for with_entropy, with_argmax in ([(True, True)] if quick else [(True, True), (True, False), (False, True)]):
-            sig = dict(logits_ptr=ptr, row_stride="i64", entropy_ptr="*fp32", argmax_ptr="*i64", V="i32",
-                       inv_temp="fp32", WITH_ENTROPY="constexpr", WITH_ARGMAX="constexpr", BLOCK_V="constexpr")
-            yield "row_entropy_argmax", row_entropy_argmax_kernel, sig, dict(
-                WITH_ENTROPY=with_entropy, WITH_ARGMAX=with_argmax, BLOCK_V=BLOCK_V)
+        sig = dict(logits_ptr=ptr, row_stride="i64", entropy_ptr="*fp32", V="i32", inv_temp="fp32",
+                   BLOCK_V="constexpr")
+        yield "row_entropy", row_entropy_kernel, sig, dict(BLOCK_V=BLOCK_V)
+        sig = dict(logits_ptr=ptr, row_stride="i64", argmax_ptr="*i64", V="i32", BLOCK_V="constexpr")
+        yield "row_argmax", row_argmax_kernel, sig, dict(BLOCK_V=BLOCK_V)
 
 
 def main(argv=None) -> int:

@@ -2,16 +2,22 @@
 
     ds_j = w * ( kd_weight / T * dD/da_j + mle_weight * (softmax(s)_j - [j == target]) )
 
-with ``w`` the row's weight (the upstream gradient for ``reduction="none"``, 1 otherwise) and 0 on ignored rows, so
-every element of the gradient row is written, ignored rows included.  The gradient is stored in the dtype of
-``grad_ptr`` (the student's input dtype, ready for the gradient matmuls); it may alias the student logits when
-those are float32, since each element is read before it is overwritten by the same lane.  ``HAS_TEACHER=False``
-(the cross-entropy alone) compiles the divergence term out and never reads the teacher pointer.
+with ``w`` the row's weight (the upstream gradient for ``reduction="none"``, 1 / the mean's denominator for "mean",
+1 for "sum").  Every element of the gradient row is written; ignored rows are written as zeros without reading the
+logits.  The gradient is stored in the dtype of ``grad_ptr`` (the student's input dtype, ready for the gradient
+matmuls); it may alias the student logits when those are float32, since each element is read before it is overwritten
+by the same lane.  ``HAS_TEACHER=False`` (the cross-entropy alone) compiles the divergence term out and never reads the
+teacher pointer.
+
+The column of the student's largest logit (TOP) is written last, as minus the sum of the row's other elements: every
+term sums to 0 over the row, and where the student is confident its largest element is the small difference of terms
+close to 1 (``q_top - p_top``, ``softmax_top - 1``, ...) that the per-element formula would lose in float32.  At T = 1
+the MLE term's softmax is the divergence's q: one exponential per element, not two.
 """
 import triton
 import triton.language as tl
 
-from .distill_forward import CENTER, LSE_CE, LSE_STUDENT, LSE_TEACHER
+from .distill_forward import CENTER, CENTER_2, LSE_CE, TOP, load_log_normalisers
 from .divergence import divergence_grad
 
 
@@ -20,36 +26,54 @@ def distill_grad_kernel(
     s_ptr, s_row_stride, t_ptr, t_row_stride, target_ptr, stats_ptr, stat_stride,
     row_weight_ptr, row_weight_stride, grad_ptr, grad_row_stride,
     V, inv_temp, beta, log_beta, log_one_minus_beta, kd_scale, mle_weight, ignore_index,
-    DIVERGENCE: tl.constexpr, HAS_TARGET: tl.constexpr, HAS_MLE: tl.constexpr,
-    HAS_ROW_WEIGHT: tl.constexpr, HAS_TEACHER: tl.constexpr, BLOCK_V: tl.constexpr,
+    DIVERGENCE: tl.constexpr, HAS_TARGET: tl.constexpr, HAS_MLE: tl.constexpr, HAS_ROW_WEIGHT: tl.constexpr,
+    HAS_TEACHER: tl.constexpr, SEPARATE_CE_LSE: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    s_row = s_ptr + row * s_row_stride
-    t_row = t_ptr + row * t_row_stride
     g_row = grad_ptr + row * grad_row_stride
-    if HAS_TEACHER:
-        lse_s = tl.load(stats_ptr + LSE_STUDENT * stat_stride + row)
-        lse_t = tl.load(stats_ptr + LSE_TEACHER * stat_stride + row)
-        center = tl.load(stats_ptr + CENTER * stat_stride + row)
-    lse_ce = tl.load(stats_ptr + LSE_CE * stat_stride + row)
-    w = 1.0
-    if HAS_ROW_WEIGHT:
-        w = tl.load(row_weight_ptr + row * row_weight_stride).to(tl.float32)
+    counted = True
     tgt = -1
     if HAS_TARGET:
         tgt = tl.load(target_ptr + row)
-        w = tl.where(tgt != ignore_index, w, 0.0)
-    for v0 in range(0, V, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
-        mask = cols < V
-        s = tl.load(s_row + cols, mask=mask, other=0.0).to(tl.float32)
+        counted = tgt != ignore_index
+    if counted:
+        s_row = s_ptr + row * s_row_stride
+        t_row = t_ptr + row * t_row_stride
+        m_s, logz_s, m_t, logz_t = load_log_normalisers(stats_ptr, stat_stride, row, HAS_TEACHER)
+        lse_c = tl.load(stats_ptr + LSE_CE * stat_stride + row)
+        top = tl.load(stats_ptr + TOP * stat_stride + row).to(tl.int32)
+        center = 0.0
+        center_2 = 0.0
         if HAS_TEACHER:
-            t = tl.load(t_row + cols, mask=mask, other=0.0).to(tl.float32)
-            logq = s * inv_temp - lse_s
-            logp = t * inv_temp - lse_t
-            g = kd_scale * divergence_grad(logq, logp, center, beta, log_beta, log_one_minus_beta, DIVERGENCE)
-        else:
+            center = tl.load(stats_ptr + CENTER * stat_stride + row)
+            center_2 = tl.load(stats_ptr + CENTER_2 * stat_stride + row)
+        w = 1.0
+        if HAS_ROW_WEIGHT:
+            w = tl.load(row_weight_ptr + row * row_weight_stride).to(tl.float32)
+        rest = 0.0
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            mask = cols < V
+            s = tl.load(s_row + cols, mask=mask, other=0.0).to(tl.float32)
+            a = s * inv_temp
+            logq = (a - m_s) - logz_s
+            q = tl.exp(logq)
             g = tl.zeros([BLOCK_V], dtype=tl.float32)
-        if HAS_MLE:
-            g += mle_weight * (tl.exp(s - lse_ce) - tl.where(cols == tgt, 1.0, 0.0))
-        tl.store(g_row + cols, (w * g).to(grad_ptr.dtype.element_ty), mask=mask)
+            if HAS_TEACHER:
+                b = tl.load(t_row + cols, mask=mask, other=0.0).to(tl.float32) * inv_temp
+                g = kd_scale * divergence_grad(a, b, logq, (b - m_t) - logz_t, q, center, center_2, beta, log_beta,
+                                               log_one_minus_beta, DIVERGENCE)
+            if HAS_MLE:
+                softmax = q
+                if SEPARATE_CE_LSE:
+                    softmax = tl.exp(s - lse_c)
+                g += mle_weight * (softmax - tl.where(cols == tgt, 1.0, 0.0))
+            g = w * g
+            rest_lanes = mask & (cols != top)
+            tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=rest_lanes)
+            rest += tl.sum(tl.where(rest_lanes, g, 0.0), axis=0)
+        tl.store(g_row + top, (-rest).to(grad_ptr.dtype.element_ty))
+    else:
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            tl.store(g_row + cols, tl.zeros([BLOCK_V], dtype=grad_ptr.dtype.element_ty), mask=cols < V)

@@ -2,35 +2,103 @@
 
 A row of logits is read one tile of ``BLOCK_V`` columns at a time; these helpers fold a tile into running scalars so
 that no kernel ever needs the whole row in registers.  Masked lanes must carry ``-inf`` logits (``other=-inf`` in the
-load) for :func:`online_lse_update` and :func:`online_argmax_update`; :func:`online_entropy_update` takes the mask
-(and ignores masked lanes whatever they hold).
+load) for :func:`online_lse_update`, :func:`online_kl_update` and :func:`online_argmax_update`;
+:func:`online_entropy_update` takes the mask (and ignores masked lanes whatever they hold).
 
 The running state of a log-sum-exp is ``(m, z)`` with ``m`` the largest logit seen and ``z = sum(exp(x - m))``, so
-``logsumexp = m + log(z)``.  When a tile raises the maximum from ``m`` to ``m'`` the old sum is rescaled by
-``exp(m - m')``; starting from ``m = -inf, z = 0`` the first rescale is ``0 * exp(-inf) = 0``, which is exact.
+``logsumexp = m + log(z)``.  A tile is reduced to its own state and merged into the running one (:func:`merge_lse`):
+the sum with the smaller maximum is rescaled by ``exp(m_small - m_large)``.  The one-pass KL state holds both models'
+log-sum-exp states and ``s = sum exp(x - m_x) ((x - y) - (m_x - m_y))`` (:func:`merge_kl`).  The merges are what a
+kernel that splits a row over several programs (or fuses the matmul) combines its partial states with.
 """
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def online_lse_update(m, z, x):
-    """Fold tile ``x`` (masked lanes ``-inf``) into the running max ``m`` and rescaled sum ``z``.
+def finite_ref(m):
+    """A finite shift for a running maximum: ``m`` itself, or 0 while every logit seen is ``-inf``."""
+    return tl.where(m > float("-inf"), m, 0.0)
 
-    The shift is a finite reference (``m_new``, or 0 while every logit seen is ``-inf``, e.g. a first tile masked by a
-    ``-inf`` bias), so no lane forms ``-inf - -inf``; while ``m`` is ``-inf`` the old sum is 0 and its rescale is 1.
+
+@triton.jit
+def merge_lse(m1, z1, m2, z2):
+    """Merge two log-sum-exp states ``(m, z)`` (``z = sum exp(x - m)``, ``(-inf, 0)`` for no finite logit).
+
+    Each old sum is rescaled by ``exp(m_i - m)`` with ``m = max(m1, m2)`` replaced by 0 while both are ``-inf``, so no
+    ``-inf - -inf`` is ever formed: a state at ``-inf`` has ``z = 0`` and rescales to 0.
     """
-    m_new = tl.maximum(m, tl.max(x, axis=0))
-    ref = tl.where(m_new > float("-inf"), m_new, 0.0)
-    scale = tl.where(m > float("-inf"), tl.exp(m - ref), 1.0)
-    z_new = z * scale + tl.sum(tl.exp(x - ref), axis=0)
-    return m_new, z_new
+    m = tl.maximum(m1, m2)
+    ref = finite_ref(m)
+    return m, z1 * tl.exp(m1 - ref) + z2 * tl.exp(m2 - ref)
+
+
+@triton.jit
+def online_lse_update(m, z, x):
+    """Fold tile ``x`` (masked lanes ``-inf``) into the running max ``m`` and rescaled sum ``z``."""
+    m_tile = tl.max(x, axis=0)
+    z_tile = tl.sum(tl.exp(x - finite_ref(m_tile)), axis=0)
+    return merge_lse(m, z, m_tile, z_tile)
 
 
 @triton.jit
 def finish_lse(m, z):
     """log-sum-exp from the running state."""
     return m + tl.log(z)
+
+
+@triton.jit
+def kl_offset(m_x, m_y):
+    """The reference offset ``m_x - m_y`` of the one-pass KL state (finite stand-ins for ``-inf`` maxima)."""
+    return finite_ref(m_x) - finite_ref(m_y)
+
+
+@triton.jit
+def merge_kl(mx1, zx1, my1, zy1, s1, mx2, zx2, my2, zy2, s2):
+    """Merge two one-pass KL states ``(m_x, z_x, m_y, z_y, s)``: the log-sum-exp states of the weighting logits ``x``
+    and of the other logits ``y``, and ``s = sum exp(x - m_x) ((x - y) - (m_x - m_y))``.
+
+    ``s`` is referenced to the difference of the maxima, so that a constant offset between the two models' logits
+    (common: different models, different logit levels) never enters the sum, only the small per-element deviations
+    from it; re-referencing a part to the merged maxima adds ``z_i ((m_xi - m_x) - (m_yi - m_y))``, a difference of
+    maxima, not of large sums.
+    """
+    mx = tl.maximum(mx1, mx2)
+    my = tl.maximum(my1, my2)
+    rx, ry = finite_ref(mx), finite_ref(my)
+    scale1 = tl.exp(mx1 - rx)
+    scale2 = tl.exp(mx2 - rx)
+    # z == 0 (a part with no finite x yet) contributes 0 whatever its offsets.
+    shift1 = tl.where(zx1 > 0, zx1 * ((finite_ref(mx1) - rx) - (finite_ref(my1) - ry)), 0.0)
+    shift2 = tl.where(zx2 > 0, zx2 * ((finite_ref(mx2) - rx) - (finite_ref(my2) - ry)), 0.0)
+    _, zy = merge_lse(my1, zy1, my2, zy2)
+    return mx, zx1 * scale1 + zx2 * scale2, my, zy, (s1 + shift1) * scale1 + (s2 + shift2) * scale2
+
+
+@triton.jit
+def online_kl_update(mx, zx, my, zy, s, x, y):
+    """Fold tile ``(x, y)`` (masked lanes ``-inf`` in both) into the one-pass state of ``KL(softmax(x) ||
+    softmax(y))`` (:func:`merge_kl`, :func:`finish_kl`), which holds both log-sum-exps as well.
+
+    A lane whose weight ``exp(x - m_x)`` is 0 (``x = -inf``: masked lanes, a masked vocabulary) contributes nothing,
+    even where ``y`` is ``-inf`` too; a lane with ``x`` finite and ``y = -inf`` makes the KL ``+inf``, as it is.
+    """
+    mx_tile = tl.max(x, axis=0)
+    my_tile = tl.max(y, axis=0)
+    e = tl.exp(x - finite_ref(mx_tile))
+    weighted = e > 0  # x - y is formed only there: elsewhere both may be -inf
+    deviation = (tl.where(weighted, x, 0.0) - tl.where(weighted, y, 0.0)) - kl_offset(mx_tile, my_tile)
+    s_tile = tl.sum(e * deviation, axis=0)
+    zy_tile = tl.sum(tl.exp(y - finite_ref(my_tile)), axis=0)
+    return merge_kl(mx, zx, my, zy, s, mx_tile, tl.sum(e, axis=0), my_tile, zy_tile, s_tile)
+
+
+@triton.jit
+def finish_kl(zx, zy, s):
+    """``KL(softmax(x) || softmax(y)) = E[x - y] - (lse(x) - lse(y)) = s / z_x - (log z_x - log z_y)``: the offset
+    ``m_x - m_y`` cancels exactly, so nothing of the size of the logits is subtracted (a per-element two-pass form
+    subtracts log-sum-exps rounded at that size)."""
+    return s / zx - (tl.log(zx) - tl.log(zy))
 
 
 @triton.jit
@@ -51,7 +119,7 @@ def online_entropy_update(m, z, acc, x, mask):
     # Every shift below is by a finite reference, so no lane ever forms inf - inf or 0 * inf: m_new, or 0 while no
     # finite logit has been seen.  The old maximum is replaced by that reference while it is still -inf, where the old
     # state is z = acc = 0 and its rescale does not matter.
-    ref = tl.where(m_new > float("-inf"), m_new, 0.0)
+    ref = finite_ref(m_new)
     m_old = tl.where(m > float("-inf"), m, ref)
     scale = tl.exp(m_old - ref)
     e = tl.where(mask, tl.exp(x - ref), 0.0)

@@ -1,1 +1,2 @@
-"""Dispatch layer: shapes, dtypes, chunking, backend choice and the autograd functions built on the kernels."""
+"""Dispatch layer: shapes, dtypes, chunking, backend choice, and the ops registered with ``torch.library``
+(:mod:`.custom_ops`) that the public API calls."""

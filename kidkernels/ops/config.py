@@ -7,13 +7,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+# Rows of the per-row statistics array shared by the backends: defined once, in kernels/stats_layout.py.
+from ..kernels.stats_layout import (  # noqa: F401
+    CE, CENTER, CENTER_2, KD, LOGZ_STUDENT, LOGZ_TEACHER, LSE_CE, MAX_STUDENT, MAX_TEACHER, MAX_VOCAB, NUM_STATS, TOP,
+)
+
 DIVERGENCES = ("fkl", "rkl", "jsd", "tvd")
 DIVERGENCE_CODE = {name: code for code, name in enumerate(DIVERGENCES)}
 REDUCTIONS = ("mean", "sum", "none")
-
-# Rows of the per-row statistics array shared by the backends (see kidkernels/kernels/distill_forward.py).
-LSE_STUDENT, LSE_TEACHER, LSE_CE, KD, CE, CENTER = range(6)
-NUM_STATS = 6
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,7 @@ class DistillConfig:
     ignore_index: int
     has_target: bool
     # False: no teacher logits at all (the MLE term alone); the kernels skip the teacher log-sum-exp and the divergence
-    # (KD and CENTER are 0, LSE_TEACHER is not written).  Needs a target and kd_weight == 0.
+    # (KD and the centers are 0, the teacher rows are not written).  Needs a target and kd_weight == 0.
     has_teacher: bool = True
 
     def __post_init__(self):
@@ -40,8 +41,21 @@ class DistillConfig:
         return cls("fkl", 0.5, 1.0, 0.0, 1.0, ignore_index, True, has_teacher=False)
 
     @property
+    def effective_divergence(self) -> str:
+        """The divergence the kernels compute: "jsd" at beta 0 is forward KL and at beta 1 reverse KL (TRL's
+        convention: the mixture form tends to 0 at both ends, as beta KL(p||q) and (1-beta) KL(q||p))."""
+        if self.divergence == "jsd" and self.beta in (0.0, 1.0):
+            return "fkl" if self.beta == 0.0 else "rkl"
+        return self.divergence
+
+    @property
     def code(self) -> int:
-        return DIVERGENCE_CODE[self.divergence]
+        return DIVERGENCE_CODE[self.effective_divergence]
+
+    @property
+    def one_pass(self) -> bool:
+        """One statistics pass gives the value (FKL, RKL, the cross-entropy alone); JSD and TVD need a second."""
+        return not self.has_teacher or self.effective_divergence in ("fkl", "rkl")
 
     @property
     def inv_temp(self) -> float:
@@ -63,8 +77,9 @@ class DistillConfig:
 
     @property
     def log_beta(self) -> float:
-        return math.log(self.beta)
+        """log(beta) for the mixture of "jsd" (0, unused, where beta is 0 or 1 and the divergence is a KL)."""
+        return math.log(self.beta) if 0.0 < self.beta < 1.0 else 0.0
 
     @property
     def log_one_minus_beta(self) -> float:
-        return math.log1p(-self.beta)
+        return math.log1p(-self.beta) if 0.0 < self.beta < 1.0 else 0.0

@@ -1,16 +1,19 @@
-"""Autograd functions and chunked dispatch of the distillation loss.
+"""Chunked dispatch of the distillation loss: the work behind the registered ops of :mod:`.custom_ops`.
 
-Two entry points share the per-chunk backends (``distill_triton`` and ``distill_torch``):
+Two entry points share the per-chunk backends (``distill_triton`` and ``distill_torch``, see :mod:`.registry`):
 
-* :class:`LinearDistillFunction` takes hidden states and lm_head weights.  Rows are processed in chunks whose float32
+* :func:`linear_distill_chunks` takes hidden states and lm_head weights.  Rows are processed in chunks whose float32
   logits fit the workspace budget; for each chunk the student and teacher logits are formed by a matmul (no teacher
   tensors and ``cfg.has_teacher`` False: the cross-entropy alone, with no teacher matmul at all), the kernels
   compute the row statistics and, when a gradient is needed, write d(loss)/d(student logits) into a chunk-sized
   buffer that two more matmuls turn into the input and weight gradients.  For ``reduction`` "mean" and "sum" the
-  gradients are formed during the forward pass (the upstream gradient is then a scalar that scales them), so the
-  logits are computed once; for "none" the backward pass recomputes them with the per-row upstream gradient.
-* :class:`LogitsDistillFunction` takes logits the caller already holds and runs the same kernels on them in place:
-  the forward pass keeps O(N) row statistics, the backward pass writes the logits gradient directly.
+  gradients are formed during the forward pass (already divided by the mean's denominator; the upstream gradient is
+  then a scalar that scales them), so the logits are computed once; for "none" the backward pass recomputes them with
+  the per-row upstream gradient.
+* :func:`logits_distill_chunks` takes logits the caller already holds and runs the same kernels on them in place.
+
+``vocab`` (the shared vocabulary) is the number of leading rows of each weight, or columns of each logits tensor, that
+take part: views, never copies; the gradient of the rows or columns beyond it is 0.
 
 Nothing here reads a tensor value on the host: counts, normalisers and scales stay on the device.
 """
@@ -21,17 +24,9 @@ from dataclasses import dataclass
 import torch
 
 from .config import CE, KD, NUM_STATS, DistillConfig
-from .gemm import accumulate_weight_grad_fp32, compute_dtype, linear_logits, without_autocast
-from .workspace import element_size, rows_per_chunk
-
-
-def backend_impl(name: str):
-    """The per-chunk implementation module of backend ``name`` ("triton" or "torch")."""
-    if name == "triton":
-        from . import distill_triton as impl
-    else:
-        from . import distill_torch as impl
-    return impl
+from .gemm import accumulate_weight_grad, compute_dtype, linear_logits, without_autocast
+from .registry import backend_impl
+from .workspace import chunk_rows
 
 
 @dataclass(frozen=True)
@@ -39,49 +34,89 @@ class DispatchOptions:
     reduction: str
     backend: str
     workspace_bytes: int
-    weight_grad_fp32: bool = False
+    # Accumulate the weight gradient of low-precision weights in float32 across chunks (rounded once, at the end).
+    weight_grad_fp32: bool = True
 
 
-def _chunk_bytes_per_row(vocab: int, in_dtype: torch.dtype, backend: str, with_grad: bool,
-                         with_teacher: bool = True) -> int:
-    cdt = element_size(compute_dtype(in_dtype))
-    per_elem = (2 if with_teacher else 1) * cdt  # student (and teacher) logits
-    if with_grad and compute_dtype(in_dtype) != in_dtype:
-        per_elem += element_size(in_dtype)  # gradient in the input dtype, for the gradient matmuls
-    if backend == "torch":
-        from .distill_torch import TEMPORARIES_PER_ELEMENT
+def weight_grad_dtype(weight_dtype: torch.dtype, opts: DispatchOptions) -> torch.dtype:
+    """The dtype the weight gradient accumulates in across chunks: float32 for bfloat16/float16 weights unless
+    ``opts.weight_grad_fp32`` is off, else the weight's own dtype."""
+    low = weight_dtype in (torch.bfloat16, torch.float16)
+    return torch.float32 if low and opts.weight_grad_fp32 else weight_dtype
 
-        per_elem += TEMPORARIES_PER_ELEMENT * cdt
-    return vocab * per_elem
+
+def mean_denominator(cfg: DistillConfig, reduction: str, target, normalizer, n: int, dtype, device):
+    """The divisor of "mean" (None for "none" and "sum"): ``normalizer`` when given (a Python float stays one, a
+    tensor stays on the device), else the number of counted rows; a zero count is replaced by 1, so that a call with no
+    counted row gives 0 (every row sum is 0) and never NaN."""
+    if reduction != "mean":
+        return None
+    if isinstance(normalizer, float):
+        return normalizer
+    if normalizer is not None:
+        denom = normalizer.to(device=device, dtype=dtype)
+    elif target is not None:
+        denom = (target != cfg.ignore_index).sum().to(dtype)
+    else:
+        return float(max(n, 1))
+    return torch.where(denom > 0, denom, torch.ones_like(denom))
+
+
+def eager_row_weight(denom, n: int, dtype, device):
+    """The gradients' row weight for the eager ("mean"/"sum") path: ``1 / denom`` broadcast over the rows (stride 0),
+    or None (1) for "sum"."""
+    if denom is None:
+        return None
+    inv = torch.full((1,), 1.0 / denom, device=device, dtype=dtype) if isinstance(denom, float) \
+        else (1.0 / denom).to(dtype).reshape(1)
+    return inv.expand(n)
+
+
+def reduce_rows(stats, cfg: DistillConfig, reduction: str, denom):
+    """``(loss, kd, ce)`` from the row statistics: the row values for "none", their sums for "sum", divided by
+    ``denom`` for "mean"."""
+    kd_rows, ce_rows = stats[KD], stats[CE]
+    loss_rows = cfg.kd_weight * kd_rows
+    if cfg.ce_in_grad:
+        loss_rows = loss_rows + cfg.mle_weight * ce_rows
+    if reduction == "none":
+        return loss_rows, kd_rows.clone(), ce_rows.clone()
+    loss, kd, ce = loss_rows.sum(), kd_rows.sum(), ce_rows.sum()
+    if reduction == "sum":
+        return loss, kd, ce
+    return loss / denom, kd / denom, ce / denom
 
 
 @without_autocast
 def linear_distill_chunks(
-    xs, ws, bs, xt, wt, bt, target, cfg: DistillConfig, opts: DispatchOptions, *,
+    xs, ws, bs, xt, wt, bt, target, cfg: DistillConfig, opts: DispatchOptions, *, vocab: int | None = None,
     grad_input: bool = False, grad_weight: bool = False, grad_bias: bool = False, row_weight=None,
 ):
     """Run the loss over row chunks of hidden states; return ``(stats, dx, dw, db)``.
 
-    xs ``[N, H_s]``, ws ``[V, H_s]``, bs ``[V]`` or None; xt ``[N, H_t]``, wt ``[V, H_t]``, bt ``[V]`` or None
-    (all three None when ``cfg.has_teacher`` is False); target ``[N]`` int64 or None.  ``stats`` is the
+    xs ``[N, H_s]``, ws ``[V_s, H_s]``, bs ``[V_s]`` or None; xt ``[N, H_t]``, wt ``[V_t, H_t]``, bt ``[V_t]`` or
+    None (all three None when ``cfg.has_teacher`` is False); target ``[N]`` int64 or None; ``vocab`` the number of
+    leading weight rows that take part (default: all; every weight must have at least that many).  ``stats`` is the
     ``[NUM_STATS, N]`` float32 (float64 for float64 inputs) array of row statistics.  The gradients (None unless
     requested) are those of ``sum_i row_weight_i * row_loss_i`` (``row_weight`` None means 1): dx ``[N, H_s]`` in the
-    input dtype, dw ``[V, H_s]`` in float32 when ``opts.weight_grad_fp32`` else the weight dtype, db ``[V]`` in the
-    compute dtype.
+    input dtype, dw ``[V_s, H_s]`` in :func:`weight_grad_dtype`, db ``[V_s]`` in the compute dtype.
     """
-    n, vocab = xs.shape[0], ws.shape[0]
-    impl = backend_impl(opts.backend)
+    n = xs.shape[0]
+    vocab = ws.shape[0] if vocab is None else vocab
+    impl = backend_impl("distill", opts.backend)
     cdt = compute_dtype(xs.dtype)
     with_grad = grad_input or grad_weight or grad_bias
     stats = torch.empty(NUM_STATS, n, device=xs.device, dtype=cdt)
     dx = torch.empty_like(xs) if grad_input else None
-    dw = torch.zeros(ws.shape, device=ws.device, dtype=torch.float32 if opts.weight_grad_fp32 else ws.dtype) \
-        if grad_weight else None
-    db = torch.zeros(vocab, device=ws.device, dtype=cdt) if grad_bias else None
+    dw = torch.zeros(ws.shape, device=ws.device, dtype=weight_grad_dtype(ws.dtype, opts)) if grad_weight else None
+    db = torch.zeros(ws.shape[0], device=ws.device, dtype=cdt) if grad_bias else None
     if (xt is None) == cfg.has_teacher:
         raise ValueError("the teacher tensors must be given exactly when cfg.has_teacher is True")
-    step = rows_per_chunk(_chunk_bytes_per_row(vocab, xs.dtype, opts.backend, with_grad, cfg.has_teacher),
-                          opts.workspace_bytes)
+    ws, bs = _leading_rows(ws, bs, vocab)
+    if cfg.has_teacher:
+        wt, bt = _leading_rows(wt, bt, vocab)
+    step = chunk_rows(vocab, xs.dtype, opts.workspace_bytes, logit_buffers=2 if cfg.has_teacher else 1,
+                      temporaries=impl.TEMPORARIES_PER_ELEMENT, grad_buffer=with_grad)
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
         x_chunk = xs[r0:r1]
@@ -90,159 +125,60 @@ def linear_distill_chunks(
         student = linear_logits(x_chunk, ws, bs)
         teacher = linear_logits(xt[r0:r1], wt, bt) if cfg.has_teacher else None
         if not with_grad:
-            impl.stats_and_value(student, teacher, tgt, chunk_stats, cfg)
+            impl.fill_stats(student, teacher, tgt, chunk_stats, cfg)
         else:
             # float32 inputs: the gradient overwrites the student logits it is computed from, element by element.
             grad = student if student.dtype == xs.dtype else torch.empty(r1 - r0, vocab, device=xs.device,
                                                                         dtype=xs.dtype)
             weight_chunk = row_weight[r0:r1] if row_weight is not None else None
-            impl.stats_value_and_grad(student, teacher, tgt, chunk_stats, cfg, weight_chunk, grad)
+            impl.fill_stats_and_grad(student, teacher, tgt, chunk_stats, cfg, weight_chunk, grad)
             del teacher
             if grad_input:
                 torch.mm(grad, ws, out=dx[r0:r1])
             if grad_weight:
-                if dw.dtype == grad.dtype:
-                    dw.addmm_(grad.t(), x_chunk)
-                else:
-                    accumulate_weight_grad_fp32(dw, grad, x_chunk)
+                accumulate_weight_grad(dw[:vocab], grad, x_chunk)
             if grad_bias:
-                db += grad.sum(0, dtype=cdt)
+                db[:vocab] += grad.sum(0, dtype=cdt)
             del grad
         del student
     return stats, dx, dw, db
 
 
-def reduce_rows(stats, cfg: DistillConfig, reduction: str, target, normalizer):
-    """``(loss, kd, ce, denominator)`` from the row statistics; the denominator (a Python float or a 0-d tensor) is
-    None unless reduction is "mean".
-
-    The denominator of "mean" is ``normalizer`` when given, else the number of counted rows; a zero denominator is
-    replaced by 1, so that a call with no counted row gives 0 (every row sum is 0) and never NaN.
-    """
-    kd_rows, ce_rows = stats[KD], stats[CE]
-    loss_rows = cfg.kd_weight * kd_rows
-    if cfg.ce_in_grad:
-        loss_rows = loss_rows + cfg.mle_weight * ce_rows
-    if reduction == "none":
-        return loss_rows, kd_rows, ce_rows, None
-    loss, kd, ce = loss_rows.sum(), kd_rows.sum(), ce_rows.sum()
-    if reduction == "sum":
-        return loss, kd, ce, None
-    # A Python number stays one (no host-to-device copy); a count or a tensor normaliser stays on the device.
-    if isinstance(normalizer, float):
-        denom = normalizer
-    elif normalizer is not None:
-        denom = normalizer.to(device=loss.device, dtype=loss.dtype)
-    elif target is not None:
-        denom = (target != cfg.ignore_index).sum().to(loss.dtype)
-    else:
-        denom = float(max(stats.shape[1], 1))
-    if isinstance(denom, torch.Tensor):
-        denom = torch.where(denom > 0, denom, torch.ones_like(denom))
-    return loss / denom, kd / denom, ce / denom, denom
-
-
-def _upstream_scale(grad_loss, dtype, denom):
-    """The upstream gradient in the compute dtype, divided by the "mean" denominator when there is one."""
-    scale = grad_loss.to(dtype)
-    return scale / denom if denom is not None else scale
-
-
-class LinearDistillFunction(torch.autograd.Function):
-    """Distillation loss from hidden states and lm_head weights; gradients reach the student tensors only."""
-
-    @staticmethod
-    def forward(ctx, xs, ws, bs, xt, wt, bt, target, normalizer, cfg: DistillConfig, opts: DispatchOptions):
-        need = tuple(ctx.needs_input_grad[:3])
-        eager = any(need) and opts.reduction != "none"
-        stats, dx, dw, db = linear_distill_chunks(
-            xs, ws, bs, xt, wt, bt, target, cfg, opts,
-            grad_input=eager and need[0], grad_weight=eager and need[1], grad_bias=eager and need[2] and bs is not None,
-        )
-        loss, kd, ce, denom = reduce_rows(stats, cfg, opts.reduction, target, normalizer)
-        ctx.cfg, ctx.opts, ctx.eager, ctx.need = cfg, opts, eager, need
-        ctx.dtypes = (ws.dtype, bs.dtype if bs is not None else None)
-        ctx.denom = denom if not isinstance(denom, torch.Tensor) else None
-        if eager:
-            ctx.save_for_backward(dx, dw, db, denom if isinstance(denom, torch.Tensor) else None)
-        elif any(need):
-            ctx.save_for_backward(xs, ws, bs, xt, wt, bt, target)
-        kd, ce = kd.detach(), ce.detach()
-        ctx.mark_non_differentiable(kd, ce)
-        return loss, kd, ce
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_kd, _grad_ce):
-        w_dtype, b_dtype = ctx.dtypes
-        if ctx.eager:
-            dx, dw, db, denom = ctx.saved_tensors
-            scale = _upstream_scale(grad_loss, compute_dtype(w_dtype), denom if denom is not None else ctx.denom)
-        else:
-            xs, ws, bs, xt, wt, bt, target = ctx.saved_tensors
-            _, dx, dw, db = linear_distill_chunks(
-                xs, ws, bs, xt, wt, bt, target, ctx.cfg, ctx.opts,
-                grad_input=ctx.need[0], grad_weight=ctx.need[1], grad_bias=ctx.need[2] and bs is not None,
-                row_weight=_upstream_scale(grad_loss, compute_dtype(xs.dtype), None).contiguous(),
-            )
-            scale = None
-
-        def scaled(g, dtype):
-            if g is None:
-                return None
-            if scale is not None:
-                g = g * scale  # a 0-d float32 factor: the product keeps g's dtype
-            return g.to(dtype)
-
-        return (scaled(dx, dx.dtype if dx is not None else None), scaled(dw, w_dtype), scaled(db, b_dtype),
-                None, None, None, None, None, None, None)
+def _leading_rows(weight, bias, vocab: int):
+    """The first ``vocab`` rows of a weight and its bias: the tensors themselves when they have exactly that many
+    (no view, so no slicing op on the autograd path), else views."""
+    if weight.shape[0] == vocab:
+        return weight, bias
+    return weight[:vocab], (bias[:vocab] if bias is not None else None)
 
 
 def logits_distill_chunks(student, teacher, target, cfg: DistillConfig, opts: DispatchOptions, *,
-                          stats=None, row_weight=None, grad_out=None):
+                          vocab: int | None = None, stats=None, row_weight=None, grad_out=None):
     """Row statistics of logits the caller holds, and with ``grad_out`` the weighted logits gradient.
 
-    With ``stats`` given (from the forward pass) only the gradient is written.  The Triton kernels read the logits
+    student ``[N, V_s]``, teacher ``[N, V_t]`` (unit stride along the vocabulary); the first ``vocab`` columns take
+    part (views; default all).  With ``stats`` given (from the forward pass) only the gradient is written, into the
+    first ``vocab`` columns of ``grad_out`` ``[N, V_s]`` (the others are zeroed).  The Triton kernels read the logits
     where they are, in their dtype; the PyTorch backend works through row chunks that fit the workspace budget.
     """
-    n, vocab = student.shape
-    impl = backend_impl(opts.backend)
+    n = student.shape[0]
+    vocab = student.shape[1] if vocab is None else vocab
+    student, teacher = student[:, :vocab], teacher[:, :vocab]
+    impl = backend_impl("distill", opts.backend)
     compute = stats is None
     if compute:
         stats = torch.empty(NUM_STATS, n, device=student.device, dtype=compute_dtype(student.dtype))
-    step = max(n, 1) if opts.backend == "triton" else rows_per_chunk(
-        _chunk_bytes_per_row(vocab, student.dtype, opts.backend, False), opts.workspace_bytes)
+    if grad_out is not None and grad_out.shape[1] > vocab:
+        grad_out[:, vocab:].zero_()
+        grad_out = grad_out[:, :vocab]
+    step = max(n, 1) if opts.backend == "triton" else chunk_rows(
+        vocab, student.dtype, opts.workspace_bytes, logit_buffers=0, temporaries=impl.TEMPORARIES_PER_ELEMENT)
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
         tgt = target[r0:r1] if target is not None else None
         if compute:
-            impl.stats_and_value(student[r0:r1], teacher[r0:r1], tgt, stats[:, r0:r1], cfg)
+            impl.fill_stats(student[r0:r1], teacher[r0:r1], tgt, stats[:, r0:r1], cfg)
         if grad_out is not None:
             impl.write_grad(student[r0:r1], teacher[r0:r1], tgt, stats[:, r0:r1], cfg, row_weight[r0:r1],
                             grad_out[r0:r1])
     return stats
-
-
-class LogitsDistillFunction(torch.autograd.Function):
-    """Distillation loss from logits ``[N, V]``; the gradient reaches the student logits only."""
-
-    @staticmethod
-    def forward(ctx, student, teacher, target, normalizer, cfg: DistillConfig, opts: DispatchOptions):
-        stats = logits_distill_chunks(student, teacher, target, cfg, opts)
-        loss, kd, ce, denom = reduce_rows(stats, cfg, opts.reduction, target, normalizer)
-        ctx.cfg, ctx.opts = cfg, opts
-        ctx.denom = denom if not isinstance(denom, torch.Tensor) else None
-        if ctx.needs_input_grad[0]:
-            ctx.save_for_backward(student, teacher, target, stats, denom if isinstance(denom, torch.Tensor) else None)
-        kd, ce = kd.detach(), ce.detach()
-        ctx.mark_non_differentiable(kd, ce)
-        return loss, kd, ce
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_kd, _grad_ce):
-        student, teacher, target, stats, denom = ctx.saved_tensors
-        scale = _upstream_scale(grad_loss, stats.dtype, denom if denom is not None else ctx.denom)
-        row_weight = scale.expand(student.shape[0]) if scale.dim() == 0 else scale.contiguous()
-        grad = torch.empty_like(student)
-        logits_distill_chunks(student, teacher, target, ctx.cfg, ctx.opts, stats=stats, row_weight=row_weight,
-                              grad_out=grad)
-        return grad, None, None, None, None, None

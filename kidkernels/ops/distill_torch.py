@@ -1,18 +1,22 @@
 """The chunked pure-PyTorch backend: the same row statistics and gradients as the Triton kernels, in torch ops.
 
 Each function takes one chunk of logits (``[rows, V]``) and fills the rows of the statistics array exactly as the
-kernels do, so the dispatch layer can call either backend.  Temporaries are a handful of ``[rows, V]`` tensors in the
-compute dtype; :data:`TEMPORARIES_PER_ELEMENT` tells the chunk sizer how many.
+kernels do (the same formulas: see ``kernels/divergence.py``), so the dispatch layer can call either backend.
+Temporaries are a handful of ``[rows, V]`` tensors in the compute dtype; :data:`TEMPORARIES_PER_ELEMENT` tells the
+chunk sizer how many.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from .config import CE, CENTER, KD, LSE_CE, LSE_STUDENT, LSE_TEACHER, DistillConfig
+from .config import (
+    CE, CENTER, CENTER_2, KD, LOGZ_STUDENT, LOGZ_TEACHER, LSE_CE, MAX_STUDENT, MAX_TEACHER, TOP, DistillConfig,
+)
 from .gemm import compute_dtype
 
 # Peak number of [rows, V] compute-dtype temporaries alive at once in these functions (incl. the logits upcasts).
-TEMPORARIES_PER_ELEMENT = 6
+TEMPORARIES_PER_ELEMENT = 8
 
 
 def _tempered(logits, cfg: DistillConfig):
@@ -20,23 +24,10 @@ def _tempered(logits, cfg: DistillConfig):
     return x if cfg.temperature == 1.0 else x * cfg.inv_temp
 
 
-def _log_probs(student, teacher, stats, cfg: DistillConfig):
-    """``(logq, logp)`` of the tempered logits, or ``(None, None)`` without a teacher (no divergence to form)."""
-    if not cfg.has_teacher:
-        return None, None
-    logq = _tempered(student, cfg) - stats[LSE_STUDENT][:, None]
-    logp = _tempered(teacher, cfg) - stats[LSE_TEACHER][:, None]
-    return logq, logp
-
-
-def _log_mixture(logp, logq, cfg: DistillConfig):
-    return torch.logaddexp(logp + cfg.log_beta, logq + cfg.log_one_minus_beta)
-
-
-def _row_dot(a, b):
-    """sum_j a_ij b_ij per row.  (Not bmm: its float32 CPU accumulation over 32k terms costs 1e-5 relative error;
-    the pairwise summation of ``sum`` stays near 1e-7.)"""
-    return (a * b).sum(-1)
+def _row_sum(x):
+    """sum_j x_ij per row.  (Pairwise summation: a float32 dot product through bmm over 32k terms costs 1e-5
+    relative error, this stays near 1e-7.)"""
+    return x.sum(-1)
 
 
 def _counted(target, cfg: DistillConfig) -> torch.Tensor | None:
@@ -44,77 +35,123 @@ def _counted(target, cfg: DistillConfig) -> torch.Tensor | None:
     return (target != cfg.ignore_index) if cfg.has_target else None
 
 
+def _log_softmax(x, stats, max_row: int, logz_row: int):
+    """``(x - max) - log z`` from the statistics (see ``kernels/stats_layout.py``: accurate near the maximum)."""
+    return (x - stats[max_row][:, None]).sub_(stats[logz_row][:, None])
+
+
+def _fill_lse(x, stats, max_row: int, logz_row: int) -> None:
+    m = x.amax(dim=-1)
+    stats[max_row] = m
+    stats[logz_row] = (x - m[:, None]).exp_().sum(-1).log_()
+
+
+def _log_probs(student, teacher, stats, cfg: DistillConfig):
+    """``(a, b, logq, logp, q)`` of the tempered logits from the statistics."""
+    a, b = _tempered(student, cfg), _tempered(teacher, cfg)
+    logq = _log_softmax(a, stats, MAX_STUDENT, LOGZ_STUDENT)
+    logp = _log_softmax(b, stats, MAX_TEACHER, LOGZ_TEACHER)
+    return a, b, logq, logp, logq.exp()
+
+
+def _jsd_log_ratio(logq, logp, cfg: DistillConfig):
+    """d = log((1 - beta) q / m) = -softplus(log(beta p / ((1 - beta) q))) (NaN where q == 0)."""
+    return F.softplus((cfg.log_beta - cfg.log_one_minus_beta) + (logp - logq)).neg_()
+
+
+def _kl_referenced(x, y):
+    """``(KL(softmax(x) || softmax(y)), E[(x - y) - c], c)`` per row with ``c = max(x) - max(y)``: the kernels'
+    one-pass form (``online_softmax.merge_kl``), in which an offset between the two models' logits never enters a
+    sum: ``KL = E[(x - y) - c] - (log z_x - log z_y)``, ``z`` the sums of ``exp(logits - max)``."""
+    mx, my = x.amax(dim=-1, keepdim=True), y.amax(dim=-1, keepdim=True)
+    ex = (x - mx).exp()
+    zx, zy = _row_sum(ex), _row_sum((y - my).exp())
+    offset = mx - my
+    mean_deviation = _row_sum(torch.where(ex > 0, ex * ((x - y) - offset), 0.0)) / zx
+    return mean_deviation - (zx.log() - zy.log()), mean_deviation, offset.squeeze(-1)
+
+
+def _divergence(a, b, logq, logp, q, stats, cfg: DistillConfig):
+    """``(kd, center, center_2)`` per row (see ``kernels/stats_layout.py``); zero-probability columns add 0."""
+    divergence = cfg.effective_divergence
+    zero = torch.zeros_like(stats[KD])
+    if divergence == "fkl":
+        kd, _, _ = _kl_referenced(b, a)
+        return kd, zero, zero
+    if divergence == "rkl":  # the center E_q[a - b] is held as offset (CENTER_2) plus deviation (CENTER)
+        return _kl_referenced(a, b)
+    p = logp.exp()
+    if divergence == "jsd":
+        logm = torch.logaddexp(logp + cfg.log_beta, logq + cfg.log_one_minus_beta)
+        kd = cfg.beta * _row_sum(torch.where(p > 0, p * (logp - logm), 0.0)) + \
+            (1.0 - cfg.beta) * _row_sum(torch.where(q > 0, q * (logq - logm), 0.0))
+        del logm
+        center = _row_sum(torch.where(q > 0, q * _jsd_log_ratio(logq, logp, cfg), 0.0))
+        return kd, center, zero
+    kd = 0.5 * _row_sum((p - q).abs())
+    half_tie = torch.where(q == p, 0.5 * q, 0.0)
+    return kd, _row_sum(torch.where(q < p, q, half_tie)), _row_sum(torch.where(q > p, q, half_tie))
+
+
 def _forward(student, teacher, target, stats, cfg: DistillConfig):
-    """Fill the statistics; return the log-probabilities ``(logq, logp)`` for a gradient that follows (``(None,
-    None)`` without a teacher: then KD and CENTER are 0 and LSE_TEACHER is not written, as in the kernels)."""
-    a = _tempered(student, cfg)
-    stats[LSE_STUDENT] = torch.logsumexp(a, dim=-1)
-    s = student.to(compute_dtype(student.dtype))
-    stats[LSE_CE] = torch.logsumexp(s, dim=-1) if cfg.separate_ce_lse else stats[LSE_STUDENT]
+    """Fill the statistics; return ``(a, b, logq, logp, q)`` for a gradient that follows (None without a teacher:
+    then KD and the centers are 0 and the teacher's rows are not written, as in the kernels)."""
+    dtype = compute_dtype(student.dtype)
+    s = student.to(dtype)
+    a = s if cfg.temperature == 1.0 else s * cfg.inv_temp
+    _fill_lse(a, stats, MAX_STUDENT, LOGZ_STUDENT)
+    stats[LSE_CE] = torch.logsumexp(s, dim=-1) if cfg.separate_ce_lse else stats[MAX_STUDENT] + stats[LOGZ_STUDENT]
+    stats[TOP] = s.argmax(dim=-1).to(dtype)
+    terms = None
     if cfg.has_teacher:
-        kd, center, logq, logp = _divergence(a, student, _tempered(teacher, cfg), teacher, stats, cfg)
+        b = _tempered(teacher, cfg)
+        _fill_lse(b, stats, MAX_TEACHER, LOGZ_TEACHER)
+        logq = _log_softmax(a, stats, MAX_STUDENT, LOGZ_STUDENT)
+        logp = _log_softmax(b, stats, MAX_TEACHER, LOGZ_TEACHER)
+        q = logq.exp()
+        stats[KD], stats[CENTER], stats[CENTER_2] = _divergence(a, b, logq, logp, q, stats, cfg)
+        terms = (a, b, logq, logp, q)
     else:
-        kd = center = torch.zeros_like(stats[LSE_STUDENT])
-        logq = logp = None
-    ce = torch.zeros_like(kd)
+        stats[KD] = stats[CENTER] = stats[CENTER_2] = 0.0
+    stats[CE] = 0.0
     counted = _counted(target, cfg)
     if counted is not None:
-        kd = torch.where(counted, kd, 0.0)
-        if cfg.computes_ce:
-            in_range = (target >= 0) & (target < s.shape[1])
-            s_tgt = s.gather(1, target.clamp(0, s.shape[1] - 1)[:, None]).squeeze(1)
-            ce = torch.where(counted, torch.where(in_range, stats[LSE_CE] - s_tgt, float("nan")), 0.0)
-    stats[KD] = kd
-    stats[CE] = ce
-    stats[CENTER] = center
-    return logq, logp
+        in_range = (target >= 0) & (target < s.shape[1])
+        s_tgt = s.gather(1, target.clamp(0, s.shape[1] - 1)[:, None]).squeeze(1)
+        # An out-of-range target is caught by validation; should one reach here, the row is NaN, not 0.
+        stats[CE] = torch.where(in_range, stats[LSE_CE] - s_tgt, float("nan"))
+        stats.copy_(torch.where(counted[None, :], stats, 0.0))  # ignored rows: every statistic 0, as the kernels
+    return terms
 
 
-def _divergence(a, student, b, teacher, stats, cfg: DistillConfig):
-    """``(kd, center, logq, logp)`` of the tempered logits ``a`` (student) and ``b`` (teacher), LSE_* filled."""
-    stats[LSE_TEACHER] = torch.logsumexp(b, dim=-1)
-    # a and b are fresh tensors unless they alias the caller's float32 logits (T == 1): only then out of place.
-    logq = a - stats[LSE_STUDENT][:, None] if a is student else a.sub_(stats[LSE_STUDENT][:, None])
-    logp = b - stats[LSE_TEACHER][:, None] if b is teacher else b.sub_(stats[LSE_TEACHER][:, None])
-    if cfg.divergence == "fkl":
-        kd = _row_dot(logp.exp(), logp - logq)
-        center = torch.zeros_like(kd)
-    elif cfg.divergence == "rkl":
-        kd = _row_dot(logq.exp(), logq - logp)
-        center = kd
-    elif cfg.divergence == "jsd":
-        logm = _log_mixture(logp, logq, cfg)
-        center = _row_dot(logq.exp(), logq - logm)
-        kd = cfg.beta * _row_dot(logp.exp(), logp.sub(logm)) + (1.0 - cfg.beta) * center
-        del logm
-    else:
-        diff = logp.exp() - logq.exp()  # p - q
-        kd = 0.5 * diff.abs().sum(-1)
-        center = _row_dot(logq.exp(), -0.5 * torch.sign(diff))
-        del diff
-    return kd, center, logq, logp
-
-
-def _divergence_grad(logq, logp, stats, cfg: DistillConfig):
+def _divergence_grad(terms, stats, cfg: DistillConfig):
     """kd_weight / T * dD/da, a new ``[rows, V]`` tensor."""
-    center = stats[CENTER][:, None]
-    if cfg.divergence == "fkl":
-        grad = logq.exp().sub_(logp.exp())
-    elif cfg.divergence == "rkl":
-        grad = (logq - logp).sub_(center).mul_(logq.exp())
-    elif cfg.divergence == "jsd":
-        grad = (logq - _log_mixture(logp, logq, cfg)).sub_(center).mul_(logq.exp()).mul_(1.0 - cfg.beta)
+    a, b, logq, logp, q = terms
+    center, center_2 = stats[CENTER][:, None], stats[CENTER_2][:, None]
+    divergence = cfg.effective_divergence
+    if divergence == "fkl":
+        grad = q - logp.exp()
+    elif divergence == "rkl":
+        grad = torch.where(q > 0, q * (((a - b) - center_2) - center), 0.0)
+    elif divergence == "jsd":
+        grad = torch.where(q > 0, q * (_jsd_log_ratio(logq, logp, cfg) - center), 0.0).mul_(1.0 - cfg.beta)
     else:
-        grad = torch.sign(logq.exp() - logp.exp()).mul_(0.5).sub_(center).mul_(logq.exp())
+        p = logp.exp()
+        grad = q * torch.where(q > p, center, torch.where(q < p, -center_2, 0.5 * (center - center_2)))
     return grad.mul_(cfg.kd_weight * cfg.inv_temp)
 
 
-def _write_grad_from(logq, logp, student, target, stats, cfg: DistillConfig, row_weight, grad_out) -> None:
+def _write_grad_from(terms, student, target, stats, cfg: DistillConfig, row_weight, grad_out) -> None:
     dtype = compute_dtype(student.dtype)
-    grad = _divergence_grad(logq, logp, stats, cfg) if cfg.has_teacher else None
+    grad = _divergence_grad(terms, stats, cfg) if cfg.has_teacher else None
     if cfg.ce_in_grad:
-        softmax = (student.to(dtype) - stats[LSE_CE][:, None]).exp_()
-        grad = softmax.mul_(cfg.mle_weight) if grad is None else grad.add_(softmax, alpha=cfg.mle_weight)
+        if not cfg.separate_ce_lse:  # T == 1: the MLE term's softmax is the divergence's q, in the same form
+            q = terms[4] if terms is not None else \
+                _log_softmax(student.to(dtype), stats, MAX_STUDENT, LOGZ_STUDENT).exp_()
+            softmax = q * cfg.mle_weight
+        else:
+            softmax = (student.to(dtype) - stats[LSE_CE][:, None]).exp_().mul_(cfg.mle_weight)
+        grad = softmax if grad is None else grad.add_(softmax)
         del softmax
         in_range = (target >= 0) & (target < student.shape[1])
         idx = target.clamp(0, student.shape[1] - 1)[:, None]
@@ -122,27 +159,31 @@ def _write_grad_from(logq, logp, student, target, stats, cfg: DistillConfig, row
     if grad is None:  # no teacher and mle_weight 0: a loss that is identically 0
         grad_out.zero_()
         return
-    weight = torch.ones(student.shape[0], device=student.device, dtype=dtype) if row_weight is None \
-        else row_weight.to(dtype)
+    if row_weight is not None:
+        grad.mul_(row_weight.to(dtype)[:, None])
     counted = _counted(target, cfg)
-    if counted is not None:
-        weight = torch.where(counted, weight, 0.0)
-    grad.mul_(weight[:, None])
+    if counted is not None:  # (ignored rows' statistics are 0, so their elements may be inf or NaN until here)
+        grad.masked_fill_(~counted[:, None], 0.0)
+    # The student's largest column gets minus the sum of the others (every term sums to 0 over the row): where the
+    # student is confident, its own formula is a small difference of numbers close to 1 (see distill_backward.py).
+    top = stats[TOP].to(torch.int64)[:, None]
+    grad.scatter_(1, top, 0.0)
+    grad.scatter_(1, top, grad.sum(-1, keepdim=True).neg_())
     grad_out.copy_(grad)
 
 
-def stats_and_value(student, teacher, target, stats, cfg: DistillConfig) -> None:
-    """Fill LSE_*, KD, CE and CENTER of ``stats[:, rows]`` for logits ``student``, ``teacher`` ``[rows, V]``."""
+def fill_stats(student, teacher, target, stats, cfg: DistillConfig) -> None:
+    """Fill every statistics row of ``stats[:, rows]`` for logits ``student``, ``teacher`` ``[rows, V]``."""
     _forward(student, teacher, target, stats, cfg)
 
 
 def write_grad(student, teacher, target, stats, cfg: DistillConfig, row_weight, grad_out) -> None:
     """Write d(row loss)/d(student logits), times ``row_weight`` (``[rows]`` or None for 1), into ``grad_out``."""
-    logq, logp = _log_probs(student, teacher, stats, cfg)
-    _write_grad_from(logq, logp, student, target, stats, cfg, row_weight, grad_out)
+    terms = _log_probs(student, teacher, stats, cfg) if cfg.has_teacher else None
+    _write_grad_from(terms, student, target, stats, cfg, row_weight, grad_out)
 
 
-def stats_value_and_grad(student, teacher, target, stats, cfg: DistillConfig, row_weight, grad_out) -> None:
-    """:func:`stats_and_value` then :func:`write_grad`, sharing the log-probabilities between the two."""
-    logq, logp = _forward(student, teacher, target, stats, cfg)
-    _write_grad_from(logq, logp, student, target, stats, cfg, row_weight, grad_out)
+def fill_stats_and_grad(student, teacher, target, stats, cfg: DistillConfig, row_weight, grad_out) -> None:
+    """:func:`fill_stats` then :func:`write_grad`, sharing the log-probabilities between the two."""
+    terms = _forward(student, teacher, target, stats, cfg)
+    _write_grad_from(terms, student, target, stats, cfg, row_weight, grad_out)

@@ -1,8 +1,8 @@
 """Dispatch of KID's masking stage: chunked entropy/argmax from hidden states, and the choice of positions.
 
-* :func:`linear_entropy_argmax` runs over row chunks whose float32 logits fit the workspace budget: for each chunk the
+* :func:`linear_row_statistic` runs over row chunks whose float32 logits fit the workspace budget: for each chunk the
   logits are formed by a matmul (:func:`.gemm.linear_logits`, never rounded to the input dtype) and one per-row pass
-  (``selection_triton`` or ``selection_torch``) turns them into the chunk's entropies and/or argmaxes.  Memory: one
+  (``selection_triton`` or ``selection_torch``) turns them into the chunk's entropies or argmaxes.  Memory: one
   chunk of logits (plus the PyTorch backend's temporaries) and the O(N) outputs, whatever N is.
 * :func:`select_positions_mask` chooses ``k_i = floor(alpha * n_i + 0.5)`` of the valid positions of each row by one
   of four strategies, with torch ops on the device: sorts, cumulative sums and integer arithmetic, no host reads.
@@ -14,51 +14,40 @@ from __future__ import annotations
 import torch
 
 from .gemm import compute_dtype, linear_logits, without_autocast
-from .workspace import element_size, rows_per_chunk
+from .registry import backend_impl
+from .workspace import chunk_rows
 
 STRATEGIES = ("random", "uniform", "hard", "easy")
 
 
-def _backend_impl(name: str):
-    """The per-chunk implementation module of backend ``name`` ("triton" or "torch")."""
-    if name == "triton":
-        from . import selection_triton as impl
-    else:
-        from . import selection_torch as impl
-    return impl
-
-
-def _chunk_bytes_per_row(vocab: int, in_dtype: torch.dtype, backend: str) -> int:
-    per_elem = element_size(compute_dtype(in_dtype))  # the logits chunk
-    if backend == "torch":
-        from .selection_torch import TEMPORARIES_PER_ELEMENT
-
-        per_elem *= 1 + TEMPORARIES_PER_ELEMENT
-    return vocab * per_elem
-
-
 @torch.no_grad()
 @without_autocast
-def linear_entropy_argmax(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, inv_temp: float,
-                          with_entropy: bool, with_argmax: bool, backend: str, workspace_bytes: int):
-    """``(entropy, argmax)`` of the rows of ``logits = x @ weight.T + bias``, each None unless asked for.
+def linear_row_statistic(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, statistic: str,
+                         inv_temp: float, backend: str, workspace_bytes: int) -> torch.Tensor:
+    """``statistic`` ("entropy" or "argmax") of each row of ``logits = x @ weight.T + bias``.
 
     x ``[N, H]`` with unit stride along H; weight ``[V, H]`` contiguous, same dtype; bias ``[V]`` or None.
-    entropy: ``[N]`` in :func:`.gemm.compute_dtype` (float32; float64 for float64 inputs), in nats, of
-    softmax(logits * inv_temp).  argmax: ``[N]`` int64 of the untempered logits, ties to the lowest index.
+    "entropy": ``[N]`` in :func:`.gemm.compute_dtype` (float32; float64 for float64 inputs), in nats, of
+    softmax(logits * inv_temp).  "argmax": ``[N]`` int64 of the untempered logits, ties to the lowest index.
     """
     n, vocab = x.shape[0], weight.shape[0]
-    impl = _backend_impl(backend)
-    entropy = torch.empty(n, device=x.device, dtype=compute_dtype(x.dtype)) if with_entropy else None
-    argmax = torch.empty(n, device=x.device, dtype=torch.int64) if with_argmax else None
-    step = rows_per_chunk(_chunk_bytes_per_row(vocab, x.dtype, backend), workspace_bytes)
+    impl = backend_impl("selection", backend)
+    if statistic == "entropy":
+        out = torch.empty(n, device=x.device, dtype=compute_dtype(x.dtype))
+    elif statistic == "argmax":
+        out = torch.empty(n, device=x.device, dtype=torch.int64)
+    else:
+        raise ValueError(f"statistic must be 'entropy' or 'argmax', got {statistic!r}")
+    step = chunk_rows(vocab, x.dtype, workspace_bytes, logit_buffers=1, temporaries=impl.TEMPORARIES_PER_ELEMENT)
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
         logits = linear_logits(x[r0:r1], weight, bias)
-        impl.entropy_argmax(logits, inv_temp, entropy[r0:r1] if with_entropy else None,
-                            argmax[r0:r1] if with_argmax else None)
+        if statistic == "entropy":
+            impl.entropy(logits, inv_temp, out[r0:r1])
+        else:
+            impl.argmax(logits, out[r0:r1])
         del logits
-    return entropy, argmax
+    return out
 
 
 def selection_counts(valid: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,7 +1,7 @@
-"""The chunked pure-PyTorch backend of the entropy/argmax statistics: the kernel's results, in torch ops.
+"""The chunked pure-PyTorch backend of the entropy and argmax statistics: the kernels' results, in torch ops.
 
-:func:`entropy_argmax` takes one chunk of logits (``[rows, V]``) the dispatch layer owns and may overwrite it;
-:data:`TEMPORARIES_PER_ELEMENT` tells the chunk sizer how many more ``[rows, V]`` compute-dtype tensors it allocates.
+Each function takes one chunk of logits (``[rows, V]``) the dispatch layer owns and may overwrite it;
+:data:`TEMPORARIES_PER_ELEMENT` tells the chunk sizer how many more ``[rows, V]`` compute-dtype tensors they allocate.
 """
 from __future__ import annotations
 
@@ -11,16 +11,9 @@ import torch
 TEMPORARIES_PER_ELEMENT = 2
 
 
-def entropy_argmax(logits: torch.Tensor, inv_temp: float, entropy_out: torch.Tensor | None,
-                   argmax_out: torch.Tensor | None) -> None:
-    """Fill ``entropy_out`` (``[rows]``, entropy in nats of softmax(logits * inv_temp)) and/or ``argmax_out`` (int64
-    ``[rows]``, ``torch.argmax`` of the untempered logits: ties and NaN as torch) for float32/float64 ``logits``
-    ``[rows, V]``.  The logits are overwritten when the entropy is computed."""
-    if argmax_out is not None:
-        # Before the tempering below: scaling could merge two near-equal logits into a tie.
-        argmax_out.copy_(torch.argmax(logits, dim=1))
-    if entropy_out is None:
-        return
+def entropy(logits: torch.Tensor, inv_temp: float, out: torch.Tensor) -> None:
+    """Fill ``out`` (``[rows]``) with the entropies in nats of softmax(logits * inv_temp) for float32/float64
+    ``logits`` ``[rows, V]``, which are overwritten."""
     if inv_temp != 1.0:
         logits.mul_(inv_temp)
     logp = torch.log_softmax(logits, dim=1)
@@ -29,4 +22,9 @@ def entropy_argmax(logits: torch.Tensor, inv_temp: float, entropy_out: torch.Ten
     # term 0 * finite = 0 instead of 0 * inf = nan.
     logp.clamp_(min=torch.finfo(logp.dtype).min)
     p.mul_(logp)
-    entropy_out.copy_(p.sum(dim=1).neg_())
+    out.copy_(p.sum(dim=1).neg_())
+
+
+def argmax(logits: torch.Tensor, out: torch.Tensor) -> None:
+    """Fill ``out`` (int64 ``[rows]``) with ``torch.argmax`` of each row of ``logits`` (ties and NaN as torch)."""
+    out.copy_(torch.argmax(logits, dim=1))

@@ -1,29 +1,32 @@
-"""Launcher of the Triton entropy/argmax kernel for one chunk of logits (the Triton twin of ``selection_torch``)."""
+"""Launchers of the Triton entropy and argmax kernels for one chunk of logits (the Triton twin of
+``selection_torch``).  Each kernel is launched from exactly one place here."""
 from __future__ import annotations
 
 import torch
 
-from ..kernels.entropy_argmax import row_entropy_argmax_kernel
+from ..kernels.entropy_argmax import row_argmax_kernel, row_entropy_kernel
 from . import tiles
 
+# The kernels allocate nothing besides their outputs.
+TEMPORARIES_PER_ELEMENT = 0
 
-def entropy_argmax(logits: torch.Tensor, inv_temp: float, entropy_out: torch.Tensor | None,
-                   argmax_out: torch.Tensor | None) -> None:
-    """Fill ``entropy_out`` (float32 ``[rows]``: entropy of softmax(logits * inv_temp)) and/or ``argmax_out`` (int64
-    ``[rows]``: argmax of the logits, ties to the lowest index) for ``logits`` ``[rows, V]`` with unit stride along V.
 
-    The logits are only read.  Either output may be None; both outputs must be contiguous.
-    """
+def entropy(logits: torch.Tensor, inv_temp: float, out: torch.Tensor) -> None:
+    """Fill ``out`` (float32 ``[rows]``, contiguous) with the entropies of softmax(logits * inv_temp) for ``logits``
+    ``[rows, V]`` with unit stride along V (only read)."""
     rows, vocab = logits.shape
-    if rows == 0 or (entropy_out is None and argmax_out is None):
+    if rows == 0:
         return
     block = tiles.block_v(vocab)
-    # Triton needs a tensor for every pointer argument; an output whose flag is off is never written.
-    row_entropy_argmax_kernel[(rows,)](
-        logits, logits.stride(0),
-        entropy_out if entropy_out is not None else argmax_out,
-        argmax_out if argmax_out is not None else entropy_out,
-        vocab, inv_temp,
-        WITH_ENTROPY=entropy_out is not None, WITH_ARGMAX=argmax_out is not None, BLOCK_V=block,
-        num_warps=tiles.num_warps(block),
-    )
+    row_entropy_kernel[(rows,)](logits, logits.stride(0), out, vocab, inv_temp, BLOCK_V=block,
+                                num_warps=tiles.num_warps(block))
+
+
+def argmax(logits: torch.Tensor, out: torch.Tensor) -> None:
+    """Fill ``out`` (int64 ``[rows]``, contiguous) with the argmax of each row of ``logits`` ``[rows, V]`` (unit
+    stride along V; only read), ties to the lowest index."""
+    rows, vocab = logits.shape
+    if rows == 0:
+        return
+    block = tiles.block_v(vocab)
+    row_argmax_kernel[(rows,)](logits, logits.stride(0), out, vocab, BLOCK_V=block, num_warps=tiles.num_warps(block))

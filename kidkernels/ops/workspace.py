@@ -35,3 +35,20 @@ def rows_per_chunk(bytes_per_row: int, budget: int) -> int:
 
 def element_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
+
+
+def chunk_rows(vocab: int, in_dtype: torch.dtype, budget: int, *, logit_buffers: int, temporaries: int = 0,
+               grad_buffer: bool = False) -> int:
+    """Rows per chunk of a vocabulary-wide pass whose buffers must fit ``budget`` bytes: the one chunk sizer.
+
+    Per row: ``logit_buffers`` ``[V]`` logits in the compute dtype (float32; float64 for float64 inputs), plus
+    ``temporaries`` more of them (the PyTorch backend's), plus with ``grad_buffer`` the gradient in the input dtype
+    when that differs from the compute dtype (float32 inputs overwrite their logits with the gradient).
+    """
+    from .gemm import compute_dtype
+
+    cdt = compute_dtype(in_dtype)
+    per_element = (logit_buffers + temporaries) * element_size(cdt)
+    if grad_buffer and cdt != in_dtype:
+        per_element += element_size(in_dtype)
+    return rows_per_chunk(vocab * per_element, budget)
