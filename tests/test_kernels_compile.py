@@ -3,9 +3,9 @@ and fails when a hot variant spills.
 
 The interpreter that runs the kernels on CPU tensors accepts code the compiler rejects, and says nothing about
 registers; the tool records the launches of the public ops, compiles each distinct specialisation to a cubin and
-reads its resources.  Here: the quick set (the bfloat16 training step at V = 151,936, about 20 s of CPU), the specialisation
-it records, its agreement with the tool's own rules, and the spill check on a synthetic result and on a real cubin
-that spills.  ``python tools/compile_kernels.py`` compiles every variant (minutes).
+reads its resources.  Here: the quick set (the bfloat16 training step at V = 151,936, about 20 s of CPU), the
+specialisation it records, its agreement with the tool's own rules, and the spill check on a synthetic result and on
+a real cubin that spills.  ``python tools/compile_kernels.py`` compiles every variant (minutes).
 """
 import importlib.util
 import json
