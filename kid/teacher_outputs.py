@@ -114,7 +114,8 @@ def generate_teacher_outputs(teacher, dataset, out_dir, *, eos_token_id: int, pa
 
     teacher: a causal LM on its device, frozen (None is accepted when every prompt already has its answer).
     dataset: tokenized examples (``input_ids`` / ``labels``, as :func:`kid.training.tokenize_dataset` makes them
-    for training: the prompts must be tokenized as the training run tokenizes them).  Decoding: greedy by default (``num_beams`` > 1: beam search; ``do_sample``: sampling at
+    for training: the prompts must be tokenized as the training run tokenizes them).  Decoding: greedy by default
+    (``num_beams`` > 1: beam search; ``do_sample``: sampling at
     ``temperature`` with top-k / top-p), in length-grouped batches of ``batch_size`` prompts.  settings: what else
     to record and check in ``meta.json`` (teacher path, tokenizer, budgets).
 

@@ -95,8 +95,9 @@ WORKER = textwrap.dedent('''
         fully_shard(model, mesh=mesh)
         config = train_config(out / f"fsdp_{name}", batch_size=8, micro_batch_size=2, max_steps=3)
         args = training_arguments(config, world_size=world)
-        trainer = kid.trainer.DistillTrainer(model=model, args=args, data_collator=None, processing_class=tiny_tokenizer(),
-                                             method_config=method, teacher=tiny_teacher(), mask_token_id=MASK)
+        trainer = kid.trainer.DistillTrainer(model=model, args=args, data_collator=None,
+                                             processing_class=tiny_tokenizer(), method_config=method,
+                                             teacher=tiny_teacher(), mask_token_id=MASK)
         assert args.gradient_accumulation_steps == 2
         collate = DistillCollator(PAD, with_prompts=True)
         rows = tiny_examples(12, seed=10 + rank)

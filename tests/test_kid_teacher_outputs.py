@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import kid.rollout
-from kid.batching import IGNORE_INDEX, DistillCollator
+from kid.batching import IGNORE_INDEX
 from kid.cli import main
 from kid.config import MethodConfig
 from kid.rollout import GOLD, STUDENT, TEACHER, generate_answers

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from . import stats_layout as layout
-from .divergence import FKL, RKL, divergence_terms
+from .divergence import FKL, RKL, TVD, divergence_terms
 from .online_softmax import (
     finish_kl, finish_lse, kl_offset, online_argmax_update, online_kl_update, online_lse_update,
 )
@@ -164,7 +164,8 @@ def distill_value_kernel(
                                              log_one_minus_beta, DIVERGENCE)
             kd += tl.sum(tl.where(mask, value, 0.0), axis=0)
             center += tl.sum(tl.where(mask, c1, 0.0), axis=0)
-            center_2 += tl.sum(tl.where(mask, c2, 0.0), axis=0)
+            if DIVERGENCE == TVD:  # JSD has no second center: no third reduction per tile
+                center_2 += tl.sum(tl.where(mask, c2, 0.0), axis=0)
     tl.store(stats_ptr + KD * stat_stride + row, kd)
     tl.store(stats_ptr + CENTER * stat_stride + row, center)
     tl.store(stats_ptr + CENTER_2 * stat_stride + row, center_2)

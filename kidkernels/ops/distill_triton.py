@@ -44,7 +44,7 @@ def fill_stats(student, teacher, target, stats, cfg: DistillConfig) -> None:
     distill_value_kernel[(rows,)](
         student, student.stride(0), *_teacher_args(student, teacher), _or(target, stats), stats, stats.stride(0),
         vocab, cfg.inv_temp, cfg.beta, cfg.log_beta, cfg.log_one_minus_beta, cfg.ignore_index,
-        DIVERGENCE=cfg.code, HAS_TARGET=cfg.has_target, BLOCK_V=block, num_warps=tiles.num_warps(block),
+        DIVERGENCE=cfg.code, HAS_TARGET=cfg.has_target, BLOCK_V=block, num_warps=tiles.num_warps(block, heavy=True),
     )
 
 

@@ -13,5 +13,10 @@ def block_v(vocab: int) -> int:
     return min(MAX_BLOCK_V, triton.next_power_of_2(max(vocab, 16)))
 
 
-def num_warps(block: int) -> int:
-    return 8 if block >= 2048 else 4
+def num_warps(block: int, *, heavy: bool = False) -> int:
+    """Warps per program for a tile of ``block`` columns.  ``heavy``: per-element math with many transcendentals
+    (the JSD/TVD value pass: log-mixture, softplus); twice the warps halves the elements each thread holds, which
+    keeps that kernel free of register spills on sm_90a at the widest tile (8 warps spill, 16 do not; checked by
+    ``tools/compile_kernels.py``)."""
+    warps = 8 if block >= 2048 else 4
+    return 2 * warps if heavy else warps
