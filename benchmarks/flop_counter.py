@@ -4,7 +4,8 @@
 
 ``torch.utils.flop_counter.FlopCounterMode`` counts ``addmm`` but not the in-place ``addmm_`` (nor ``mm(...,
 out_dtype=)``), which chunked losses use to accumulate a weight gradient; this counter exists so that the FLOP
-identities of the cost model can be tested exactly (``tests/test_flop_identity.py``).  It sees only aten calls:
+identities of the cost model can be tested exactly (``tests/test_flop_identity.py``).  kidkernels' registered ops
+(``torch.library``) are opened: the products inside them are counted.  It sees only aten calls:
 products done inside a Triton kernel (``tl.dot``) are not counted.  It works on real and on fake tensors.
 """
 from __future__ import annotations
@@ -14,6 +15,8 @@ from math import prod
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from kidkernels.ops.custom_ops import python_impl
 
 aten = torch.ops.aten
 
@@ -80,6 +83,11 @@ class MatmulFlopCounter(TorchDispatchMode):
         self.calls: Counter = Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        inner = python_impl(func)
+        if inner is not None:
+            # A kidkernels op registered with torch.library: count the products inside it.
+            with self:
+                return inner(*args, **(kwargs or {}))
         entry = _FORMULAS.get(func.overloadpacket)
         if entry is not None:
             formula, first = entry

@@ -5,6 +5,8 @@ import math
 
 import torch
 
+from kidkernels.ops.custom_ops import python_impl
+
 
 def rel_l2(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """Relative L2 error ``||actual - expected|| / ||expected||`` in float64 (absolute when expected is 0)."""
@@ -43,16 +45,6 @@ def _flat(args, kwargs):
             yield a
 
 
-def _registered_python_impl(func):
-    """The Python function behind a ``kidkernels::`` custom op (None for any other op)."""
-    name = getattr(func, "_schema", None) and func._schema.name
-    if not name or not name.startswith("kidkernels::"):
-        return None
-    from torch._library.custom_ops import OPDEFS
-
-    return OPDEFS[name]._init_fn
-
-
 class TensorRecorder:
     """Records every aten op run inside it and the largest tensor any op allocated, in bytes (views and in-place
     results, which share an input's storage, allocate nothing; ``allocations`` lists the others).
@@ -61,7 +53,7 @@ class TensorRecorder:
     Triton interpreter views buffers as uint8) and that no value is read back to the
     host (``host_reads``: calls of ``aten._local_scalar_dense`` and ``aten.is_nonzero``, which ``.item()``, ``bool(t)``
     and friends go through).
-    The ops inside kidkernels' registered ops are recorded as well (see ``_registered_python_impl``).
+    The ops inside kidkernels' registered ops are recorded as well (see ``kidkernels.ops.custom_ops.python_impl``).
     """
 
     def __init__(self):
@@ -71,7 +63,7 @@ class TensorRecorder:
 
         class _Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                inner = _registered_python_impl(func)
+                inner = python_impl(func)
                 if inner is not None:
                     # A kidkernels op registered with torch.library is one node to the dispatcher: run its Python
                     # implementation with this mode active again, so that the ops inside it are recorded too.

@@ -145,7 +145,7 @@ def test_trainer_and_objective_reject_a_missing_teacher(tmp_path):
                        teacher=tiny_model(1, vocab=80), eos_token_id=EOS)
     # Padded lm_heads of one family (Qwen2: 151,936 vs 152,064 rows) are fine when the smaller covers the
     # tokenizer: the fused loss uses the first shared rows of both (kidkernels' shared_vocab, no slicing here).
-    from kid.methods import _prediction_head, distill_term
+    from kid.methods import _prediction_head, loss_term
     from kid.models import LMHead
     from tests.kid_tiny import tiny_tokenizer
 
@@ -157,11 +157,13 @@ def test_trainer_and_objective_reject_a_missing_teacher(tmp_path):
     ctx = trainer._context(student, torch.device("cpu"))
     assert ctx.shared_vocab == 64 and ctx.teacher_head.weight.shape[0] == 80 and ctx.student_head.num_rows == 64
     batch = DistillCollator(PAD)(tiny_examples(2))
-    loss, kd, _ = distill_term(ctx, batch, 4, divergence="rkl", mle_weight=1.0)
+    parts = loss_term(ctx, batch, kd=True, mle_weight=1.0, mle_normalizer=4)
+    loss, kd = parts.loss, parts.kd
     t_head = ctx.teacher_head
     cut = dataclasses.replace(ctx, shared_vocab=None,
                               teacher_head=LMHead(t_head.weight[:64].clone(), t_head.bias))
-    loss_cut, kd_cut, _ = distill_term(cut, batch, 4, divergence="rkl", mle_weight=1.0)
+    parts = loss_term(cut, batch, kd=True, mle_weight=1.0, mle_normalizer=4)
+    loss_cut, kd_cut = parts.loss, parts.kd
     assert torch.allclose(loss, loss_cut, rtol=1e-6) and torch.allclose(kd, kd_cut, rtol=1e-6) and kd > 0
     # a padded student: KID's predictions come from its first 64 rows only (tokens the teacher has)
     padded = tiny_model(2, vocab=80)

@@ -20,7 +20,7 @@ reads a tensor value on the host, except the range check of a CPU target (there 
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -30,6 +30,26 @@ from .config import NUM_STATS, DistillConfig
 from .distill import DispatchOptions, mean_denominator, reduce_rows, weight_grad_dtype
 from .gemm import compute_dtype
 from .selection import linear_row_statistic
+
+# Op name ("kidkernels::...") -> the Python function behind it (see :func:`python_impl`).
+_PYTHON_IMPLS: dict[str, Callable] = {}
+
+
+def _custom_op(name: str):
+    """``torch.library.custom_op(name, mutates_args=())``, remembering the Python function for :func:`python_impl`."""
+    def register(fn):
+        _PYTHON_IMPLS[name] = fn
+        return torch.library.custom_op(name, mutates_args=())(fn)
+    return register
+
+
+def python_impl(func) -> Callable | None:
+    """The Python implementation behind a ``kidkernels::`` op overload as a ``TorchDispatchMode`` sees it (None for
+    any other op).  A registered op is one node to the dispatcher; a dispatch-level tool that must see the ops inside
+    it (an allocation recorder, a FLOP counter, a fake-tensor memory estimate) calls this function with its mode
+    still active instead of ``func``."""
+    schema = getattr(func, "_schema", None)
+    return _PYTHON_IMPLS.get(schema.name) if schema is not None else None
 
 
 def check_target_range(target: Tensor, vocab: int, ignore_index: int) -> None:
@@ -57,7 +77,7 @@ def _or_empty(tensor: Tensor | None, like: Tensor, dtype: torch.dtype) -> Tensor
 
 # ---- hidden states and lm_heads ---------------------------------------------------------------------------------
 
-@torch.library.custom_op("kidkernels::linear_distill", mutates_args=())
+@_custom_op("kidkernels::linear_distill")
 def linear_distill(
     xs: Tensor, ws: Tensor, bs: Optional[Tensor], xt: Optional[Tensor], wt: Optional[Tensor], bt: Optional[Tensor],
     target: Optional[Tensor], normalizer: Optional[Tensor], normalizer_value: Optional[float],
@@ -100,7 +120,7 @@ def _(xs, ws, bs, xt, wt, bt, target, normalizer, normalizer_value, divergence, 
     return xs.new_empty(shape, dtype=cdt), xs.new_empty(shape, dtype=cdt), xs.new_empty(shape, dtype=cdt), dx, dw, db
 
 
-@torch.library.custom_op("kidkernels::linear_distill_backward", mutates_args=())
+@_custom_op("kidkernels::linear_distill_backward")
 def linear_distill_backward(
     xs: Tensor, ws: Tensor, bs: Optional[Tensor], xt: Optional[Tensor], wt: Optional[Tensor], bt: Optional[Tensor],
     target: Optional[Tensor], row_weight: Tensor,
@@ -207,7 +227,7 @@ linear_distill.register_autograd(_backward_linear, setup_context=_setup_linear)
 
 # ---- logits the caller holds ------------------------------------------------------------------------------------
 
-@torch.library.custom_op("kidkernels::distill_logits", mutates_args=())
+@_custom_op("kidkernels::distill_logits")
 def distill_logits(
     student: Tensor, teacher: Tensor, target: Optional[Tensor], normalizer: Optional[Tensor],
     normalizer_value: Optional[float], divergence: str, beta: float, temperature: float, kd_weight: float,
@@ -234,7 +254,7 @@ def _(student, teacher, target, normalizer, normalizer_value, divergence, beta, 
             student.new_empty((NUM_STATS, student.shape[0]), dtype=cdt))
 
 
-@torch.library.custom_op("kidkernels::distill_logits_backward", mutates_args=())
+@_custom_op("kidkernels::distill_logits_backward")
 def distill_logits_backward(
     student: Tensor, teacher: Tensor, target: Optional[Tensor], stats: Tensor, row_weight: Tensor,
     divergence: str, beta: float, temperature: float, kd_weight: float, mle_weight: float, ignore_index: int,
@@ -289,7 +309,7 @@ distill_logits.register_autograd(_backward_logits, setup_context=_setup_logits)
 
 # ---- KID's masking stage ----------------------------------------------------------------------------------------
 
-@torch.library.custom_op("kidkernels::linear_entropy", mutates_args=())
+@_custom_op("kidkernels::linear_entropy")
 def linear_entropy(x: Tensor, weight: Tensor, bias: Optional[Tensor], inv_temp: float, backend: str,
                    workspace_bytes: int) -> Tensor:
     """``[N]`` entropies (compute dtype) of softmax((x @ weight.T + bias) * inv_temp)."""
@@ -302,7 +322,7 @@ def _(x, weight, bias, inv_temp, backend, workspace_bytes):
     return x.new_empty(x.shape[0], dtype=compute_dtype(x.dtype))
 
 
-@torch.library.custom_op("kidkernels::linear_argmax", mutates_args=())
+@_custom_op("kidkernels::linear_argmax")
 def linear_argmax(x: Tensor, weight: Tensor, bias: Optional[Tensor], backend: str, workspace_bytes: int) -> Tensor:
     """``[N]`` int64 argmaxes of the rows of x @ weight.T + bias."""
     return linear_row_statistic(x, weight, bias, statistic="argmax", inv_temp=1.0, backend=backend,
