@@ -141,6 +141,21 @@ def all_finite(values) -> bool:
     return all(v is not None and math.isfinite(v) for v in values)
 
 
+def end_worker() -> None:
+    """The end of a torchrun worker that succeeded: tear the process group down (``kid.training.close_distributed``),
+    flush, and leave without the interpreter's teardown.  On CPU/gloo that teardown can still abort a finished
+    worker ("terminate called without an active exception": gloo threads held by objects that outlive the group,
+    such as FSDP's device mesh, are destroyed by static destructors; seen under load in the FSDP test).  What the
+    worker had to say is already written to its result files and streams, so skipping the teardown loses
+    nothing."""
+    from kid.training import close_distributed
+
+    close_distributed()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def run_on_two_processes(worker_source: str, work_dir: Path, *args: str, timeout: float = 300
                          ) -> subprocess.CompletedProcess:
     """Write ``worker_source`` to ``work_dir/worker.py`` and run it with torchrun on two local processes (CPU: the

@@ -41,8 +41,9 @@ WORKER = textwrap.dedent('''
     import kid.trainer
     from kid.batching import DistillCollator
     from kid.config import MethodConfig
-    from kid.training import close_distributed, run_training, training_arguments
-    from tests.kid_tiny import MASK, PAD, tiny_dataset, tiny_examples, tiny_model, tiny_teacher, tiny_tokenizer, \\
+    from kid.training import run_training, training_arguments
+    from tests.kid_tiny import MASK, PAD, end_worker, tiny_dataset, tiny_examples, tiny_model, tiny_teacher, \\
+        tiny_tokenizer, \\
         train_config
 
     out = Path(sys.argv[1])
@@ -131,7 +132,7 @@ WORKER = textwrap.dedent('''
         print(f"ddp {name} rank {rank} ok", flush=True)
 
     (out / f"trace{rank}.json").write_text(json.dumps(results))
-    close_distributed()
+    end_worker()
 ''')
 
 

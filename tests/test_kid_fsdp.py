@@ -39,8 +39,7 @@ WORKER = textwrap.dedent('''
     from kid.config import MethodConfig
     from kid.methods import DistillContext, compute_objective
     from kid.models import LoraOptions, apply_lora, is_fsdp_sharded, lm_head_of
-    from kid.training import close_distributed
-    from tests.kid_tiny import EOS, MASK, PAD, tiny_examples, tiny_model, tiny_teacher
+    from tests.kid_tiny import EOS, MASK, PAD, end_worker, tiny_examples, tiny_model, tiny_teacher
 
     faulthandler.dump_traceback_later(120, exit=True)  # a deadlock shows its stacks instead of hanging
     dist.init_process_group("gloo")
@@ -114,7 +113,7 @@ WORKER = textwrap.dedent('''
         results[name] = {"loss": loss, "ref_loss": ref_losses[rank], "worst": worst, "checked": checked,
                          "head_resharded": isinstance(head, DTensor)}
     (open(sys.argv[1] + f"/rank{rank}.json", "w")).write(json.dumps(results))
-    close_distributed()
+    end_worker()
 ''')
 
 

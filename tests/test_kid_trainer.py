@@ -179,7 +179,8 @@ DDP_WORKER = textwrap.dedent('''
 
     from kid.config import MethodConfig
     from kid.training import close_distributed, run_training
-    from tests.kid_tiny import all_finite, step_logs, tiny_dataset, tiny_model, tiny_teacher, tiny_tokenizer, \\
+    from tests.kid_tiny import all_finite, end_worker, step_logs, tiny_dataset, tiny_model, tiny_teacher, \\
+        tiny_tokenizer, \\
         train_config
 
     faulthandler.dump_traceback_later(60, exit=True)  # a deadlock shows its stacks instead of hanging
@@ -216,6 +217,7 @@ DDP_WORKER = textwrap.dedent('''
         print(f"{name} rank {rank} ok", flush=True)
     close_distributed()  # without it gloo's threads can abort the interpreter at exit (SIGABRT, seen in CI)
     assert not dist.is_initialized()
+    end_worker()
 ''')
 
 
