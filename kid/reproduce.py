@@ -127,8 +127,9 @@ SCALES: dict[str, ReproduceScale] = {
     # read from its cached outputs) ~0.5 s a step; ~1.9 s per step of all seven methods, x 30 steps x 3 seeds ~
     # 2.9 min.  The teacher's answers to the 3,200 training prompts, once (greedy, 64 new tokens, 13 batches of
     # 256) ~15-25 s.  Each of the 22 evaluations (972 Spider dev questions in batches of 256, at most 128 new
-    # tokens) ~5-10 s, ~2.5 min; the teacher's 200 SFT steps ~25 s; conversion, prompts, kernel compilation ~1 min.  time_limit_s: no run starts after 7.5 minutes
-    # whatever the real speed (re-run the same command to finish the rest).  Every weight is trained: a
+    # tokens) ~5-10 s, ~2.5 min; the teacher's 200 SFT steps ~25 s; conversion, prompts, kernel compilation ~1 min.
+    # time_limit_s: no run starts after 7.5 minutes whatever the real speed (re-run the same command to finish the
+    # rest).  Every weight is trained: a
     # layer-dropped student starts far from a language model (perplexity ~1.8e7 on English text) and needs more
     # than LoRA adapters to recover in a few dozen steps.
     "gpu": ReproduceScale(
