@@ -7,12 +7,15 @@
 
 The models are built from their configs (presets in :mod:`benchmarks.model_presets`, or any Hugging Face
 ``config.json`` by path) with fake weights: nothing is allocated, nothing downloaded, and a 7B teacher takes
-seconds.  The step is the trainer's own (:mod:`benchmarks.train_step`: ``kid.methods.compute_objective`` and its
-backward per micro-batch, clipping, fused AdamW with its state), run under :func:`benchmarks.fake_memory.
-cuda_like_execution` so that attention, dropout and kidkernels take the paths they take on a GPU.  The counted
-step starts as every step after the first does (optimizer state allocated, no gradients); it runs the first two
-micro-batches and the update, since every later micro-batch starts from the same live tensors as the second and
-repeats its peak exactly (:func:`benchmarks.train_step.run_step`).  Printed: the peak of allocated memory (what
+seconds.  The step is the trainer's own (:mod:`benchmarks.train_step`: for the methods that generate, the step's
+rollout through :mod:`kid.rollout`; per micro-batch the terms of ``kid.methods.plan_objective``, each
+back-propagated before the next is built, as ``DistillTrainer.training_step`` runs them; clipping, fused AdamW with
+its state), run under :func:`benchmarks.fake_memory.cuda_like_execution` so that attention, dropout and kidkernels
+take the paths they take on a GPU, with generation stood in for by cached forwards of the final length (values
+decide when generation stops; fake tensors have none).  The counted step starts as every step after the first does
+(optimizer state allocated, no gradients); it runs the rollout, the first two micro-batches and the update, since
+every later micro-batch starts from the same live tensors as the second and repeats its peak exactly
+(:func:`benchmarks.train_step.run_step`).  Printed: the peak of allocated memory (what
 ``torch.cuda.max_memory_allocated`` would report), what was live at the peak by kind, the largest extra memory of
 one loss call, and the same step computed without this library (full Hugging Face logits, float32 eager losses)
 for comparison.  These are estimates, not measurements;
@@ -25,6 +28,7 @@ import contextlib
 import datetime
 import functools
 import json
+import math
 import os
 import sys
 import time
@@ -39,13 +43,13 @@ from .model_presets import PRESETS, UnknownModel, hf_config
 from .train_step import (
     IMPLEMENTATIONS,
     METHODS,
+    WORST_CASE_OPTIONS,
     StepModels,
     StepPlan,
     allocate_optimizer_state,
     make_batches,
     make_optimizer,
     run_step,
-    step_normalizer,
     trainable_parameters,
 )
 
@@ -116,30 +120,53 @@ def _module_region(module: torch.nn.Module, tracker: LiveBytesTracker, label: st
     return [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
 
 
-def _fake_generation(tracker: LiveBytesTracker):
-    """Stands in for :func:`kid.rollout.generate_answers` on fake tensors (generation stops on values): one cached
-    no-grad forward over prompt + ``max_new_tokens`` (the KV cache at its final size), then answers of
-    ``max_new_tokens`` tokens with no EOS (the longest, the worst case)."""
+def _fake_rollout(tracker: LiveBytesTracker):
+    """Stand-ins for the two functions of :mod:`kid.rollout` whose work depends on values (generation stops on
+    them), for fake tensors: ``prompt_tokens`` (a prompt's real tokens: the whole row, every batch here being
+    unpadded) and ``generate_grouped``, which makes the calls the real one makes (prompts sorted by length, at most
+    ``batch_size`` per call, ``num_calls`` if given), each one cached no-grad forward over its prompts +
+    ``max_new_tokens`` (the KV cache at its final size) in eval mode with the LoRA adapters merged as the real
+    decode has them (:func:`kid.rollout.merged_lora_weights`), and returns answers of ``max_new_tokens`` tokens with
+    no EOS (the longest: the worst case)."""
     from kid.models import eval_mode
+    from kid.rollout import merged_lora_weights
 
-    def generate_answers(model, prompt_ids, prompt_mask, *, max_new_tokens, eos_token_id, pad_token_id,
-                         temperature=1.0, do_sample=True):
-        lm = model.module if isinstance(getattr(model, "module", None), torch.nn.Module) else model
-        rows = prompt_ids.shape[0]
-        with tracker.region("generation"), torch.no_grad(), eval_mode(lm):
-            ids = torch.cat([prompt_ids, prompt_ids.new_zeros(rows, max_new_tokens)], dim=1)
-            mask = torch.cat([prompt_mask, prompt_mask.new_ones(rows, max_new_tokens)], dim=1)
-            out = lm(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
-            del out
-        return torch.randint(0, max(eos_token_id, 1), (rows, max_new_tokens), device=prompt_ids.device)
-    return generate_answers
+    def prompt_tokens(batch, row):
+        return batch["prompt_input_ids"][row]
+
+    def generate_grouped(model, prompts, *, batch_size=0, num_calls=None, pad_token_id, max_new_tokens,
+                         eos_token_id, merge_lora=False, **sampling):
+        lm = model
+        while isinstance(getattr(lm, "module", None), torch.nn.Module):
+            lm = lm.module
+        n = len(prompts)
+        needed = 0 if n == 0 else (1 if batch_size <= 0 else math.ceil(n / batch_size))
+        calls = needed if num_calls is None else num_calls
+        order = sorted(range(n), key=lambda i: (prompts[i].numel(), i))
+        per_call = math.ceil(n / calls) if calls else 0
+        answers = [None] * n
+        for c in range(calls):
+            real = order[c * per_call:(c + 1) * per_call]
+            rows = real or order[-1:]  # a call with no prompt of its own repeats the last one (discarded)
+            width = max(prompts[i].numel() for i in rows) + max_new_tokens
+            device = prompts[rows[0]].device
+            with tracker.region("generation"), torch.no_grad(), eval_mode(lm), \
+                    merged_lora_weights(lm, enabled=merge_lora):
+                ids = torch.zeros((len(rows), width), dtype=torch.long, device=device)
+                out = lm(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1)
+                del out
+                generated = torch.randint(0, max(eos_token_id, 1), (len(rows), max_new_tokens), device=device)
+            for j, i in enumerate(real):
+                answers[i] = generated[j]
+        return answers
+    return {"prompt_tokens": prompt_tokens, "generate_grouped": generate_grouped}
 
 
 @contextlib.contextmanager
 def instrumented(tracker: LiveBytesTracker, models: StepModels, *, fake: bool = True):
     """Label the loss and selection calls (kidkernels' public functions, as ``kid`` calls them), the lm_heads'
     outputs, the gradients as they are accumulated, and (fake tensors) stand in for generation."""
-    import kid.methods
+    import kid.rollout
     import kidkernels
     from kid.models import unwrap
 
@@ -150,8 +177,9 @@ def instrumented(tracker: LiveBytesTracker, models: StepModels, *, fake: bool = 
             saved.append((kidkernels, name, original))
             setattr(kidkernels, name, _region_function(original, tracker, label, name))
     if fake:
-        saved.append((kid.methods, "generate_answers", kid.methods.generate_answers))
-        kid.methods.generate_answers = _fake_generation(tracker)
+        for name, stand_in in _fake_rollout(tracker).items():
+            saved.append((kid.rollout, name, getattr(kid.rollout, name)))
+            setattr(kid.rollout, name, stand_in)
     handles = []
     for role, model in (("student", models.student), ("teacher", models.teacher)):
         if model is not None:
@@ -227,12 +255,11 @@ def estimate_step(plan: StepPlan, *, routes=ROUTES, fake: bool = True) -> dict:
         weights = tracker.current
         with fake_mode or contextlib.nullcontext(), tracker, instrumented(tracker, models, fake=fake):
             batches = make_batches(plan, models.vocab_size, "cpu")
-            normalizer = step_normalizer(plan, "cpu")
             optimizer = make_optimizer(models.student)
             with tracker.region("optimizer state"):
                 allocate_optimizer_state(models.student, optimizer)
             tracker.reset_peak()
-            run_step(plan, models, batches, normalizer, optimizer, tracker, device_type="cpu", label="step",
+            run_step(plan, models, batches, optimizer, tracker, device_type="cpu", label="step",
                      micro_batches=MICRO_BATCHES_RUN)
     losses = [r for r in tracker.region_records if r.label == "loss workspace"]
     worst = max(losses, key=lambda r: r.extra_bytes, default=None)
@@ -246,6 +273,7 @@ def estimate_step(plan: StepPlan, *, routes=ROUTES, fake: bool = True) -> dict:
         "weights_bytes": weights,
         "trainable_parameters": sum(p.numel() for p in trainable),
         "loss_calls": len(losses),
+        "generate_calls": sum(r.label == "generation" for r in tracker.region_records),
         "loss_extra_bytes": worst.extra_bytes if worst else 0,
         "loss_extra_call": worst.name if worst else None,
         "largest_tensor_bytes": tracker.largest[0],
@@ -302,18 +330,18 @@ def format_plan(plan: StepPlan, result: dict) -> str:
     training = (f"LoRA r={plan.lora_r} alpha={plan.lora_alpha} dropout={plan.lora_dropout} on every linear layer, "
                 f"base weights {plan.dtype}, adapters float32" if plan.lora else
                 "every weight, float32 master weights, bf16 autocast")
+    step = (f"batch {plan.batch_size} x {plan.seq_len} tokens ({plan.prompt_len} prompt + {plan.answer_len} answer) "
+            f"in {plan.micro_batches} micro-batches of {plan.micro_batch_size}; gradient checkpointing "
+            f"{'on' if plan.gradient_checkpointing else 'off'}; fused AdamW")
+    if plan.method in WORST_CASE_OPTIONS:
+        calls = cfg.get("generation_batch_size") or plan.batch_size
+        step += ("; worst-case draws: " + ", ".join(f"{k}={cfg[k]}" for k in WORST_CASE_OPTIONS[plan.method])
+                 + f"; the step's answers generated before its first micro-batch, at most {calls} prompts per "
+                 "generate call")
     lines = [f"method {method}; student {plan.student} ({training}; "
              f"{result['trainable_parameters']:,} trainable parameters); "
              + (f"teacher {plan.teacher} ({plan.teacher_dtype}, frozen)" if plan.method != "sft" else "no teacher"),
-             f"batch {plan.batch_size} x {plan.seq_len} tokens ({plan.prompt_len} prompt + {plan.answer_len} answer) "
-             f"in {plan.micro_batches} micro-batches of {plan.micro_batch_size}; gradient checkpointing "
-             f"{'on' if plan.gradient_checkpointing else 'off'}; fused AdamW; worst-case draws: "
-             + ", ".join(f"{k}={v}" for k, v in cfg.items() if k in ("gkd_lambda", "imitkd_gold_probability",
-                                                                     "fdistill_teacher_probability"))
-             if plan.method in ("gkd", "imitkd", "fdistill") else
-             f"batch {plan.batch_size} x {plan.seq_len} tokens ({plan.prompt_len} prompt + {plan.answer_len} answer) "
-             f"in {plan.micro_batches} micro-batches of {plan.micro_batch_size}; gradient checkpointing "
-             f"{'on' if plan.gradient_checkpointing else 'off'}; fused AdamW"]
+             step]
     return "\n".join(lines)
 
 
@@ -366,8 +394,11 @@ def paper_table_markdown(results: list[dict], *, source: str) -> str:
         f"batch {first['batch_size']} x ({first['seq_len'] - first['answer_len']} + {first['answer_len']}) tokens, "
         f"{first['teacher']} teacher (bf16, frozen), {first['student']} student with LoRA r={first['lora_r']} "
         f"(bf16 base, float32 adapters), fused AdamW.  \"eager\": the same step without this library (full HF logits, "
-        "float32 eager losses on the answer rows, HF's own loss for MLE).  On-policy methods: every batch "
-        "generated, answers 128 tokens.  Not modelled: CUDA context, cuBLAS/attention workspaces, allocator "
+        "float32 eager losses on the answer rows, HF's own loss for MLE); both run each micro-batch's passes one graph "
+        "at a time, as `kid train` does.  On-policy methods: every batch generated (the worst-case draw), the "
+        "step's answers (128 tokens each) generated in one call per model before its first micro-batch, as `kid "
+        "train` does by default; f-distill's teacher samples during training (the default preset; the paper preset "
+        "reads answers generated beforehand).  Not modelled: CUDA context, cuBLAS/attention workspaces, allocator "
         "fragmentation (reserved memory is higher); unpadded batches.  GiB = 2^30 bytes.",
         "",
         "| method | micro-batch | grad. ckpt | kidkernels peak (GiB) | eager peak (GiB) | kidkernels / eager "
@@ -439,6 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--strategy", choices=("random", "uniform", "hard", "easy"), help="KID's selection")
     parser.add_argument("--alpha", type=float, help="KID's masked fraction (default 0.2)")
     parser.add_argument("--mle-input", choices=("imperfect", "gold"), help="KID's MLE input (default imperfect)")
+    parser.add_argument("--generation-batch-size", type=int,
+                        help="gkd / imitkd / fdistill: at most this many prompts per generate call (default 0: all "
+                             "the step's prompts in one call, as kid train does)")
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per optimizer step (default 16)")
     parser.add_argument("--micro-batch-size", type=int, default=4, help="sequences per micro-batch (default 4)")
     parser.add_argument("--seq-len", type=int, default=1152, help="tokens per sequence (default 1,024 + 128)")
@@ -471,6 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _plans(args) -> list[StepPlan]:
     options = {k: v for k, v in (("strategy", args.strategy), ("alpha", args.alpha), ("mle_input", args.mle_input))
                if v is not None}
+    generation = {} if args.generation_batch_size is None else {"generation_batch_size": args.generation_batch_size}
     methods = METHODS if args.method == "all" else (args.method,)
     implementations = IMPLEMENTATIONS if args.implementation == "both" else (args.implementation,)
     plans = []
@@ -478,7 +513,8 @@ def _plans(args) -> list[StepPlan]:
         for implementation in implementations:
             plans.append(StepPlan(
                 student=args.student, teacher=args.teacher, method=method,
-                method_options=options if method == "kid" else {}, batch_size=args.batch_size,
+                method_options=options if method == "kid" else generation if method in WORST_CASE_OPTIONS else {},
+                batch_size=args.batch_size,
                 micro_batch_size=args.micro_batch_size, seq_len=args.seq_len, answer_len=args.answer_len,
                 lora=args.lora, lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                 gradient_checkpointing=args.gradient_checkpointing, dtype=args.dtype,

@@ -1,7 +1,7 @@
 """One training step of each method the full-step benchmark compares, on Qwen2-architecture (Qwen1.5) models with
-random weights, through the trainer's own objectives (:func:`kid.methods.compute_objective`, what
-:class:`kid.trainer.DistillTrainer` calls for each micro-batch): SFT, a teacher forward alone, RKD from Hugging Face
-logits (eager, the comparison), RKD and KID (random and hard selection).
+random weights, through the trainer's own objectives (:func:`kid.methods.compute_objective` with ``backward=``:
+the terms one graph at a time, as :class:`kid.trainer.DistillTrainer` runs each micro-batch): SFT, a teacher
+forward alone, RKD from Hugging Face logits (eager, the comparison), RKD and KID (random and hard selection).
 
 - A batch is ``prompt_len`` prompt tokens then ``answer_len`` answer (SQL) tokens, the last one EOS; no padding.  The
   loss rows are the answer positions (``B x answer_len``: 2,048 at batch 16 x 128, the paper's N), read by
@@ -115,7 +115,8 @@ def objective_context(s: StepSetup, method: str, **options) -> DistillContext:
 def trainer_step(s: StepSetup, method: str, **options) -> None:
     batch = trainer_batch(s)
     normalizer = batch["answer_labels"].numel()
-    compute_objective(objective_context(s, method, **options), batch, normalizer).loss.backward()
+    # Each term back-propagated before the next is built, as DistillTrainer.training_step runs them.
+    compute_objective(objective_context(s, method, **options), batch, normalizer, backward=torch.Tensor.backward)
 
 
 def teacher_forward(s: StepSetup) -> None:

@@ -30,7 +30,6 @@ from .train_step import (
     make_batches,
     make_optimizer,
     run_step,
-    step_normalizer,
 )
 
 GiB = 2 ** 30
@@ -103,18 +102,17 @@ def measure(config: MeasuredConfig, models: StepModels, device) -> dict:
     plan = config.plan()
     out = {"name": config.name, "plan": plan.describe()}
     _set_checkpointing(models.student, plan.gradient_checkpointing)
-    batches = normalizer = optimizer = None
+    batches = optimizer = None
     try:
         batches = make_batches(plan, models.vocab_size, device)
-        normalizer = step_normalizer(plan, device)
         optimizer = make_optimizer(models.student)
         allocate_optimizer_state(models.student, optimizer)
-        run_step(plan, models, batches, normalizer, optimizer, label="warm-up step")
+        run_step(plan, models, batches, optimizer, label="warm-up step")
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
         start = time.perf_counter()
-        run_step(plan, models, batches, normalizer, optimizer)
+        run_step(plan, models, batches, optimizer)
         torch.cuda.synchronize(device)
         out.update(status="ok", step_s=time.perf_counter() - start, memory_before_bytes=before,
                    peak_bytes=torch.cuda.max_memory_allocated(device),
@@ -124,7 +122,7 @@ def measure(config: MeasuredConfig, models: StepModels, device) -> dict:
             raise
         out.update(status="oom", reason=f"{type(error).__name__}: {str(error)[:300]}")
     finally:
-        del batches, normalizer, optimizer
+        del batches, optimizer
         models.student.zero_grad(set_to_none=True)
         torch.cuda.empty_cache()
     return out

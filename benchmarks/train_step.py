@@ -2,23 +2,30 @@
 (:mod:`benchmarks.estimate_memory`) and on a GPU for the measurement it is checked against
 (:mod:`benchmarks.measure_step`).
 
-A step is what ``transformers.Trainer`` does with :class:`kid.trainer.DistillTrainer` between two optimizer updates:
-``batch_size / micro_batch_size`` micro-batches, each one :func:`micro_batch_step`, then gradient clipping (max norm
+A step is what ``transformers.Trainer`` does with :class:`kid.trainer.DistillTrainer` between two optimizer updates
+(:func:`run_step`): for the methods that generate, the step's rollout first (:func:`kid.rollout.rollout_step`: the
+source draws and one length-grouped ``generate`` per model for all the step's prompts, as ``DistillTrainer.
+_prepare_step`` runs it, under the Trainer's mixed precision); the step's normalisers (:func:`step_counts`); then
+``batch_size / micro_batch_size`` micro-batches, each one :func:`micro_batch_step`; then gradient clipping (max norm
 1), the optimizer update (``adamw_torch_fused``, the Trainer's default) and ``zero_grad(set_to_none=True)``.
 
-:func:`micro_batch_step` is the one place that says how the trainer runs a micro-batch; it calls
-:func:`kid.methods.compute_objective` as ``DistillTrainer.compute_loss`` does and back-propagates the loss as the
-Trainer's ``training_step`` does.  If the trainer changes how it runs a micro-batch, change that function only.
+:func:`micro_batch_step` is the one place that says how the trainer runs a micro-batch: as ``DistillTrainer.
+training_step`` does, the objective is planned as terms (:func:`kid.methods.plan_objective`, under the Trainer's
+``compute_loss_context_manager``) and the terms run one graph at a time (:func:`kid.methods.run_terms`): each term
+is built under that context and back-propagated outside it before the next one is built.  If the trainer changes
+how it runs a micro-batch, change that function only.
 
-:func:`eager_micro_batch_step` is the same micro-batch written the way a user would without this library: the
-models' full Hugging Face logits, then the float32 losses of :mod:`kidkernels.reference` on the answer rows (the MLE
-term and SFT as Hugging Face's own ``ForCausalLMLoss``, on every position's logits upcast to float32).
+:func:`eager_micro_batch_step` is the same micro-batch written the way a user would without this library: the same
+rollout's data, the same passes in the same order, each back-propagated before the next, but the models' full
+Hugging Face logits and the float32 losses of :mod:`kidkernels.reference` on the answer rows (the MLE term and SFT as
+Hugging Face's own ``ForCausalLMLoss``, on every position's logits upcast to float32).
 """
 from __future__ import annotations
 
 import contextlib
 import random
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 
@@ -26,8 +33,9 @@ import kidkernels
 from kid.batching import IGNORE_INDEX, with_answer_tokens
 from kid.config import MethodConfig
 from kid.kid_stage import selectable_positions
-from kid.methods import DistillContext, _generated_kd_batch, _sources, compute_objective
+from kid.methods import DistillContext, LossParts, Term, plan_objective, run_terms
 from kid.models import LoraOptions, eval_mode, lm_head_of
+from kid.rollout import GOLD, KDPlan, StepRollout, rollout_step
 from kidkernels.reference import reference_distill_loss_from_logits, reference_entropy
 
 METHODS = ("sft", "fkd", "rkd", "kid", "gkd", "imitkd", "fdistill")
@@ -36,6 +44,7 @@ IMPLEMENTATIONS = ("kidkernels", "eager")
 # generated batch (and for f-distill of the larger model's generation), so the estimate takes that draw.
 WORST_CASE_OPTIONS = {"gkd": {"gkd_lambda": 1.0}, "imitkd": {"imitkd_gold_probability": 0.0},
                       "fdistill": {"fdistill_teacher_probability": 1.0}}
+ROLLOUT_SEED = 0  # the host seed of the step's source draws (the worst-case draws above do not depend on it)
 LEARNING_RATE = 2e-4  # the paper's; the optimizer state does not depend on it
 MAX_GRAD_NORM = 1.0  # transformers.TrainingArguments' default
 
@@ -123,7 +132,8 @@ class StepPlan:
         out = asdict(self)
         out["method_config"] = {k: v for k, v in self.method_config().to_dict().items()
                                 if k in ("alpha", "strategy", "mle_input", "gkd_lambda", "imitkd_gold_probability",
-                                         "fdistill_teacher_probability", "max_new_tokens", "kid_predictions")}
+                                         "fdistill_teacher_probability", "max_new_tokens", "kid_predictions",
+                                         "mle_weight", "generation_batch_size")}
         return out
 
 
@@ -191,13 +201,42 @@ def make_batches(plan: StepPlan, vocab_size: int, device) -> list[dict]:
     return batches
 
 
-def step_normalizer(plan: StepPlan, device) -> torch.Tensor:
-    """The Trainer's ``num_items_in_batch``: the target tokens of every micro-batch of the step, a device tensor."""
-    return torch.tensor(plan.batch_size * plan.answer_len, device=device)
+@dataclass
+class StepCounts:
+    """The step's normalisers, as ``DistillTrainer._prepare_step`` computes them on one process: ``normalizer`` the
+    gold target tokens of every micro-batch, ``kd_normalizer`` the target tokens of the batches the KD terms read
+    when some micro-batch reads generated answers (else None: the gold count), ``num_sequences`` the step's
+    sequences.  Device tensors, or host numbers once the step has generated (as the trainer reads them then)."""
+    normalizer: Any
+    kd_normalizer: Any = None
+    num_sequences: Any = None
+
+
+def step_counts(plan: StepPlan, batches: list[dict], rollout: StepRollout | None) -> StepCounts:
+    """The trainer's normalisers of a step of :func:`make_batches` micro-batches and its ``rollout``.
+
+    The trainer counts the target tokens of the gold and KD batches on the device and reads them on the host after
+    the generation; here they are known without reading a value (fake tensors have none): every answer slot of
+    :func:`make_batches` is a target, and :func:`kid.rollout.rollout_step` reports each generated answer's tokens,
+    every one a target (``KDPlan.generated_tokens``).  The same numbers on real tensors."""
+    device = batches[0]["answer_labels"].device
+    rows = [int(b["answer_labels"].shape[0]) for b in batches]
+    gold, sequences = sum(rows) * plan.answer_len, sum(rows)
+    if rollout is None or not rollout.any_generated:
+        return StepCounts(torch.tensor(gold, device=device), None, torch.tensor(sequences, device=device))
+    if plan.method_config().teacher_outputs is not None:
+        raise ValueError("cached teacher outputs are not modelled: their answers are not generated in the step")
+    kd = 0
+    for count, kd_plan in zip(rows, rollout.plans):
+        if kd_plan.kd_batch is None:
+            kd += count * plan.answer_len
+        else:
+            kd += sum(s == GOLD for s in kd_plan.sources) * plan.answer_len + kd_plan.generated_tokens
+    return StepCounts(gold, kd, sequences)
 
 
 def objective_context(plan: StepPlan, models: StepModels, micro_batch: int, device) -> DistillContext:
-    """The context ``DistillTrainer._context`` builds, seeded per micro-batch."""
+    """The context ``DistillTrainer._train_context`` builds, seeded per micro-batch."""
     config = plan.method_config()
     generator = torch.Generator(device=device)
     generator.manual_seed(micro_batch)
@@ -212,14 +251,25 @@ def objective_context(plan: StepPlan, models: StepModels, micro_batch: int, devi
 
 # ---- one micro-batch ----------------------------------------------------------------------------------------------
 
-def micro_batch_step(ctx: DistillContext, batch: dict, normalizer, recorder: Recorder,
-                     forward_context=contextlib.nullcontext) -> None:
-    """One micro-batch as the trainer runs it: :func:`kid.methods.compute_objective` under the Trainer's
-    ``compute_loss_context_manager`` (autocast for full fine-tuning) as ``DistillTrainer.compute_loss`` does, then
-    ``loss.backward()`` outside it (``Trainer.training_step``)."""
+def _within(context, term: Term) -> Term:
+    """``term`` built inside ``context()`` (the Trainer's ``compute_loss_context_manager``)."""
+    def run() -> LossParts:
+        with context():
+            return term()
+    return run
+
+
+def micro_batch_step(ctx: DistillContext, batch: dict, counts: StepCounts, kd_plan: KDPlan | None,
+                     recorder: Recorder, forward_context=contextlib.nullcontext) -> LossParts:
+    """One micro-batch as ``DistillTrainer.training_step`` runs it (one process): the objective planned under the
+    Trainer's ``compute_loss_context_manager`` (``forward_context``: autocast for full fine-tuning; KID's stage runs
+    here), then its terms one graph at a time (:func:`kid.methods.run_terms`), each built inside the context and
+    back-propagated outside it before the next is built.  kd_plan: this micro-batch's share of the step's rollout
+    (the generating methods).  Returns the parts (loss detached)."""
     with forward_context():
-        loss = compute_objective(ctx, batch, normalizer).loss
-    loss.backward()
+        objective = plan_objective(ctx, batch, counts.normalizer, kd_normalizer=counts.kd_normalizer,
+                                   num_sequences=counts.num_sequences, kd_plan=kd_plan)
+    return run_terms([_within(forward_context, term) for term in objective.terms], torch.Tensor.backward)
 
 
 def _hf_logits(model, batch: dict, input_ids=None) -> torch.Tensor:
@@ -254,18 +304,23 @@ def _eager_mle(ctx: DistillContext, batch: dict, normalizer, recorder: Recorder)
         return ForCausalLMLoss(logits, labels, vocab_size=logits.shape[-1], num_items_in_batch=normalizer)
 
 
-def _eager_distill(ctx: DistillContext, batch: dict, normalizer, recorder: Recorder, *, divergence: str,
-                   mle_weight: float) -> torch.Tensor:
-    """``kd_weight * divergence + mle_weight * MLE`` on the answer rows of both models' full logits, float32."""
+def _eager_distill(ctx: DistillContext, batch: dict, recorder: Recorder, *, mle_weight: float, normalizer,
+                   mle_normalizer=None) -> torch.Tensor:
+    """``(kd_weight * divergence + mle_weight * MLE) / normalizer`` on the answer rows of both models' full logits,
+    float32; with an ``mle_normalizer`` of its own, the MLE term is divided by that instead (its weight rescaled, as
+    :func:`kid.methods.loss_term` does)."""
     cfg = ctx.config
     vocab = ctx.student_head.num_rows  # the shared vocabulary (padded heads cut)
+    ratio = 1.0
+    if mle_weight != 0 and mle_normalizer is not None and mle_normalizer is not normalizer:
+        ratio = float(normalizer) / float(mle_normalizer)
     with torch.no_grad():
         teacher_rows = _answer_rows(_hf_logits(ctx.teacher, batch)[..., :vocab], batch, copy=True)
     student_rows = _answer_rows(_hf_logits(ctx.student, batch)[..., :vocab], batch)
-    with recorder.region("loss workspace", f"eager {divergence} + MLE"):
+    with recorder.region("loss workspace", f"eager {cfg.kd_divergence}" + (" + MLE" if mle_weight else "")):
         loss = reference_distill_loss_from_logits(
-            student_rows, teacher_rows, batch["answer_labels"], divergence=divergence, beta=cfg.beta,
-            temperature=cfg.temperature, kd_weight=cfg.kd_weight, mle_weight=mle_weight, reduction="sum",
+            student_rows, teacher_rows, batch["answer_labels"], divergence=cfg.kd_divergence, beta=cfg.beta,
+            temperature=cfg.temperature, kd_weight=cfg.kd_weight, mle_weight=mle_weight * ratio, reduction="sum",
             dtype=torch.float32)
         return loss / normalizer
 
@@ -297,35 +352,49 @@ def _eager_imperfect_ids(ctx: DistillContext, batch: dict, recorder: Recorder) -
     return with_answer_tokens(batch["input_ids"], batch["answer_index"], hat, gold)
 
 
-def _eager_loss(ctx: DistillContext, batch: dict, normalizer, recorder: Recorder) -> torch.Tensor:
+def _loss_only(loss: torch.Tensor) -> LossParts:
+    zero = torch.zeros((), dtype=torch.float32, device=loss.device)
+    return LossParts(loss, zero, zero)
+
+
+def eager_terms(ctx: DistillContext, batch: dict, counts: StepCounts, kd_plan: KDPlan | None,
+                recorder: Recorder) -> list[Term]:
+    """The eager twin of :func:`kid.methods.plan_objective`'s terms: the same passes over the same data in the same
+    order (one term for SFT, FKD, RKD, KID with ``mle_input="imperfect"`` and a generating method's micro-batch
+    that reads the gold data; else a KD term over KID's (x, y-hat) or the generated answers, then the MLE term
+    over the gold batch), with the same token normalisers.  KID's stage runs here, before any graph.  Token
+    normalisation only."""
     cfg = ctx.config
+    normalizer = counts.normalizer
+    kd_normalizer = normalizer if counts.kd_normalizer is None else counts.kd_normalizer
     if cfg.method == "sft":
-        return cfg.mle_weight * _eager_mle(ctx, batch, normalizer, recorder)
-    if cfg.method in ("fkd", "rkd") or (cfg.method == "kid" and cfg.mle_input == "imperfect"):
-        kd_batch = batch if cfg.method != "kid" else dict(batch, input_ids=_eager_imperfect_ids(ctx, batch, recorder))
-        return _eager_distill(ctx, kd_batch, normalizer, recorder, divergence=cfg.kd_divergence,
-                              mle_weight=cfg.mle_weight)
+        return [lambda: _loss_only(cfg.mle_weight * _eager_mle(ctx, batch, normalizer, recorder))]
     if cfg.method == "kid":
         kd_batch = dict(batch, input_ids=_eager_imperfect_ids(ctx, batch, recorder))
+        separate = cfg.mle_input == "gold"
+    elif cfg.generates:
+        if kd_plan is None:
+            raise ValueError(f"method {cfg.method!r} reads the step's rollout: pass its kd_plan")
+        kd_batch = batch if kd_plan.kd_batch is None else kd_plan.kd_batch
+        separate = kd_plan.kd_batch is not None
     else:
-        sources = _sources(ctx, batch["input_ids"].shape[0])
-        if all(s == "gold" for s in sources):
-            return _eager_distill(ctx, batch, normalizer, recorder, divergence=cfg.kd_divergence,
-                                  mle_weight=cfg.mle_weight)
-        kd_batch = _generated_kd_batch(ctx, batch, sources)
-    loss = _eager_distill(ctx, kd_batch, normalizer, recorder, divergence=cfg.kd_divergence, mle_weight=0.0)
-    if cfg.mle_weight:
-        loss = loss + cfg.mle_weight * _eager_mle(ctx, batch, normalizer, recorder)
-    return loss
+        kd_batch, separate = batch, False
+    if not separate:
+        return [lambda: _loss_only(_eager_distill(ctx, kd_batch, recorder, mle_weight=cfg.mle_weight,
+                                                  normalizer=kd_normalizer, mle_normalizer=normalizer))]
+    terms = [lambda: _loss_only(_eager_distill(ctx, kd_batch, recorder, mle_weight=0.0, normalizer=kd_normalizer))]
+    if cfg.mle_weight > 0:
+        terms.append(lambda: _loss_only(cfg.mle_weight * _eager_mle(ctx, batch, normalizer, recorder)))
+    return terms
 
 
-def eager_micro_batch_step(ctx: DistillContext, batch: dict, normalizer, recorder: Recorder,
-                           forward_context=contextlib.nullcontext) -> None:
-    """The same micro-batch without this library (module docstring): same passes, same order, full logits and
-    float32 eager losses instead of hidden states at the answer rows and kidkernels."""
+def eager_micro_batch_step(ctx: DistillContext, batch: dict, counts: StepCounts, kd_plan: KDPlan | None,
+                           recorder: Recorder, forward_context=contextlib.nullcontext) -> LossParts:
+    """The same micro-batch without this library (module docstring): the terms of :func:`eager_terms`, run as
+    :func:`micro_batch_step` runs the library's (one graph at a time)."""
     with forward_context():
-        loss = _eager_loss(ctx, batch, normalizer, recorder)
-    loss.backward()
+        terms = eager_terms(ctx, batch, counts, kd_plan, recorder)
+    return run_terms([_within(forward_context, term) for term in terms], torch.Tensor.backward)
 
 
 MICRO_BATCH_STEPS = {"kidkernels": micro_batch_step, "eager": eager_micro_batch_step}
@@ -333,14 +402,17 @@ MICRO_BATCH_STEPS = {"kidkernels": micro_batch_step, "eager": eager_micro_batch_
 
 # ---- one optimizer step -------------------------------------------------------------------------------------------
 
-def run_step(plan: StepPlan, models: StepModels, batches: list[dict], normalizer, optimizer,
-             recorder: Recorder | None = None, *, device_type: str = "cuda", label: str = "step",
-             micro_batches: int | None = None) -> None:
-    """The micro-batches of one optimizer step, clipping, the update and ``zero_grad``, as the Trainer runs them.
+def run_step(plan: StepPlan, models: StepModels, batches: list[dict], optimizer, recorder: Recorder | None = None,
+             *, device_type: str = "cuda", label: str = "step", micro_batches: int | None = None
+             ) -> StepRollout | None:
+    """One optimizer step as the Trainer runs it: the rollout of the methods that generate (for every micro-batch
+    of the step), the step's normalisers, the micro-batches, clipping, the update and ``zero_grad``.  Returns the
+    rollout (None for the methods that do not generate).
 
     micro_batches: run only the first ones (the memory estimate runs two: from the second on, every micro-batch
     starts from the same live tensors, the accumulated gradients included, and runs the same ops on the same shapes,
-    so the later ones repeat the second's peak exactly; the update then starts from the same state as well).
+    so the later ones repeat the second's peak exactly; the update then starts from the same state as well).  The
+    rollout still generates for the whole step, as the trainer does.
     """
     recorder = recorder or Recorder()
     count = len(batches) if micro_batches is None else min(micro_batches, len(batches))
@@ -351,12 +423,20 @@ def run_step(plan: StepPlan, models: StepModels, batches: list[dict], normalizer
         if plan.autocast:
             return torch.autocast(device_type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
+    rollout = None
+    if plan.method_config().generates:
+        recorder.where = f"{label}, rollout"
+        with forward_context():  # the trainer prepares the step under its compute_loss_context_manager
+            rollout = rollout_step(objective_context(plan, models, 0, device), batches, seed=ROLLOUT_SEED)
+    counts = step_counts(plan, batches, rollout)
     for index, batch in enumerate(batches[:count]):
         recorder.where = f"{label}, micro-batch {index + 1}/{len(batches)}"
         ctx = objective_context(plan, models, index, device)
-        one_micro_batch(ctx, batch, normalizer, recorder, forward_context)
+        one_micro_batch(ctx, batch, counts, rollout.plans[index] if rollout is not None else None, recorder,
+                        forward_context)
     recorder.where = f"{label}, optimizer update"
     with recorder.region("optimizer step"):
         torch.nn.utils.clip_grad_norm_(trainable_parameters(models.student), MAX_GRAD_NORM)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+    return rollout

@@ -210,6 +210,13 @@ def generate_grouped(model, prompts: Sequence[torch.Tensor], *, batch_size: int 
 
 # ---- one optimizer step's rollout -------------------------------------------------------------------------------
 
+def prompt_tokens(batch: dict, row: int) -> torch.Tensor:
+    """The real prompt tokens of ``batch``'s row ``row`` (1-D, padding dropped), as :func:`generate_grouped` takes
+    them.  Its length is read on the host (a boolean-mask gather); generation syncs at every token anyway."""
+    mask = batch["prompt_attention_mask"][row].bool()
+    return batch["prompt_input_ids"][row][mask]
+
+
 def draw_sources(config, seed: int, rows_per_process: Sequence[Sequence[int]], *, progress: float = 0.0
                  ) -> list[list[list[str]]]:
     """``sources[p][m][r]``: where the KD answer of row ``r`` of micro-batch ``m`` of process ``p`` comes from
@@ -303,13 +310,8 @@ def rollout_step(ctx, batches: Sequence[dict], *, seed: int, rows_per_process: S
     separate = [any(s != GOLD for process in every if m < len(process) for s in process[m])
                 for m in range(len(batches))]
 
-    # Real prompt tokens of each row (lengths read on the host once; generation syncs at every token anyway).
     def prompt_rows(indices):
-        out = []
-        for m, r in indices:
-            mask = batches[m]["prompt_attention_mask"][r].bool()
-            out.append(batches[m]["prompt_input_ids"][r][mask])
-        return out
+        return [prompt_tokens(batches[m], r) for m, r in indices]
 
     options = dict(max_new_tokens=cfg.max_new_tokens, eos_token_id=ctx.eos_token_id, pad_token_id=ctx.pad_token_id,
                    temperature=cfg.sampling_temperature, top_k=cfg.top_k, top_p=cfg.top_p)

@@ -258,3 +258,95 @@ def test_paper_table_renders_between_markers(tmp_path):
     readme.write_text(f"{estimate_memory.START_MARKER}\n{estimate_memory.END_MARKER}\n")
     assert main(["--render-table", str(saved), "--readme", str(readme)]) == 0
     assert readme.read_text().count("| kid | ") == 2
+
+
+# ---- the trainer's step and its eager twin ----------------------------------------------------------------------
+
+def _one_graph_step(ctx, batch, counts, kd_plan, recorder, forward_context):
+    """The micro-batch with every term in one graph and one backward (what the trainer did before issue 14)."""
+    from kid.methods import compute_objective
+
+    with forward_context():
+        loss = compute_objective(ctx, batch, counts.normalizer, kd_normalizer=counts.kd_normalizer,
+                                 num_sequences=counts.num_sequences, kd_plan=kd_plan).loss
+    loss.backward()
+
+
+def test_two_pass_methods_hold_one_student_graph_at_a_time(monkeypatch):
+    """GKD on a generated batch with its MLE term is two student passes: back-propagated one at a time (the
+    trainer's step) they keep the activations of one pass, as RKD's single pass does; in one graph, of two."""
+    gkd = estimate_step(tiny_plan(method="gkd"))
+    rkd = estimate_step(tiny_plan(method="rkd"))
+    from benchmarks import train_step
+
+    monkeypatch.setitem(train_step.MICRO_BATCH_STEPS, "kidkernels", _one_graph_step)
+    both = estimate_step(tiny_plan(method="gkd"))
+    assert gkd["plan"]["method_config"]["mle_weight"] == 1.0 and gkd["loss_calls"] == 4  # 2 micro-batches x 2 terms
+    one, two, single = (r["peak_by_label"]["activations"] for r in (gkd, both, rkd))
+    assert one < 0.7 * two
+    assert abs(one - single) < 0.1 * single  # the prompts, answers and generated batch are small
+    assert gkd["peak_bytes"] < both["peak_bytes"]
+
+
+def test_generation_runs_once_per_step_in_the_configured_calls():
+    """The rollout goes through kid.rollout (its generate_grouped stood in for): all the step's prompts before the
+    first micro-batch, in calls of at most generation_batch_size."""
+    assert estimate_step(tiny_plan(method="gkd"))["generate_calls"] == 1
+    assert estimate_step(tiny_plan(method="imitkd", method_options={"generation_batch_size": 1}))[
+        "generate_calls"] == 4
+    assert estimate_step(tiny_plan(method="fdistill", method_options={"generation_batch_size": 3}))[
+        "generate_calls"] == 2
+    assert estimate_step(tiny_plan(method="rkd"))["generate_calls"] == 0
+
+
+@pytest.mark.parametrize("method, options", [
+    ("sft", {}), ("rkd", {}), ("kid", {"mle_input": "gold"}), ("gkd", {"max_new_tokens": 5}),
+    ("imitkd", {"imitkd_gold_probability": 0.5, "max_new_tokens": 5})])
+def test_the_eager_twin_is_the_trainers_step(monkeypatch, method, options):
+    """On real CPU tensors (float32, tiny random models), the eager twin of a micro-batch computes the loss and
+    the LoRA gradients of the trainer's step: same passes, same data (the same rollout), same normalisers (the
+    generated answers shorter than the gold ones: the KD term has its own token count)."""
+    from benchmarks.measure_step import build_models
+    from benchmarks.train_step import (
+        Recorder,
+        eager_micro_batch_step,
+        make_batches,
+        micro_batch_step,
+        objective_context,
+        step_counts,
+        trainable_parameters,
+    )
+    from kid.rollout import rollout_step
+
+    monkeypatch.setenv("KIDKERNELS_BACKEND", "torch")
+    plan = tiny_plan(method=method, method_options=options, dtype="float32", teacher_dtype="float32",
+                     lora_dropout=0.0, seq_len=24, answer_len=8)
+    torch.manual_seed(0)
+    models = build_models(plan, "cpu")
+    with torch.no_grad():  # LoRA's B starts at zero (A's gradient would be zero): give both a spread
+        for param in trainable_parameters(models.student):
+            param.normal_(0.0, 0.5)
+    batches = make_batches(plan, models.vocab_size, "cpu")
+    rollout = None
+    if plan.method_config().generates:
+        rollout = rollout_step(objective_context(plan, models, 0, "cpu"), batches, seed=3)
+    counts = step_counts(plan, batches, rollout)
+    if rollout is not None:
+        kd = sum((b["answer_labels"] if p.kd_batch is None else p.kd_batch["answer_labels"]).ne(-100).sum()
+                 for b, p in zip(batches, rollout.plans))
+        assert counts.kd_normalizer == int(kd) < counts.normalizer  # the trainer's count, read from the batches
+    results = []
+    for step in (micro_batch_step, eager_micro_batch_step):
+        models.student.zero_grad(set_to_none=True)
+        for index, batch in enumerate(batches):
+            parts = step(objective_context(plan, models, index, "cpu"), batch, counts,
+                         rollout.plans[index] if rollout is not None else None, Recorder())
+            assert parts.loss.grad_fn is None  # back-propagated term by term
+        results.append((parts.loss, [p.grad.clone() for p in trainable_parameters(models.student)]))
+    (ours, our_grads), (eager, eager_grads) = results
+    torch.testing.assert_close(ours, eager, rtol=1e-4, atol=1e-6)
+    assert any(g.abs().max() > 0 for g in our_grads)
+    for a, b in zip(our_grads, eager_grads):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
+    if rollout is not None:
+        assert any(p.kd_batch is not None for p in rollout.plans)  # a generated batch took the two-pass path

@@ -57,19 +57,38 @@ def test_summary_means_spreads_paired_gains_and_latency():
     assert "| Teacher (SFT) | 50.0 | 30.0 | 40.0 | - | - | 0 |" in text
 
 
-def test_method_table_is_the_papers_configurations():
+def test_method_table_is_the_papers_configurations(tmp_path):
+    """The paper preset of kid.config, with the scale's rollout length and f-distill's cached teacher outputs."""
+    from kid.config import MethodConfig
+
     assert set(PAPER_METHOD_OPTIONS) == set(TABLE_METHODS)
     scale = SCALES["gpu"]
     configs = {m: method_config(m, scale) for m in TABLE_METHODS}
-    assert all(configs[m].method == m for m in TABLE_METHODS)
+    assert all(configs[m].method == m and configs[m].preset == "paper" for m in TABLE_METHODS)
     gkd = configs["gkd"]
     assert (gkd.kd_divergence, gkd.gkd_lambda, gkd.mle_weight) == ("rkl", 1.0, 0.0)
     assert (configs["kid"].alpha, configs["kid"].strategy, configs["kid"].kd_divergence) == (0.2, "random", "rkl")
-    assert configs["fdistill"].kd_divergence == "tvd" and configs["imitkd"].kd_divergence == "fkl"
-    for m in ("fkd", "rkd", "fdistill", "imitkd", "kid"):
-        assert configs[m].mle_weight == 1.0
+    fdistill, imitkd = configs["fdistill"], configs["imitkd"]
+    assert (fdistill.kd_divergence, fdistill.top_p, fdistill.fdistill_teacher_probability) == ("tvd", 0.9, 0.5)
+    assert (imitkd.kd_divergence, imitkd.top_k, imitkd.imitkd_gold_probability) == ("fkl", 5, "linear")
+    for m in ("sft", "fkd", "rkd", "kid"):
+        assert configs[m].mle_weight == 1.0  # the MLE term on the gold-data methods only
     for m in ("fdistill", "imitkd", "gkd"):
-        assert configs[m].max_new_tokens == scale.rollout_new_tokens
+        assert configs[m].mle_weight == 0.0
+        assert configs[m].max_new_tokens == scale.rollout_new_tokens != MethodConfig.max_new_tokens
+        # the rollout length is not undone by the preset: everything else is the preset's own
+        assert {k: v for k, v in configs[m].to_dict().items() if k not in ("max_new_tokens", "teacher_outputs")} \
+            == {k: v for k, v in MethodConfig(m, preset="paper", teacher_outputs="x" if m == "fdistill" else None)
+                .to_dict().items()
+                if k not in ("max_new_tokens", "teacher_outputs")}
+    for m in TABLE_METHODS:
+        if m not in ("fdistill", "imitkd", "gkd"):
+            assert configs[m].max_new_tokens == MethodConfig.max_new_tokens
+    assert fdistill.teacher_outputs == "teacher_outputs"  # relative to the protocol's directory, in the settings
+    protocol = Protocol(tmp_path / "run", scale="smoke", progress=False)
+    assert protocol.method_config("fdistill").teacher_outputs == str(tmp_path / "run" / "teacher_outputs")
+    assert protocol.settings()["teacher_outputs"] == {"dir": "teacher_outputs", "do_sample": False, "num_beams": 1,
+                                                      "max_new_tokens": SCALES["smoke"].rollout_new_tokens}
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -120,14 +139,21 @@ def test_smoke_protocol_survives_failures_and_a_rerun_retries_only_them(tmp_path
     models = session_models_dir(tmp_path_factory)
     out = tmp_path / "reproduce"
     argv = ["reproduce", "--scale", "smoke", "--out-dir", str(out), "--models-dir", str(models), "--no-progress"]
-    trained, evaluated = [], []
+    trained, evaluated, teacher_generations = [], [], []
     original_train, original_eval = Protocol.train_run, Protocol.evaluate_run
+    import kid.teacher_outputs
+
+    original_generate = kid.teacher_outputs.generate_teacher_outputs
 
     def train_run(self, run_dir, method, **kwargs):
         trained.append(method if run_dir.parent.name != "reproduce" else "teacher")
-        if inject and method == "rkd":
+        if inject and method in ("rkd", "fdistill"):
             raise RuntimeError("injected training failure")
         return original_train(self, run_dir, method, **kwargs)
+
+    def generate_teacher_outputs(teacher, dataset, out_dir, **kwargs):
+        teacher_generations.append(len(dataset))
+        return original_generate(teacher, dataset, out_dir, **kwargs)
 
     def evaluate_run(self, run_dir, base_dir):
         evaluated.append(run_dir.name)
@@ -137,31 +163,47 @@ def test_smoke_protocol_survives_failures_and_a_rerun_retries_only_them(tmp_path
 
     monkeypatch.setattr(Protocol, "train_run", train_run)
     monkeypatch.setattr(Protocol, "evaluate_run", evaluate_run)
+    monkeypatch.setattr(kid.teacher_outputs, "generate_teacher_outputs", generate_teacher_outputs)
 
     inject = True
     assert main(argv) == 1  # failed runs: exit status 1, every other run done
-    assert "2 run(s) failed" in capsys.readouterr().err
+    assert "3 run(s) failed" in capsys.readouterr().err
     assert trained == ["teacher", "sft", "fkd", "rkd", "kid", "gkd", "imitkd", "fdistill"]
+    # f-distill's teacher answers: generated once, after the teacher's SFT, for the training prompts.
+    smoke = SCALES["smoke"]
+    assert teacher_generations == [smoke.train_examples]
+    meta = json.loads((out / "teacher_outputs" / "meta.json").read_text())
+    assert meta["complete"] and meta["prompts"] == smoke.train_examples
+    assert (meta["max_new_tokens"], meta["do_sample"], meta["teacher"]) == (smoke.rollout_new_tokens, False,
+                                                                             "teacher_sft/final")
+    lines = (out / "teacher_outputs" / "outputs.jsonl").read_text().splitlines()
+    assert len(lines) == smoke.train_examples
+    assert all(1 <= len(json.loads(line)["answer"]) <= smoke.rollout_new_tokens for line in lines)
     status = {m: json.loads((out / "seed1" / m / "status.json").read_text()) for m in TABLE_METHODS}
     assert status["rkd"]["state"] == "failed" and "injected training failure" in status["rkd"]["error"]
     assert "injected training failure" in (out / "seed1" / "rkd" / "error.txt").read_text()
     assert status["kid"]["state"] == "failed" and status["kid"]["trained"] is True
-    assert all(status[m]["state"] == "done" for m in TABLE_METHODS if m not in ("rkd", "kid"))
+    assert status["fdistill"]["state"] == "failed"
+    assert all(status[m]["state"] == "done" for m in TABLE_METHODS if m not in ("rkd", "kid", "fdistill"))
     report = json.loads((out / "reproduce_report.json").read_text())
     assert report["complete"] is False and {(f["method"], f["seed"]) for f in report["failed"]} == {
-        ("rkd", 1), ("kid", 1)}
-    assert [r["method"] for r in report["table"]] == ["teacher", "sft", "fkd", "fdistill", "imitkd", "gkd"]
+        ("rkd", 1), ("kid", 1), ("fdistill", 1)}
+    assert [r["method"] for r in report["table"]] == ["teacher", "sft", "fkd", "imitkd", "gkd"]
+    assert report["teacher_outputs"]["prompts"] == smoke.train_examples
 
     inject = False
     trained.clear()
     evaluated.clear()
+    teacher_generations.clear()
     assert main(argv) == 0
-    assert trained == ["rkd"]  # the only run not trained before
-    assert sorted(evaluated) == ["kid", "rkd"]  # kid was trained: evaluated only
+    assert trained == ["rkd", "fdistill"]  # the only runs not trained before
+    assert sorted(evaluated) == ["fdistill", "kid", "rkd"]  # kid was trained: evaluated only
+    assert teacher_generations == []  # the teacher's answers are reused
+    fdistill = json.loads((out / "seed1" / "fdistill" / "run_report.json").read_text())["method_config"]
+    assert (fdistill["preset"], fdistill["teacher_outputs"]) == ("paper", str(out / "teacher_outputs"))
     report = json.loads((out / "reproduce_report.json").read_text())
     assert report["complete"] is True and report["failed"] == [] and report["stopped"] is None
     assert [r["method"] for r in report["table"]] == ["teacher", *TABLE_METHODS]
-    smoke = SCALES["smoke"]
     for run in report["runs"]:
         result = run["ex"]["demo-heldout"]
         assert result["total"] == smoke.eval_examples and 0 <= result["correct"] <= result["total"]
