@@ -46,6 +46,8 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from kidkernels.ops.custom_ops import python_impl
+
 # The CUDA caching allocator hands out blocks in multiples of 512 bytes (max_memory_allocated counts the blocks).
 ALLOCATOR_BLOCK_BYTES = 512
 
@@ -64,6 +66,9 @@ NOT_MODELLED = (
 )
 
 
+_HOST_READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default)
+
+
 def is_fake(tensor) -> bool:
     return isinstance(tensor, FakeTensor)
 
@@ -74,8 +79,9 @@ class HostReadError(RuntimeError):
 
 # Callers (path suffixes) whose host reads have a known answer for valid inputs, and that answer.
 HOST_READ_ANSWERS = {
-    # check_target: ``bool(bad.any())`` on CPU tensors (CUDA tensors get a device-side assert instead).
+    # The target range check: ``bool(bad.any())`` on CPU tensors (CUDA tensors get a device-side assert instead).
     os.path.join("kidkernels", "_validation.py"): False,
+    os.path.join("kidkernels", "ops", "custom_ops.py"): False,
 }
 
 
@@ -155,8 +161,16 @@ class LiveBytesTracker(TorchDispatchMode):
 
     # -- dispatch ----------------------------------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default and is_fake(args[0]):
+        # bool(t) arrives as is_nonzero inside a kidkernels op's body (below autograd, where it is not decomposed
+        # into _local_scalar_dense): both are host reads.
+        if func in _HOST_READS and is_fake(args[0]):
             return _host_read_answer(args[0])
+        inner = python_impl(func)
+        if inner is not None:
+            # A kidkernels op registered with torch.library: run its body with this mode active, so that its
+            # chunk buffers (the loss workspace) are counted, not only its outputs.
+            with self:
+                return inner(*args, **(kwargs or {}))
         out = func(*args, **(kwargs or {}))
         for leaf in tree_leaves(out):
             if isinstance(leaf, torch.Tensor):
@@ -420,8 +434,9 @@ def _triton_kernel_classes():
 
 
 def mm_out_dtype_on_cuda() -> bool:
-    """Whether the installed torch has ``torch.mm(..., out_dtype=)`` (cuBLAS then writes float32 logits)."""
-    return hasattr(torch.ops.aten.mm, "dtype")
+    """Whether the installed torch has ``torch.mm(..., out_dtype=)`` and ``torch.addmm(..., out_dtype=, out=)``
+    (cuBLAS then writes float32 logits and accumulates the weight gradient in float32 in place)."""
+    return all(hasattr(op, name) for op in (torch.ops.aten.mm, torch.ops.aten.addmm) for name in ("dtype", "dtype_out"))
 
 
 ROUTES = ("attention", "dropout", "mask_skip", "kidkernels")
@@ -469,8 +484,10 @@ def cuda_like_execution(routes=ROUTES):
             notes.append("not routed: kidkernels.ops.gemm not found (kidkernels' products take their CPU path)")
         else:
             if mm_out_dtype_on_cuda():
-                patch(gemm, "_mm_out_dtype_supported", lambda original: (lambda device_type, dtype: True),
-                      "kidkernels products with mm(out_dtype=float32)")
+                # CUDA's float32-output products (mm and addmm with out_dtype, the bias or the float32
+                # weight-gradient accumulator in the product), which the CPU build lacks.
+                patch(gemm, "_probe", lambda original: (lambda device_type, dtype, op: True),
+                      "kidkernels products with mm/addmm(out_dtype=float32)")
             else:
                 notes.append("this torch has no mm(out_dtype=): kidkernels' upcast-block fallback is counted, as "
                              "on a GPU with this torch")
