@@ -61,7 +61,8 @@ def check_model_source(name: str, option: str, *, allow_adapter: bool = False) -
         raise UsageError(f"--{option} {name}: not a model directory (no {wanted} in it)")
     if path.exists():
         raise UsageError(f"--{option} {name}: not a directory")
-    if _looks_like_path(name):
+    if _looks_like_path(name) or ("/" in name and Path(name.split("/")[0]).is_dir()):
+        # a path (or "runs/x" where runs/ is a local directory: a typo, not a Hub name)
         raise UsageError(f"--{option} {name}: no such directory")
     from transformers import AutoConfig
 
@@ -74,6 +75,9 @@ def check_model_source(name: str, option: str, *, allow_adapter: bool = False) -
     if offline:
         raise UsageError(f"--{option} {name}: no such directory, and not in the Hugging Face cache (HF_HUB_OFFLINE "
                          "is set)")
+    if not _hub_reachable():
+        raise UsageError(f"--{option} {name}: no such directory, not in the Hugging Face cache, and the Hub cannot "
+                         "be reached from here")
     try:
         AutoConfig.from_pretrained(name)
     except Exception as exc:  # noqa: BLE001 - any failure to load is the user's to fix
@@ -81,6 +85,22 @@ def check_model_source(name: str, option: str, *, allow_adapter: bool = False) -
         raise UsageError(f"--{option} {name}: no such directory, and no model of that name could be loaded "
                          f"from the Hugging Face Hub ({first})") from None
     return name
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP connection to the Hub (huggingface_hub itself retries for over a minute when offline); assumed
+    reachable behind a proxy, which a direct connection cannot test."""
+    import socket
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def load_tokenizer(name: str, option: str):
