@@ -88,11 +88,11 @@ _PACKAGE_DIRS = tuple(str(Path(__file__).resolve().parents[1] / name) + os.sep f
 
 
 def is_user_error(exc: BaseException) -> bool:
-    """A :class:`UsageError`, or a ``ValueError`` / ``OSError`` raised by kid's own input checks (not from deep
-    inside a library, where it would be a bug)."""
-    if isinstance(exc, UsageError):
+    """A :class:`UsageError`; an ``OSError`` (a missing file, a permission, a full disk: the machine's, not kid's);
+    or a ``ValueError`` raised by kid's own input checks (not from deep inside a library, where it is a bug)."""
+    if isinstance(exc, (UsageError, OSError)):
         return True
-    if not isinstance(exc, (ValueError, OSError)):
+    if not isinstance(exc, ValueError):
         return False
     frames = traceback.extract_tb(exc.__traceback__)
     return bool(frames) and os.path.abspath(frames[-1].filename).startswith(_PACKAGE_DIRS)

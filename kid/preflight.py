@@ -239,6 +239,10 @@ def check_data_format(data_format: str, raw: list[dict], path) -> None:
             raise UsageError(f"{path}: Spider data needs a 'query' field in each example")
         if data_format == "spider-syn" and not has("SpiderSynQuestion"):
             raise UsageError(f"{path}: Spider-Syn data needs a 'SpiderSynQuestion' field")
+    if data_format != "spider-syn":
+        without = next((i for i, x in enumerate(raw) if x.get("question") is None), None)
+        if without is not None:
+            raise UsageError(f"{path}: example {without} has no 'question'")
 
 
 def output_dir_contents(out: Path) -> list[str]:

@@ -250,3 +250,52 @@ class _FixedParser:
     def parse_args(self, argv):
         self.args._run = self.run
         return self.args
+
+
+def test_eval_mistakes_are_one_line_before_any_model_is_loaded(tmp_path, capsys, monkeypatch):
+    import torch
+
+    import kid.generation
+    from tests.kid_tiny import bpe_tokenizer, tiny_model
+
+    tokenizer = bpe_tokenizer(["SELECT count(*) FROM track"])
+    model_dir = tmp_path / "model"
+    tiny_model(0, vocab=len(tokenizer)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("generated despite bad input")
+
+    monkeypatch.setattr(kid.generation, "generate_sql", no_generation)
+    out = tmp_path / "out"
+    base = ["eval", "--model", str(model_dir), "--data-file", str(SPIDER.dev_file), "--db-dir", str(DB_DIR),
+            "--output-dir", str(out), "--no-progress"]
+
+    def error(extra, *expected, argv=None):
+        capsys.readouterr()
+        assert main((argv or base) + extra) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("kid eval: error: ") and err.count("\n") == 1, err
+        for text in expected:
+            assert text in err, (text, err)
+
+    def replaced(flag, value):
+        argv = list(base)
+        argv[argv.index(flag) + 1] = value
+        return argv
+
+    error([], "--model", "no such directory", argv=replaced("--model", str(tmp_path / "no" / "model")))
+    error([], "not a model directory", argv=replaced("--model", str(tmp_path)))
+    if not torch.cuda.is_available():
+        error(["--device", "cuda"], "--device cuda: CUDA is not available")
+    error(["--device", "banana"], "not a torch device")
+    error(["--check-executable"], "--num-beams 2 or more")
+    error(["--data-format", "bird"], "looks like Spider data")
+    error(["--no-evidence"], "for BIRD data")
+    error([], "none of the", "is --db-dir right?", argv=replaced("--db-dir", str(tmp_path)))
+    error([], "--tables-file", "not found", argv=base + ["--tables-file", str(tmp_path / "tables.json")])
+    for flag in ("--num-beams", "--batch-size", "--max-new-tokens", "--limit"):
+        with pytest.raises(SystemExit) as exc:
+            main(base + [flag, "0"])
+        assert exc.value.code == 2 and f"argument {flag}: must be >= 1" in capsys.readouterr().err
+    assert not out.exists()

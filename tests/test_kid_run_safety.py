@@ -143,6 +143,17 @@ def _check_saved(out, signame):
     return report
 
 
+@pytest.fixture
+def children():
+    """Processes started by a test: killed at its end if still running (a failed test leaves no 5000-step run)."""
+    started = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def _argv(toy, out, *extra):
     # many steps: the run is stopped by the signal long before the end
     argv = train_argv(toy, out, "sft", "--save-steps", "100000", *extra)
@@ -150,13 +161,14 @@ def _argv(toy, out, *extra):
     return [sys.executable, "-m", "kid.cli", *argv]
 
 
-def test_ctrl_c_with_both_streams_into_a_pipe_that_closed(toy_spider, tmp_path):
+def test_ctrl_c_with_both_streams_into_a_pipe_that_closed(toy_spider, tmp_path, children):
     # `kid train ... 2>&1 | tee log`, then Ctrl-C: tee dies too, and every later write fails with EPIPE.
     # Progress bars on: they write to the dead pipe on every step.
     out = tmp_path / "run"
     read_end, write_end = os.pipe()
     proc = subprocess.Popen(_argv(toy_spider, out, "--progress"), stdout=write_end, stderr=write_end,
                             env=_env(), cwd=tmp_path)
+    children.append(proc)
     os.close(write_end)
     try:
         _read_until(read_end, START)
@@ -167,7 +179,7 @@ def test_ctrl_c_with_both_streams_into_a_pipe_that_closed(toy_spider, tmp_path):
     _check_saved(out, "SIGINT")
 
 
-def test_sigterm_with_stdout_into_a_closed_pipe_and_stderr_in_a_file(toy_spider, tmp_path):
+def test_sigterm_with_stdout_into_a_closed_pipe_and_stderr_in_a_file(toy_spider, tmp_path, children):
     # only stdout piped (`kid train ... | head`): the checkpoint was saved, then a BrokenPipeError killed the run
     # before its report
     out = tmp_path / "run"
@@ -175,6 +187,7 @@ def test_sigterm_with_stdout_into_a_closed_pipe_and_stderr_in_a_file(toy_spider,
     read_end, write_end = os.pipe()
     with open(log, "wb") as err:
         proc = subprocess.Popen(_argv(toy_spider, out), stdout=write_end, stderr=err, env=_env(), cwd=tmp_path)
+    children.append(proc)
     os.close(write_end)
     os.close(read_end)  # nobody reads stdout at all
     deadline = time.monotonic() + 120
@@ -190,11 +203,12 @@ def test_sigterm_with_stdout_into_a_closed_pipe_and_stderr_in_a_file(toy_spider,
     assert "--resume" in text and "Traceback" not in text
 
 
-def test_ctrl_c_on_a_terminal(toy_spider, tmp_path):
+def test_ctrl_c_on_a_terminal(toy_spider, tmp_path, children):
     out = tmp_path / "run"
     master, slave = pty.openpty()
     with open(tmp_path / "stdout.log", "wb") as stdout:
         proc = subprocess.Popen(_argv(toy_spider, out), stdout=stdout, stderr=slave, env=_env(), cwd=tmp_path)
+    children.append(proc)
     os.close(slave)
     try:
         _read_until(master, START)
