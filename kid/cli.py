@@ -637,6 +637,10 @@ def _demo(p: argparse.ArgumentParser) -> RunFunction:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     def run(args: argparse.Namespace) -> int:
+        # OpenMP threads that spin while they wait for each other burn the CPU the others need when the machine is
+        # shared: on 2 busy cores (load 5-8) 30 demo SFT steps took 146 s by default and 8-9 s with passive waiting.
+        # The OpenMP runtime reads this when torch loads it, so it works only before torch is first imported.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         from .config import METHODS
 
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]

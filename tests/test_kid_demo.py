@@ -1,6 +1,7 @@
 """The demo pipeline end to end at its "smoke" scale (two steps per run, six held-out questions): tokenizer, models
 from config, teacher SFT, students, generation, the real evaluator, the report, the table and the plot."""
 import json
+import os
 
 import pytest
 
@@ -59,9 +60,11 @@ def test_demo_table_states_noise_and_busy_machines():
     assert "WARNING" not in format_table(quiet)
 
 
-def test_demo_rejects_unknown_method_and_keeps_earlier_output(tmp_path, capsys):
+def test_demo_rejects_unknown_method_and_keeps_earlier_output(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     assert main(["demo", "--out-dir", str(tmp_path), "--scale", "smoke", "--methods", "sft,bogus"]) == 2
     assert "bogus" in capsys.readouterr().err
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"  # for the processes it starts, and torch if not yet loaded
     (tmp_path / "demo_report.json").write_text("{}")
     assert main(["demo", "--output-dir", str(tmp_path), "--scale", "smoke"]) == 2
     assert "--overwrite-output-dir" in capsys.readouterr().err

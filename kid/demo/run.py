@@ -13,7 +13,8 @@ The models start from random weights, so every weight is trained (LoRA needs a p
 it by default).  The numbers are whatever the run gives: tiny models trained for a few minutes reach low accuracy,
 and at 64 questions a difference of a few questions is noise (the table says so, with Wilson intervals).  The
 training-time ratios are the part that carries over to real models, and a busy machine distorts wall time: the
-table gives three ratios to SFT, of wall time, of process CPU time (which contention inflates far less) and the
+table gives three ratios to SFT, of wall time, of process CPU time (which contention inflates far less once OpenMP
+threads wait passively: ``kid demo`` sets ``OMP_WAIT_POLICY=PASSIVE`` unless it is set) and the
 median over optimizer steps of the step-by-step ratio (both runs see the same batches in the same order) with its
 10th-90th percentile spread, and warns when the machine was busy or the ratios disagree.
 """
@@ -212,7 +213,7 @@ def run_demo(out_dir: str | Path = "kid_demo", *, scale: str = "cpu", methods=DE
         del student
 
     machine = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "load_average_start": load_start,
-               "load_average_end": _load_average()}
+               "load_average_end": _load_average(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
     report = _report(rows, s, seed, time.perf_counter() - started, time.process_time() - cpu_started, len(train),
                      len(heldout), vocab, machine)
     report["versions"] = library_versions()
@@ -323,8 +324,11 @@ def format_table(report: dict) -> str:
                  "shows the pipeline and the training-time ratios, not which method is more accurate.")
     machine = report.get("machine") or {}
     loads = [machine.get("load_average_start"), machine.get("load_average_end")]
-    lines.append("Time vs SFT: wall = training wall time / SFT's; CPU = this process's CPU time / SFT's (contention "
-                 "inflates it far less); per step = median over optimizer steps of the step's wall time / SFT's at "
+    passive = (machine.get("omp_wait_policy") or "").upper() == "PASSIVE"
+    lines.append("Time vs SFT: wall = training wall time / SFT's; CPU = this process's CPU time / SFT's ("
+                 + ("OpenMP threads wait passively, so other processes inflate it far less than wall time"
+                    if passive else "OpenMP threads spin while they wait: contention inflates it too")
+                 + "); per step = median over optimizer steps of the step's wall time / SFT's at "
                  "the same step (same batches), 10th-90th percentile in brackets.  Load average "
                  f"{' -> '.join(str(x) for x in loads if x is not None) or 'unknown'} on {machine.get('cpus')} CPUs.")
     if report.get("machine_busy") or report.get("wall_and_cpu_ratios_disagree"):
