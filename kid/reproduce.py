@@ -507,7 +507,10 @@ class Protocol:
             learning_rate=learning_rate, warmup_ratio=s.warmup_ratio, lr_scheduler=s.lr_scheduler,
             max_input_tokens=s.max_input_tokens, max_output_tokens=s.max_output_tokens,
             logging_steps=max(1, steps // 10), save_steps=10**9, seed=seed, progress=self.progress,
-            sft_report=str(sft_report) if sft_report and sft_report.is_file() else None, resume=resume)
+            sft_report=str(sft_report) if sft_report and sft_report.is_file() else None, resume=resume,
+            # the protocol owns its run directories (status.json, error.txt of a failed try): without a checkpoint
+            # to continue from, a run starts over there
+            overwrite_output_dir=not resume)
 
     def train_run(self, run_dir: Path, method: str, *, student: Path, teacher: Path | None, seed: int, steps: int,
                   learning_rate: float, lora: bool, sft_report: Path | None = None) -> dict:

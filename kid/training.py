@@ -1,55 +1,103 @@
-"""One training run, end to end: :class:`TrainConfig` -> data, student (LoRA), teacher, :class:`DistillTrainer`,
-checkpoints, the final model and a JSON run report.  ``kid train`` and ``kid demo`` both call :func:`run_training`.
+"""One training run, end to end: :class:`TrainConfig` -> checks, data, student (LoRA), teacher,
+:class:`~kid.trainer.DistillTrainer`, checkpoints, the final model and a JSON run report.  ``kid train`` and
+``kid demo`` both call :func:`run_training`.
 
-Interruption: SIGINT / SIGTERM ask the Trainer to finish the current optimizer step, save a checkpoint and stop;
-``resume=True`` (``kid train --resume``) continues from the newest checkpoint in ``output_dir``.  A second SIGINT
-interrupts at once.
+Nothing is lost:
+
+* Every option is checked before any data is built (:func:`preflight`): paths, ranges, the teacher, model
+  directories, tokenizers, the mask token, the resume checkpoint, the SFT report to compare with.  A mistake is a
+  :class:`kid.errors.UsageError` naming the option.
+* An output directory that already holds files is refused unless ``resume`` (continue it) or
+  ``overwrite_output_dir`` (start over: its checkpoints, final model and report are removed, once the new run has
+  loaded its data and models).
+* SIGINT / SIGTERM ask the Trainer to finish the current optimizer step, save a checkpoint and stop; the report is
+  written and says which signal (``kid train`` then exits 130 / 143).  A second SIGINT interrupts at once.  Console
+  writes that fail (a ``| tee`` that died with the same Ctrl-C) never abort the save (:mod:`kid.console`).
+* Checkpoints are written into a staging directory and renamed into place, the final model likewise, reports are
+  replaced atomically (:mod:`kid.files`): a crash leaves the previous complete file or directory.
+* The report's training time adds up every segment of a resumed run (each checkpoint carries the segments before
+  it, ``kid_run_state.json``), and records versions, the git commit, example counts, absolute paths and the device;
+  the time relative to an SFT run (``latency_vs_sft``) is given only when the two runs are comparable.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import platform
+import shutil
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-import torch
-
 from .config import MethodConfig
+from .console import say, write_stderr
+from .errors import UsageError
+from .files import atomic_write_json, replace_directory
+from .preflight import Preflight, check_method, load_tokenizer, preflight  # noqa: F401 - Preflight re-exported
+from .run_report import build_report, device_info, write_json  # noqa: F401 - write_json re-exported
 
 REPORT_NAME = "run_report.json"
+RUN_STATE_NAME = "kid_run_state.json"  # in every checkpoint: the training-time segments up to it
+FINAL_NAME = "final"
+
+# Choices of the enum options (the CLI's argparse choices; checked here too).  Kept free of heavy imports so that
+# ``kid --help`` stays fast; tests check them against transformers and kid.data.
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+DATA_FORMATS = ("bird", "bird-no-evidence", "spider", "spider-dk", "spider-realistic", "spider-syn")
 
 
 @dataclass
 class TrainConfig:
     """Everything a run needs besides the method options (:class:`kid.config.MethodConfig`).
 
-    student, teacher: model directories or Hub names (``teacher`` unused by "sft"); teacher_adapter: a LoRA
-        adapter directory from an earlier ``sft`` run of the teacher, merged into it.
-    data_file, db_dir, tables_file, data_format: the training data (see :func:`kid.data.load_dataset_by_name`).
-    output_dir: checkpoints, the final model (``output_dir/final``) and ``run_report.json``.
-    lora: train LoRA adapters (rank ``lora_r``, alpha ``lora_alpha``; paper: 64 / 32) instead of every weight.
-    batch_size: sequences per optimizer step over all micro-batches and processes (paper: 16);
-        micro_batch_size: per process and forward pass (``batch_size`` must be a multiple of
-        ``micro_batch_size x processes``; the rest is gradient accumulation).
-    epochs (paper: 8), max_steps (overrides epochs when > 0), learning_rate (paper: 2e-4), warmup_ratio,
-        lr_scheduler, weight_decay, max_grad_norm.
-    max_input_tokens, max_output_tokens: prompt and SQL budgets (paper: 1024 / 128).
-    dtype: "auto" (bfloat16 on a GPU, float32 on CPU), "bfloat16", "float32"; teacher_dtype likewise.
-    gradient_checkpointing: recompute the student's layers in backward (less memory, ~30% more time).
-    fsdp: shard the student over the processes with FSDP2 (torchrun / accelerate launch, one GPU each; the decoder
-        layers are the units) instead of replicating it with DDP; the frozen teacher stays whole on every process.
-        Needs GPUs: accelerate shards only on accelerators.
-    attn_implementation: None: flash-attention 2 when installed, else SDPA.
-    logging_steps, save_steps, save_total_limit, seed, resume: as in ``transformers.TrainingArguments``;
-        ``resume``: True (newest checkpoint in output_dir) or a checkpoint path.
-    sft_report: a ``run_report.json`` of an SFT run on the same data: the report then gives the training time
-        relative to it (the paper's "Latency").
-    progress: tqdm progress bars.
+    student: student model directory or Hub name.
+    teacher: teacher model directory or Hub name (every method but sft); same tokenizer as the student.
+    teacher_adapter: LoRA adapter directory of the teacher from an earlier sft run, merged into it.
+    data_file: training data json (Spider train_spider.json, BIRD train.json, ...).
+    db_dir: the databases, DIR/<db_id>/<db_id>.sqlite; examples without their database are skipped and counted.
+    tables_file: tables.json (column comments and foreign keys for the prompts).
+    data_format: how to read data_file (see kid.data.LOADERS).
+    output_dir: checkpoints (checkpoint-N), the final model (final/) and run_report.json.
+    overwrite_output_dir: start over in an output_dir that holds an earlier run (its checkpoints, final model and
+        report are removed once the new run has loaded its data and models).
+    resume: continue from the newest checkpoint in output_dir (True) or from the given checkpoint directory.
+    lora: train LoRA adapters (rank lora_r, alpha lora_alpha; paper: 64 / 32) instead of every weight.
+    lora_r, lora_alpha, lora_dropout: LoRA rank, scaling numerator and dropout.
+    batch_size: sequences per optimizer step over all micro-batches and processes (paper: 16).
+    micro_batch_size: sequences per process and forward pass; batch_size must be a multiple of micro_batch_size x
+        processes (the rest is gradient accumulation).
+    epochs: passes over the data (paper: 8); ignored when max_steps > 0.
+    max_steps: optimizer steps to train (-1: from epochs).
+    learning_rate: peak learning rate of AdamW (paper: 2e-4).
+    warmup_ratio: fraction of the steps with a linear warm-up.
+    lr_scheduler: learning-rate schedule after the warm-up (transformers' SchedulerType).
+    weight_decay: AdamW weight decay.
+    max_grad_norm: gradient-norm clipping (0: none).
+    max_input_tokens: prompt budget in tokens (paper: 1024); longer prompts lose schema lines, never the question.
+    max_output_tokens: SQL budget in tokens (paper: 128).
+    dtype: student weights: auto (bfloat16 on a GPU, float32 on CPU), float32, bfloat16 or float16.
+    teacher_dtype: teacher weights, likewise.
+    gradient_checkpointing: recompute the student's layers in backward (less memory, about 30% more time).
+    fsdp: shard the student over the processes with FSDP2 (torchrun / accelerate launch, one GPU each) instead of
+        replicating it with DDP; the frozen teacher stays whole on every process.  GPUs only.
+    attn_implementation: attention kernel; default flash_attention_2 when installed on a GPU, else sdpa.
+    logging_steps: optimizer steps per log line (loss, kd, mle, step time).
+    save_steps: optimizer steps between checkpoints (a signal saves one at once).
+    save_total_limit: checkpoints kept (oldest removed first; 0 keeps all).
+    seed: random seed (data order, KID's selection, sampling).
+    sft_report: run_report.json of an SFT run with the same data and settings: report the training time relative to
+        it (the paper's "Latency"); refused when the runs are not comparable.
+    progress: progress bars.
+    limit: train on the first N examples with a database only.
     """
 
     student: str = ""
@@ -60,6 +108,8 @@ class TrainConfig:
     tables_file: str | None = None
     data_format: str = "spider"
     output_dir: str = "kid_run"
+    overwrite_output_dir: bool = False
+    resume: bool | str | None = None
     lora: bool = True
     lora_r: int = 64
     lora_alpha: int = 32
@@ -84,34 +134,358 @@ class TrainConfig:
     save_steps: int = 500
     save_total_limit: int = 2
     seed: int = 42
-    resume: Any = None
     sft_report: str | None = None
     progress: bool = True
     limit: int | None = None
 
     def __post_init__(self):
-        if self.batch_size < 1 or self.micro_batch_size < 1:
-            raise ValueError("batch_size and micro_batch_size must be >= 1")
+        for name, value in coerce_options(TrainConfig, self.__dict__).items():
+            setattr(self, name, value)
+        checks = [
+            ("batch_size", self.batch_size >= 1, ">= 1"),
+            ("micro_batch_size", self.micro_batch_size >= 1, ">= 1"),
+            ("max_input_tokens", self.max_input_tokens >= 1, ">= 1"),
+            ("max_output_tokens", self.max_output_tokens >= 1, ">= 1"),
+            ("lora_r", self.lora_r >= 1, ">= 1"),
+            ("lora_alpha", self.lora_alpha > 0, "> 0"),
+            ("lora_dropout", 0.0 <= self.lora_dropout < 1.0, "in [0, 1)"),
+            ("epochs", self.epochs > 0 or self.max_steps > 0, "> 0 (or set max_steps)"),
+            ("max_steps", self.max_steps == -1 or self.max_steps >= 1, "-1 (use epochs) or >= 1"),
+            ("learning_rate", self.learning_rate > 0 and math.isfinite(self.learning_rate), "> 0"),
+            ("warmup_ratio", 0.0 <= self.warmup_ratio < 1.0, "in [0, 1)"),
+            ("weight_decay", self.weight_decay >= 0, ">= 0"),
+            ("max_grad_norm", self.max_grad_norm >= 0, ">= 0"),
+            ("logging_steps", self.logging_steps >= 1, ">= 1"),
+            ("save_steps", self.save_steps >= 1, ">= 1"),
+            ("save_total_limit", self.save_total_limit >= 0, ">= 0 (0 keeps every checkpoint)"),
+            ("limit", self.limit is None or self.limit >= 1, ">= 1"),
+        ]
+        for name, ok, rule in checks:
+            if not ok:
+                raise UsageError(f"{name} must be {rule}, got {getattr(self, name)}")
         if self.batch_size % self.micro_batch_size:
-            raise ValueError(f"batch_size {self.batch_size} is not a multiple of micro_batch_size "
+            raise UsageError(f"batch_size {self.batch_size} is not a multiple of micro_batch_size "
                              f"{self.micro_batch_size}")
-        if self.max_input_tokens < 1 or self.max_output_tokens < 1:
-            raise ValueError("max_input_tokens and max_output_tokens must be >= 1")
+        for name, choices in (("dtype", DTYPES), ("teacher_dtype", DTYPES), ("lr_scheduler", LR_SCHEDULERS),
+                              ("data_format", DATA_FORMATS), ("attn_implementation", ATTN_IMPLEMENTATIONS)):
+            value = getattr(self, name)
+            if value is not None and value not in choices:
+                raise UsageError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+        if self.resume and self.overwrite_output_dir:
+            raise UsageError("resume and overwrite_output_dir contradict each other: continue the run, or start over")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-def split_options(values: Mapping[str, Any]) -> tuple[TrainConfig, MethodConfig]:
-    """A flat mapping (YAML file merged with command-line flags) -> (TrainConfig, MethodConfig); unknown keys are
-    an error naming them."""
-    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(values) - train_fields - {f.name for f in dataclasses.fields(MethodConfig)})
-    if unknown:
-        raise ValueError(f"unknown option(s) {unknown}")
-    train = TrainConfig(**{k: v for k, v in values.items() if k in train_fields})
-    return train, MethodConfig.from_mapping({k: v for k, v in values.items() if k not in train_fields})
+# ---- option types ------------------------------------------------------------------------------------------------
 
+def field_kind(annotation) -> tuple[str, bool]:
+    """(base type name, accepts None) of a dataclass field annotation such as ``"int | None"``; several non-None
+    types (``bool | str``) or ``Any`` give ``"Any"``."""
+    parts = [p.strip() for p in str(annotation).replace("typing.", "").split("|")]
+    optional = "None" in parts or "Any" in parts
+    base = [p for p in parts if p != "None"]
+    return (base[0] if len(base) == 1 else "Any"), optional
+
+
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _coerce(name: str, kind: str, optional: bool, value):
+    if value is None:
+        if optional:
+            return None
+        raise UsageError(f"{name}: a value is required, got null")
+    what = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "text"}.get(kind)
+    if what is None:  # Any: the class checks it
+        return value
+    bad = UsageError(f"{name}: expected {what}, got {value!r}")
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+            return value.strip().lower() in _TRUE
+        raise bad
+    if isinstance(value, bool):
+        raise bad
+    if kind == "int":
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                raise bad from None
+        raise bad
+    if kind == "float":
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                raise bad from None
+        raise bad
+    if not isinstance(value, str):  # str
+        raise bad
+    return value
+
+
+def coerce_options(cls, values: Mapping[str, Any]) -> dict:
+    """``values`` (a YAML mapping, flags) converted to the types of ``cls``'s fields (``"8"`` -> 8 for an int
+    field, ``"true"`` -> True for a bool one); a value of the wrong type is a :class:`UsageError` naming the field.
+    Keys that are not fields are left out."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in values:
+            continue
+        value = values[f.name]
+        if cls is TrainConfig and f.name == "resume":
+            out[f.name] = _coerce_resume(value)
+            continue
+        kind, optional = field_kind(f.type)
+        out[f.name] = _coerce(f.name, kind, optional, value)
+    return out
+
+
+def _coerce_resume(value):
+    if value is None or value is False:
+        return None
+    if value is True:
+        return True
+    if isinstance(value, str):
+        if value.strip().lower() in _TRUE:
+            return True
+        if value.strip().lower() in _FALSE or not value.strip():
+            return None
+        return value
+    raise UsageError(f"resume: expected true or a checkpoint directory, got {value!r}")
+
+
+def split_options(values: Mapping[str, Any]) -> tuple[TrainConfig, MethodConfig]:
+    """A flat mapping (YAML file merged with command-line flags) -> (TrainConfig, MethodConfig); unknown keys,
+    values of the wrong type and values out of range are :class:`UsageError` s naming the option."""
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    method_fields = {f.name for f in dataclasses.fields(MethodConfig)}
+    unknown = sorted(set(values) - train_fields - method_fields)
+    if unknown:
+        raise UsageError(f"unknown option(s) {unknown}")
+    train = TrainConfig(**{k: v for k, v in values.items() if k in train_fields})
+    method_values = {k: v for k, v in values.items() if k not in train_fields}
+    method_values.update(coerce_options(MethodConfig, method_values))
+    try:
+        method = MethodConfig.from_mapping(method_values)
+    except UsageError:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise UsageError(str(exc)) from None
+    check_method(method)
+    return train, method
+
+
+# ---- signals and timing --------------------------------------------------------------------------------------------
+
+class _StopOnSignal:
+    """SIGINT/SIGTERM -> save a checkpoint at the end of the current step and stop (a second SIGINT: at once)."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @requested.setter
+    def requested(self, value: bool) -> None:  # the DDP agreement below sets it
+        if value and self.signum is None:
+            self.signum = signal.SIGINT
+        elif not value:
+            self.signum = None
+
+    def __enter__(self):
+        def handler(signum, _frame):
+            if self.signum is not None:
+                if signum == signal.SIGINT:
+                    raise KeyboardInterrupt
+                return
+            self.signum = signum
+            # write_stderr: os.write (print could be holding stdout's lock), and a closed stderr is ignored.
+            write_stderr(f"\nkid: {signal.Signals(signum).name}: saving a checkpoint after this step, then stopping "
+                         "(resume with --resume; Ctrl-C again to stop at once)\n")
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, handler)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
+        return False
+
+    def callback(self):
+        import torch
+        from transformers import TrainerCallback
+
+        stopper = self
+
+        class StopCallback(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                signum = stopper.signum or 0
+                if args.world_size > 1:
+                    # Every process must stop after the same step (or they deadlock in the next all-reduce): agree
+                    # at logging steps, where the Trainer synchronises anyway, not after every step.
+                    if state.global_step % max(args.logging_steps, 1) and state.global_step < state.max_steps:
+                        return control
+                    import torch.distributed as dist
+
+                    flag = torch.tensor([float(signum)], device=args.device)
+                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                    signum = int(flag.item())
+                    if signum and stopper.signum is None:
+                        stopper.signum = signum
+                if signum:
+                    control.should_save = True
+                    control.should_training_stop = True
+                return control
+
+        return StopCallback()
+
+
+def _quantiles(values: list[float]) -> dict | None:
+    if not values:
+        return None
+    s = sorted(values)
+
+    def q(p):
+        x = p * (len(s) - 1)
+        lo = int(math.floor(x))
+        hi = min(lo + 1, len(s) - 1)
+        return s[lo] + (s[hi] - s[lo]) * (x - lo)
+
+    return {"n": len(s), "median": round(q(0.5), 6), "p10": round(q(0.1), 6), "p25": round(q(0.25), 6),
+            "p75": round(q(0.75), 6), "p90": round(q(0.9), 6), "mean": round(sum(s) / len(s), 6)}
+
+
+class _RunClock:
+    """Times this segment of the run: wall and process CPU time from the start of training, and each optimizer
+    step's (on a GPU, without synchronisation, a step's host time is when it was queued; the sum over many steps
+    is what counts).  CPU time is this process's, all threads: on a busy machine it grows much less than wall
+    time, so ratios of CPU times stay meaningful where wall-time ratios do not."""
+
+    def __init__(self):
+        self.started_at = None
+        self.t0 = self.c0 = None
+        self.first_step = None
+        self.steps_wall: list[float] = []
+        self.steps_cpu: list[float] = []
+        self._step = None
+        self.ended = None
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        clock = self
+
+        class ClockCallback(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                clock.started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+                clock.t0, clock.c0 = time.perf_counter(), time.process_time()
+                clock.first_step = state.global_step
+
+            def on_step_begin(self, args, state, control, **kwargs):
+                clock._step = (time.perf_counter(), time.process_time())
+
+            def on_step_end(self, args, state, control, **kwargs):
+                if clock._step is not None:
+                    clock.steps_wall.append(time.perf_counter() - clock._step[0])
+                    clock.steps_cpu.append(time.process_time() - clock._step[1])
+                    clock._step = None
+
+            def on_train_end(self, args, state, control, **kwargs):
+                clock.ended = (time.perf_counter(), time.process_time())
+
+        return ClockCallback()
+
+    def segment(self, global_step: int, device: Mapping[str, Any]) -> dict:
+        if self.t0 is None:
+            return {}
+        wall_end, cpu_end = self.ended or (time.perf_counter(), time.process_time())
+        return {"started_at": self.started_at, "first_step": self.first_step, "last_step": global_step,
+                "train_time_s": round(wall_end - self.t0, 3), "cpu_time_s": round(cpu_end - self.c0, 3),
+                "step_time_s": _quantiles(self.steps_wall), "step_cpu_time_s": _quantiles(self.steps_cpu),
+                "host": platform.node(), "device": device.get("name")}
+
+
+def _run_state_before(checkpoint: str | None) -> tuple[list[dict], bool]:
+    """(segments recorded in a checkpoint, whether they are known): the training time before a resume."""
+    if checkpoint is None:
+        return [], True
+    path = Path(checkpoint) / RUN_STATE_NAME
+    try:
+        segments = json.loads(path.read_text(encoding="utf-8"))["segments"]
+        return list(segments), True
+    except (OSError, ValueError, KeyError, TypeError):
+        return [], False  # a checkpoint from elsewhere: its earlier time is unknown
+
+
+def _atomic_checkpoint_trainer(base):
+    """``base`` (a DistillTrainer class) whose checkpoints appear only once complete: the Trainer writes
+    ``checkpoint-N`` inside a staging directory, ``kid_run_state.json`` is added, and the directory is renamed into
+    the output directory (then old checkpoints are rotated out).  transformers writes checkpoints in place, so a
+    crash during a save left a half-written newest checkpoint that ``--resume`` would pick."""
+
+    class RunTrainer(base):
+        kid_segments_before: list = []
+        kid_clock: _RunClock | None = None
+        kid_device: dict = {}
+
+        def _save_checkpoint(self, model, trial):
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+            run_dir = Path(self._get_output_dir(trial=trial))
+            name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            staging = run_dir / f".{name}.staging"
+            if self.args.should_save:
+                if staging.exists():
+                    shutil.rmtree(staging)
+                staging.mkdir(parents=True)
+            self._kid_barrier()
+            self._get_output_dir = lambda trial=None: str(staging)  # where the Trainer puts checkpoint-N
+            try:
+                super()._save_checkpoint(model, trial)
+            except BaseException:
+                if self.args.should_save:  # the half-written checkpoint goes; the complete ones stay
+                    shutil.rmtree(staging, ignore_errors=True)
+                raise
+            finally:
+                del self._get_output_dir
+            self._kid_barrier()
+            if self.args.should_save:
+                segments = list(self.kid_segments_before)
+                if self.kid_clock is not None:
+                    segments.append(self.kid_clock.segment(self.state.global_step, self.kid_device))
+                atomic_write_json(staging / name / RUN_STATE_NAME, {"segments": segments})
+                replace_directory(staging / name, run_dir / name)
+                shutil.rmtree(staging, ignore_errors=True)
+                rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
+                                   best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+            self._kid_barrier()
+
+        def _kid_barrier(self):
+            if self.args.world_size > 1:
+                self.accelerator.wait_for_everyone()
+
+    RunTrainer.__name__ = RunTrainer.__qualname__ = base.__name__
+    return RunTrainer
+
+
+# ---- the run ---------------------------------------------------------------------------------------------------
 
 def tokenize_dataset(dataset, tokenizer, *, max_input_tokens: int, max_output_tokens: int, progress: bool = True):
     """``input_ids`` / ``labels`` / ``attention_mask`` columns from a :mod:`kid.data` dataset (``prompt``,
@@ -134,74 +508,22 @@ def tokenize_dataset(dataset, tokenizer, *, max_input_tokens: int, max_output_to
             datasets_logging.enable_progress_bar()
 
 
-class _StopOnSignal:
-    """SIGINT/SIGTERM -> save a checkpoint at the end of the current step and stop (a second SIGINT: at once)."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = {}
-
-    def __enter__(self):
-        def handler(signum, _frame):
-            if self.requested and signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            self.requested = True
-            # os.write, not print: a signal can land while print holds stdout's lock.
-            os.write(2, f"\nkid: signal {signum}: saving a checkpoint after this step, then stopping "
-                        "(resume with --resume)\n".encode())
-
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, handler)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
-        return False
-
-    def callback(self):
-        from transformers import TrainerCallback
-
-        stopper = self
-
-        class StopCallback(TrainerCallback):
-            def on_step_end(self, args, state, control, **kwargs):
-                requested = stopper.requested
-                if args.world_size > 1:
-                    # Every process must stop after the same step (or they deadlock in the next all-reduce): agree
-                    # at logging steps, where the Trainer synchronises anyway, not after every step.
-                    if state.global_step % max(args.logging_steps, 1) and state.global_step < state.max_steps:
-                        return control
-                    import torch.distributed as dist
-
-                    flag = torch.tensor([float(requested)], device=args.device)
-                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                    requested = bool(flag.item())
-                    stopper.requested = requested
-                if requested:
-                    control.should_save = True
-                    control.should_training_stop = True
-                return control
-
-        return StopCallback()
-
-
 def training_arguments(config: TrainConfig, *, world_size: int = 1, bf16: bool = False, **overrides):
     """``transformers.TrainingArguments`` for a run (gradient accumulation from batch_size / micro_batch_size)."""
+    import torch
     from transformers import TrainingArguments
 
     per_step = config.micro_batch_size * world_size
     if config.batch_size % per_step:
-        raise ValueError(f"batch_size {config.batch_size} is not a multiple of micro_batch_size x processes "
+        raise UsageError(f"batch_size {config.batch_size} is not a multiple of micro_batch_size x processes "
                          f"({config.micro_batch_size} x {world_size})")
     kwargs = dict(
         output_dir=config.output_dir, per_device_train_batch_size=config.micro_batch_size,
         gradient_accumulation_steps=config.batch_size // per_step, num_train_epochs=config.epochs,
         max_steps=config.max_steps, learning_rate=config.learning_rate,
         lr_scheduler_type=config.lr_scheduler, weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm,
-        logging_steps=config.logging_steps, save_steps=config.save_steps, save_total_limit=config.save_total_limit,
-        seed=config.seed, bf16=bf16,
+        logging_steps=config.logging_steps, save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit or None, seed=config.seed, bf16=bf16,
         remove_unused_columns=False, report_to="none", disable_tqdm=not config.progress,
         # The default NaN/inf filter reads every micro-batch's loss on the host: a synchronisation per micro-batch.
         logging_nan_inf_filter=False,
@@ -232,6 +554,43 @@ def training_arguments(config: TrainConfig, *, world_size: int = 1, bf16: bool =
     return TrainingArguments(**kwargs)
 
 
+def _remove_previous_run(out: Path) -> None:
+    """--overwrite-output-dir: what an earlier run left (checkpoints, final model, report); other files stay."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    if not out.is_dir():
+        return
+    for p in out.iterdir():
+        name = p.name
+        ours = (name in (FINAL_NAME, REPORT_NAME) or name.startswith(f"{PREFIX_CHECKPOINT_DIR}-")
+                or (name.startswith(f".{PREFIX_CHECKPOINT_DIR}-") and name.endswith(".staging"))
+                or name.startswith(f".{FINAL_NAME}.") or name.startswith(f".{REPORT_NAME}."))
+        if not ours:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
+def _save_final(trainer, tokenizer, target: Path) -> None:
+    """The final model into a staging directory, renamed to ``target`` once complete (every process takes part in
+    ``save_model``: FSDP gathers the weights)."""
+    staging = target.with_name(f".{target.name}.staging")
+    if trainer.is_world_process_zero():
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir(parents=True)
+    if trainer.args.world_size > 1:
+        trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(staging))
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(str(staging))
+        replace_directory(staging, target)
+    if trainer.args.world_size > 1:
+        trainer.accelerator.wait_for_everyone()
+
+
 def run_training(config: TrainConfig, method: MethodConfig, *, student=None, teacher=None, tokenizer=None,
                  train_dataset=None, training_args=None, write_final: bool = True) -> dict:
     """Train one student; returns the run report (also written to ``output_dir/run_report.json``).
@@ -239,50 +598,54 @@ def run_training(config: TrainConfig, method: MethodConfig, *, student=None, tea
     student / teacher / tokenizer / train_dataset: objects to use instead of loading ``config.student`` etc. (the
     demo and the tests build models from config); ``train_dataset`` may be a :mod:`kid.data` dataset (tokenized
     here) or already have ``input_ids`` / ``labels``.  training_args: a ready ``TrainingArguments``.
+    The report's ``status`` is "finished" or "interrupted" (``signal`` names it: a checkpoint of the last step is
+    in ``output_dir``); a :class:`UsageError` means nothing was trained.
     """
-    from transformers import AutoTokenizer
+    out = Path(config.output_dir)
+    created = not out.exists()
+    try:
+        return _run_training(config, method, student=student, teacher=teacher, tokenizer=tokenizer,
+                             train_dataset=train_dataset, training_args=training_args, write_final=write_final)
+    except BaseException:
+        # a run that failed before writing anything leaves no empty directory behind
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
 
+
+def _run_training(config, method, *, student, teacher, tokenizer, train_dataset, training_args, write_final):
+    import torch
+
+    from . import trainer as trainer_module
     from .batching import DistillCollator
-    from .models import (
-        LoraOptions,
-        apply_lora,
-        default_mask_token,
-        load_causal_lm,
-        prepare_teacher,
-        resolve_dtype,
-        token_id,
-    )
-    from .trainer import DistillTrainer
+    from .models import LoraOptions, apply_lora, default_mask_token, load_causal_lm, prepare_teacher, resolve_dtype
+    from .models import token_id as _token_id
 
-    if method.teacher_outputs is not None:  # a missing or unfinished directory is named before any model loads
-        from .teacher_outputs import finished_meta
-
-        finished_meta(method.teacher_outputs)
+    checks = preflight(config, method, student=student is None, teacher=teacher is None,
+                       data=train_dataset is None)
+    for note in checks.notes:
+        say(note, file=sys.stderr)
     out_dir = Path(config.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     if tokenizer is None:
-        if not config.student:
-            raise ValueError("no student: set student (a model directory or Hub name)")
-        tokenizer = AutoTokenizer.from_pretrained(config.student)
+        tokenizer = checks.tokenizer if checks.tokenizer is not None else load_tokenizer(config.student, "student")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    examples = dict(checks.census or {})
     if train_dataset is None:
         from .data.loaders import load_dataset_by_name
 
         train_dataset = load_dataset_by_name(config.data_format, config.data_file, config.db_dir,
                                              config.tables_file, limit=config.limit)
+    examples["used"] = len(train_dataset)
     if "input_ids" not in train_dataset.column_names:
         train_dataset = tokenize_dataset(train_dataset, tokenizer, max_input_tokens=config.max_input_tokens,
                                          max_output_tokens=config.max_output_tokens, progress=config.progress)
     if len(train_dataset) == 0:
-        raise ValueError("the training data is empty")
+        raise UsageError("the training data is empty")
 
     # LoRA: bf16 base weights on a GPU, the adapters in float32 (peft).  Every weight trained: float32 master
     # weights with bf16 autocast, since AdamW on bf16 weights would lose small updates.
     on_gpu = torch.cuda.is_available()
-    if config.fsdp and not on_gpu:
-        # accelerate would silently fall back to DDP on CPU processes
-        raise ValueError("fsdp needs GPUs (accelerate shards only on accelerators); on CPU, run without --fsdp (DDP)")
     autocast_bf16 = not config.lora and config.dtype == "auto" and on_gpu and torch.cuda.is_bf16_supported()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     args = training_args or training_arguments(config, world_size=world_size, bf16=autocast_bf16)
@@ -296,7 +659,7 @@ def run_training(config: TrainConfig, method: MethodConfig, *, student=None, tea
         teacher_dtype = resolve_dtype(config.teacher_dtype, device)
         if teacher is None:
             if not config.teacher:
-                raise ValueError(f"method {method.method!r} needs a teacher: set teacher")
+                raise UsageError(f"method {method.method!r} needs a teacher: set teacher")
             teacher = load_causal_lm(config.teacher, dtype=teacher_dtype,
                                      attn_implementation=config.attn_implementation)
         teacher = prepare_teacher(teacher, adapter=config.teacher_adapter, device=device, dtype=teacher_dtype)
@@ -304,35 +667,48 @@ def run_training(config: TrainConfig, method: MethodConfig, *, student=None, tea
         teacher = None
     mask_id = None
     if method.method == "kid":
-        mask_id = token_id(tokenizer, method.mask_token or default_mask_token(tokenizer))
+        mask_id = _token_id(tokenizer, method.mask_token or default_mask_token(tokenizer))
 
     collator = DistillCollator(tokenizer.pad_token_id, with_prompts=method.generates)
-    stopper = _StopOnSignal()
-    trainer = DistillTrainer(model=student, args=args, train_dataset=train_dataset, data_collator=collator,
-                             processing_class=tokenizer, method_config=method, teacher=teacher,
-                             mask_token_id=mask_id, callbacks=[stopper.callback()])
+    stopper, clock = _StopOnSignal(), _RunClock()
+    trainer_class = _atomic_checkpoint_trainer(trainer_module.DistillTrainer)
+    trainer = trainer_class(model=student, args=args, train_dataset=train_dataset, data_collator=collator,
+                            processing_class=tokenizer, method_config=method, teacher=teacher,
+                            mask_token_id=mask_id, callbacks=[stopper.callback(), clock.callback()])
+    resume = checks.resume_checkpoint
+    before, complete = _run_state_before(resume)
+    info = device_info(device)
+    trainer.kid_segments_before, trainer.kid_clock, trainer.kid_device = before, clock, info
+    if config.overwrite_output_dir and trainer.is_world_process_zero():
+        _remove_previous_run(out_dir)  # only now: the new run's data and models have loaded
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    resume = config.resume
-    if resume is True or (isinstance(resume, str) and resume.lower() == "true"):
-        from transformers.trainer_utils import get_last_checkpoint
-
-        resume = get_last_checkpoint(str(out_dir))
-        if resume is None:
-            raise ValueError(f"--resume: no checkpoint in {out_dir}")
-    started = time.perf_counter()
     with stopper:
-        result = trainer.train(resume_from_checkpoint=resume or None)
-    wall = time.perf_counter() - started
-    if write_final and not stopper.requested:
-        trainer.save_model(str(out_dir / "final"))
         if trainer.is_world_process_zero():
-            tokenizer.save_pretrained(str(out_dir / "final"))
-    report = build_report(trainer, config, method, result.metrics, wall, interrupted=stopper.requested)
-    if trainer.is_world_process_zero():
-        write_json(out_dir / REPORT_NAME, report)
+            say(_start_line(config, method, examples, trainer, resume, info), file=sys.stderr)
+        result = trainer.train(resume_from_checkpoint=resume)
+        finished = trainer.state.global_step >= trainer.state.max_steps
+        if write_final and finished:
+            _save_final(trainer, tokenizer, out_dir / FINAL_NAME)
+        report = build_report(trainer, config, method, result.metrics, clock=clock, segments_before=before,
+                              time_complete=complete, examples=examples, device=info, resumed_from=resume,
+                              signum=None if finished else stopper.signum, sft=checks.sft_report)
+        if trainer.is_world_process_zero():
+            write_json(out_dir / REPORT_NAME, report)
     report["_trainer"] = trainer  # for callers in the same process; not serialised
     return report
+
+
+def _start_line(config, method, examples, trainer, resume, info) -> str:
+    state = trainer.args
+    used = examples.get("used")
+    skipped = examples.get("without_database")
+    data = f"{used} examples" + (f" ({skipped} without a database, skipped)" if skipped else "")
+    steps = f"{state.max_steps} steps" if state.max_steps > 0 else f"{config.epochs:g} epochs"
+    teacher = f", teacher {config.teacher}" if method.needs_teacher and config.teacher else ""
+    where = f"resuming {resume}" if resume else f"into {config.output_dir}"
+    return (f"kid train: {method.method} on {config.student or 'the given student'}{teacher}; {data}; {steps} of "
+            f"{config.batch_size} sequences; {info['name']} x{info['world_size']}; {where}")
 
 
 def close_distributed() -> None:
@@ -348,46 +724,3 @@ def close_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()  # no rank tears down while another still has a collective in flight
         dist.destroy_process_group()
-
-
-def build_report(trainer, config: TrainConfig, method: MethodConfig, metrics: dict, wall_s: float, *,
-                 interrupted: bool = False) -> dict:
-    """The run report: settings, training time (and relative to ``config.sft_report``), throughput, peak memory,
-    the log history (loss, kd, mle per logging step)."""
-    history = [dict(h) for h in trainer.state.log_history]
-    steps = [h for h in history if "loss" in h]
-    report = {
-        "method": method.method,
-        "method_config": method.to_dict(),
-        "train_config": config.to_dict(),
-        "train_runtime_s": metrics.get("train_runtime"),
-        "wall_time_s": round(wall_s, 3),
-        "global_steps": trainer.state.global_step,
-        "interrupted": interrupted,
-        "final_loss": steps[-1]["loss"] if steps else None,
-        "tokens_per_s": _mean([h["tokens_per_s"] for h in steps if "tokens_per_s" in h]),
-        "step_time_s": _mean([h["step_time_s"] for h in steps if "step_time_s" in h]),
-        "peak_gpu_memory_gib": (round(torch.cuda.max_memory_allocated() / 2**30, 3)
-                                if torch.cuda.is_available() else None),
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "log_history": history,
-    }
-    report.update(trainer.report_fields() if hasattr(trainer, "report_fields") else {})  # generation vs training
-    if config.sft_report:
-        with open(config.sft_report, encoding="utf-8") as f:
-            sft = json.load(f)
-        if sft.get("train_runtime_s"):
-            report["latency_vs_sft"] = round(report["train_runtime_s"] / sft["train_runtime_s"], 3)
-    return report
-
-
-def _mean(values):
-    return round(sum(values) / len(values), 4) if values else None
-
-
-def write_json(path, payload) -> None:
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({k: v for k, v in payload.items() if not k.startswith("_")}, f, indent=2, default=str)
-    os.replace(tmp, path)

@@ -3,15 +3,19 @@ data (a toy database built here; the real Spider data where it is available)."""
 from __future__ import annotations
 
 import json
-import sqlite3
+from pathlib import Path
 
 import pytest
 
 from kid.cli import build_parser, config_values, main
 from kid.config import MethodConfig
 from kid.training import REPORT_NAME, TrainConfig, split_options
-from tests.kid_tiny import all_finite, bpe_tokenizer, step_logs, tiny_model
-from tests.spider_data import DB_DIR, SPIDER_DIR, needs_spider
+from tests.kid_tiny import REPO, all_finite, bpe_tokenizer, step_logs, tiny_model
+from tests.spider_data import SPIDER
+from tests.toy_spider import QUESTIONS, save_tiny_models, train_argv
+from tests.toy_spider import toy_spider as toy_spider_fixture
+
+toy_spider = toy_spider_fixture  # the module-scoped fixture
 
 
 @pytest.fixture(autouse=True)
@@ -35,7 +39,13 @@ def test_train_help_lists_the_options(capsys):
                  "--kid-predictions", "--gkd-lambda", "--beta", "--imitkd-gold-probability", "--max-new-tokens",
                  "--lora", "--no-lora", "--batch-size", "--micro-batch-size", "--max-steps", "--learning-rate"):
         assert flag in text, flag
-    assert "sft, fkd, rkd, fdistill, imitkd, gkd or kid" in text
+    assert "{sft,fkd,rkd,fdistill,imitkd,gkd,kid}" in text  # enum options are choices
+    for flag, choice in (("--strategy", "{random,uniform,hard,easy}"), ("--dtype", "{auto,float32,bfloat16,float16}"),
+                         ("--lr-scheduler", "{linear,cosine,"), ("--data-format", "{bird,bird-no-evidence,spider,"),
+                         ("--kid-predictions", "{argmax,sample}"), ("--attn-implementation", "{sdpa,eager,")):
+        assert f"{flag} {choice}" in text, flag
+    assert text.count("(default: kid)") == 1 and "(default kid)" not in text  # the default said once
+    assert "--overwrite-output-dir" in text and "--version" not in text
 
 
 def test_flags_override_yaml(tmp_path):
@@ -141,64 +151,10 @@ def test_missing_required_options(tmp_path, capsys):
 
 # ---- end to end ----------------------------------------------------------------------------------------------------
 
-QUESTIONS = [
-    ("How many singers are there?", "SELECT count(*) FROM singer"),
-    ("List the names of all singers.", "SELECT name FROM singer"),
-    ("What is the average age of singers?", "SELECT avg(age) FROM singer"),
-    ("Show the names of singers older than 30.", "SELECT name FROM singer WHERE age > 30"),
-    ("Which country has the most singers?",
-     "SELECT country FROM singer GROUP BY country ORDER BY count(*) DESC LIMIT 1"),
-    ("What are the distinct countries of singers?", "SELECT DISTINCT country FROM singer"),
-]
-
-
-@pytest.fixture(scope="module")
-def toy_spider(tmp_path_factory):
-    """A Spider-format data file on one toy database, and a tiny student and teacher whose tokenizer knows the
-    data's words, saved with save_pretrained."""
-    from transformers import AutoTokenizer
-
-    from kid.data import load_spider
-
-    root = tmp_path_factory.mktemp("toy_spider")
-    db = root / "database" / "toy" / "toy.sqlite"
-    db.parent.mkdir(parents=True)
-    with sqlite3.connect(db) as con:
-        con.execute("CREATE TABLE singer (singer_id INTEGER PRIMARY KEY, name TEXT, country TEXT, age INTEGER)")
-        con.executemany("INSERT INTO singer VALUES (?, ?, ?, ?)",
-                        [(1, "Joe", "France", 52), (2, "Ann", "Netherlands", 29), (3, "Tim", "France", 41)])
-    data = root / "train.json"
-    data.write_text(json.dumps([{"db_id": "toy", "question": q, "query": s} for q, s in QUESTIONS]))
-    rows = load_spider(data, root / "database")
-    tokenizer = bpe_tokenizer([r["prompt"] + " " + r["target"] for r in rows])
-    _save_tiny_models(root, tokenizer)
-    # kid train loads the tokenizer with AutoTokenizer: it must read the data as the tokenizer we built does
-    loaded = AutoTokenizer.from_pretrained(root / "student")
-    prompt = rows[0]["prompt"]
-    assert len(loaded(prompt)["input_ids"]) > 20 and loaded.decode(loaded(prompt)["input_ids"]) == prompt
-    assert (loaded.eos_token_id, loaded.pad_token_id, loaded.mask_token) == (1, 0, "<mask>")
-    return {"data": data, "db_dir": root / "database", "student": root / "student", "teacher": root / "teacher"}
-
-
-def _save_tiny_models(root, tokenizer):
-    """A tiny student and a larger teacher with ``tokenizer``'s vocabulary, saved with their tokenizer."""
-    for name, seed, size in (("student", 0, {}), ("teacher", 1, {"hidden": 48, "layers": 2})):
-        tiny_model(seed, vocab=len(tokenizer), **size).save_pretrained(root / name)
-        tokenizer.save_pretrained(root / name)
-
-
-def _train_argv(toy, out, method, *extra):
-    return ["train", "--student", str(toy["student"]), "--teacher", str(toy["teacher"]), "--data-file",
-            str(toy["data"]), "--db-dir", str(toy["db_dir"]), "--output-dir", str(out), "--method", method,
-            "--max-steps", "2", "--batch-size", "2", "--micro-batch-size", "1", "--lora-r", "4", "--lora-alpha", "8",
-            "--learning-rate", "1e-3", "--logging-steps", "1", "--no-progress", "--max-input-tokens", "256",
-            "--max-output-tokens", "32", *extra]
-
-
 @pytest.mark.parametrize("method", ["sft", "kid"])
 def test_train_end_to_end_on_saved_tiny_models(toy_spider, tmp_path, method, capsys):
     out = tmp_path / method
-    assert main(_train_argv(toy_spider, out, method, "--alpha", "0.5")) == 0
+    assert main(train_argv(toy_spider, out, method, "--alpha", "0.5")) == 0
     assert f"kid train: {method} done" in capsys.readouterr().out
     report = json.loads((out / REPORT_NAME).read_text())
     assert report["method"] == method and report["global_steps"] == 2 and not report["interrupted"]
@@ -218,34 +174,251 @@ def test_train_end_to_end_on_saved_tiny_models(toy_spider, tmp_path, method, cap
 
 def test_train_sft_report_gives_latency_and_resume_continues(toy_spider, tmp_path, capsys):
     sft = tmp_path / "sft"
-    assert main(_train_argv(toy_spider, sft, "sft", "--no-lora")) == 0
+    assert main(train_argv(toy_spider, sft, "sft", "--no-lora")) == 0
     kid_out = tmp_path / "kid"
-    argv = _train_argv(toy_spider, kid_out, "kid", "--no-lora", "--sft-report", str(sft / REPORT_NAME),
+    argv = train_argv(toy_spider, kid_out, "kid", "--no-lora", "--sft-report", str(sft / REPORT_NAME),
                        "--save-steps", "2")
     assert main(argv) == 0
     assert "training time relative to SFT" in capsys.readouterr().out
     assert json.loads((kid_out / REPORT_NAME).read_text())["latency_vs_sft"] > 0
     assert (kid_out / "final" / "config.json").is_file()  # a full model without LoRA
-    # --resume from the finished run's checkpoint, with more steps
-    argv[argv.index("--max-steps") + 1] = "3"
+    first = json.loads((kid_out / REPORT_NAME).read_text())
+    assert len(first["segments"]) == 1 and first["train_runtime_s"] == first["segments"][0]["train_time_s"]
+    assert json.loads((kid_out / "checkpoint-2" / "kid_run_state.json").read_text())["segments"][0]["last_step"] == 2
+    # --resume from the finished run's checkpoint, with more steps: the SFT run is no longer comparable (2 steps
+    # there, 4 here), which is refused before any work
+    argv[argv.index("--max-steps") + 1] = "4"
+    capsys.readouterr()
+    assert main(argv + ["--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "--sft-report" in err and "not comparable" in err and "max_steps 2 there, 4 here" in err
+    i = argv.index("--sft-report")
+    del argv[i:i + 2]
     assert main(argv + ["--resume"]) == 0
-    assert json.loads((kid_out / REPORT_NAME).read_text())["global_steps"] == 3
+    resumed = json.loads((kid_out / REPORT_NAME).read_text())
+    assert resumed["global_steps"] == 4 and resumed["status"] == "finished"
+    # the training time adds up both segments (steps 0-2 from the checkpoint, 2-4 now)
+    segments = resumed["segments"]
+    assert [(seg["first_step"], seg["last_step"]) for seg in segments] == [(0, 2), (2, 4)]
+    # the first segment as the checkpoint recorded it (at its save, just before the first run ended)
+    assert 0 < segments[0]["train_time_s"] <= first["segments"][0]["train_time_s"]
+    assert resumed["train_runtime_s"] == pytest.approx(sum(seg["train_time_s"] for seg in segments), abs=2e-3)
+    assert resumed["train_runtime_s"] > segments[1]["train_time_s"] > 0
+    assert resumed["resumed_from"] == str((kid_out / "checkpoint-2").resolve())
 
 
-@needs_spider
+def test_latency_vs_sft_is_flagged_when_the_runs_differ(toy_spider, tmp_path, capsys):
+    from kid.run_report import sft_comparison
+
+    sft = tmp_path / "sft"
+    assert main(train_argv(toy_spider, sft, "sft", "--no-lora")) == 0
+    report = json.loads((sft / REPORT_NAME).read_text())
+    assert sft_comparison(report, report) == []
+    other = dict(report, global_steps=5, examples_used=3, status="interrupted",
+                 device_info=dict(report["device_info"], name="NVIDIA H100"))
+    reasons = " ".join(sft_comparison(report, other))
+    for text in ("steps 5 there, 2 here", "examples 3 there, 6 here", "did not finish", "device name"):
+        assert text in reasons, text
+    # through the CLI: an SFT report that finished fewer steps than this run is not divided by
+    edited = tmp_path / "sft_edited.json"
+    edited.write_text(json.dumps(dict(report, global_steps=1)))
+    out = tmp_path / "kid"
+    capsys.readouterr()
+    assert main(train_argv(toy_spider, out, "kid", "--no-lora", "--sft-report", str(edited))) == 0
+    printed = capsys.readouterr().out
+    kid_report = json.loads((out / REPORT_NAME).read_text())
+    assert kid_report["latency_vs_sft"] is None and kid_report["latency_vs_sft_not_comparable"] == [
+        "steps 1 there, 2 here"]
+    assert "training time relative to SFT: not given, the runs differ: steps 1 there, 2 here" in printed
+
+
 def test_train_on_spider_data(tmp_path):
-    # The real Spider training file (its first 8 examples with a database) and tables.json, on tiny models.
+    # The real Spider training file (or the shipped slice's), its first 8 examples with a database, and tables.json,
+    # on tiny models.
+    import contextlib
+
     from kid.data import MissingDatabaseWarning
 
     root = tmp_path / "models"
     # a byte-level BPE: Spider's words it never saw are spelled out in bytes
-    _save_tiny_models(root, bpe_tokenizer([" ".join(q for q, _ in QUESTIONS)] + [s for _, s in QUESTIONS]))
-    toy = {"student": root / "student", "teacher": root / "teacher", "data": SPIDER_DIR / "train_spider.json",
-           "db_dir": DB_DIR}
+    save_tiny_models(root, bpe_tokenizer([" ".join(q for q, _ in QUESTIONS)] + [s for _, s in QUESTIONS]))
+    toy = {"student": root / "student", "teacher": root / "teacher", "data": SPIDER.train_file,
+           "db_dir": SPIDER.db_dir}
     out = tmp_path / "run"
-    argv = _train_argv(toy, out, "kid", "--tables-file", str(SPIDER_DIR / "tables.json"), "--limit", "8")
-    with pytest.warns(MissingDatabaseWarning):
+    argv = train_argv(toy, out, "kid", "--tables-file", str(SPIDER.tables_file), "--limit", "8")
+    with pytest.warns(MissingDatabaseWarning) if SPIDER.full else contextlib.nullcontext():
         assert main(argv) == 0
     report = json.loads((out / REPORT_NAME).read_text())
     assert report["global_steps"] == 2 and all_finite([h["loss"] for h in step_logs(report)])
+    assert report["examples"]["used"] == 8
+    assert report["examples"]["without_database"] == (96 if SPIDER.full else 0)
     assert (out / "final").is_dir()
+
+
+# ---- mistakes are named, before any work ---------------------------------------------------------------------------
+
+@pytest.fixture
+def no_data_building(monkeypatch):
+    """Fail the test if the training data is built: every check below must come first."""
+    import kid.data.loaders
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the data was built before the options were checked")
+
+    monkeypatch.setattr(kid.data.loaders, "load_dataset_by_name", refuse)
+
+
+def _one_line_error(capsys, argv, *expected):
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, (argv, err)
+    assert err.startswith("kid train: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    for text in expected:
+        assert text in err, (text, err)
+    return err
+
+
+def test_user_mistakes_are_one_line_before_the_data_is_built(toy_spider, tmp_path, capsys, no_data_building):
+    out = tmp_path / "out"
+    argv = train_argv(toy_spider, out, "kid")
+
+    def with_option(flag, value, base=argv):
+        i = base.index(flag)
+        return base[:i + 1] + [value] + base[i + 2:]
+
+    _one_line_error(capsys, with_option("--student", str(tmp_path / "no" / "such" / "model")), "--student",
+                    "no such directory")
+    _one_line_error(capsys, with_option("--teacher", str(tmp_path / "nope")), "--teacher", "no such directory")
+    _one_line_error(capsys, with_option("--student", str(tmp_path)), "not a model directory (no config.json")
+    _one_line_error(capsys, [a for a in argv if a != str(toy_spider["teacher"]) and a != "--teacher"],
+                    "method 'kid' needs a teacher")
+    _one_line_error(capsys, argv + ["--mask-token", "<nonexistent>"], "--mask-token", "not a token")
+    _one_line_error(capsys, argv + ["--resume", str(tmp_path / "checkpoint-9")], "no such checkpoint directory")
+    _one_line_error(capsys, argv + ["--resume"], "no checkpoint in")
+    _one_line_error(capsys, argv + ["--kd-weight", "0", "--mle-weight", "0"], "both 0")
+    _one_line_error(capsys, argv + ["--data-format", "bird"], "looks like Spider data", "--data-format spider")
+    _one_line_error(capsys, with_option("--db-dir", str(tmp_path)), "none of the 6 examples", "is --db-dir right?")
+    _one_line_error(capsys, argv + ["--attn-implementation", "flash_attention_2"], "flash_attn")
+    _one_line_error(capsys, argv + ["--fsdp"], "--fsdp needs GPUs")
+    _one_line_error(capsys, argv + ["--limit", "0"], "limit must be >= 1")
+    _one_line_error(capsys, argv + ["--warmup-ratio", "1.5"], "warmup_ratio must be in [0, 1)")
+    _one_line_error(capsys, argv + ["--resume", "--overwrite-output-dir"], "contradict")
+    _one_line_error(capsys, argv + ["--sft-report", str(tmp_path / "missing.json")], "--sft-report", "not found")
+    # a typo in an enum option is argparse's one line
+    for flag, value in (("--dtype", "bf16"), ("--lr-scheduler", "cosin"), ("--method", "kd"),
+                        ("--strategy", "hardest")):
+        with pytest.raises(SystemExit) as exc:
+            main(argv + [flag, value])
+        assert exc.value.code == 2
+        assert f"argument {flag}: invalid choice: '{value}'" in capsys.readouterr().err
+    assert not out.exists()  # and nothing was created
+
+
+def test_yaml_mistakes_are_one_line(tmp_path, capsys, no_data_building):
+    cases = {
+        "student: [unclosed\n": "not valid YAML",
+        "student: s\nbatch_size: eight\n": "batch_size: expected an integer, got 'eight'",
+        "student: s\nlora: maybe\n": "lora: expected true or false",
+        "student: s\nlearning_rate: [1, 2]\n": "learning_rate: expected a number",
+        "student: s\nmethod_options: 3\n": "method_options must be a mapping",
+        "student: s\nmethod_options:\n  alpha: lots\n": "alpha",
+    }
+    for i, (text, expected) in enumerate(cases.items()):
+        config = tmp_path / f"c{i}.yaml"
+        config.write_text(text)
+        _one_line_error(capsys, ["train", "--config", str(config), "--data-file", "d", "--db-dir", "x"], expected)
+    _one_line_error(capsys, ["train", "--config", str(tmp_path / "none.yaml")], "--config", "file not found")
+    # numbers as strings in YAML are fine
+    config = tmp_path / "ok.yaml"
+    config.write_text("batch_size: '8'\nmicro_batch_size: 2\nlora: 'false'\nepochs: 2\n")
+    train, _ = split_options(config_values(_parse(["--config", str(config)])))
+    assert (train.batch_size, train.lora, train.epochs) == (8, False, 2.0)
+
+
+def test_teacher_with_another_tokenizer_is_refused(toy_spider, tmp_path, capsys, no_data_building):
+    other = tmp_path / "other_teacher"
+    tokenizer = bpe_tokenizer(["completely different words here"], vocab_size=280)
+    tiny_model(1, vocab=len(tokenizer)).save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    capsys.readouterr()
+    argv = train_argv(toy_spider, tmp_path / "out", "kid")
+    argv[argv.index("--teacher") + 1] = str(other)
+    _one_line_error(capsys, argv, "the teacher's tokenizer differs from the student's", "token id ")
+
+
+def test_output_dir_of_an_earlier_run_is_kept_unless_asked(toy_spider, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = train_argv(toy_spider, out, "sft", "--save-steps", "1")
+    first = argv.copy()
+    first[first.index("--max-steps") + 1] = "3"
+    assert main(first) == 0
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    (out / "notes.txt").write_text("mine")
+    report_before = (out / REPORT_NAME).read_bytes()
+    capsys.readouterr()
+    # the same directory again, without --resume: refused, naming both ways on, and nothing touched
+    err = _one_line_error(capsys, argv, f"--output-dir {out} is not empty", "--resume", "--overwrite-output-dir")
+    assert "checkpoint-2" in err
+    assert (out / REPORT_NAME).read_bytes() == report_before and (out / "checkpoint-3").is_dir()
+    # --overwrite-output-dir: the earlier run's checkpoints, model and report go (checkpoint-3 would otherwise be
+    # what a later --resume picks); the user's other files stay
+    assert main(argv + ["--overwrite-output-dir"]) == 0
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert json.loads((out / REPORT_NAME).read_text())["global_steps"] == 2
+    assert (out / "notes.txt").read_text() == "mine" and (out / "final" / "adapter_config.json").is_file()
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no staging directories left
+
+
+def test_report_records_versions_commit_counts_paths_device(toy_spider, tmp_path, capsys, monkeypatch):
+    import re
+
+    # one more example whose database is missing; relative paths on the command line
+    data = json.loads(toy_spider["data"].read_text()) + [{"db_id": "gone", "question": "q", "query": "SELECT 1"}]
+    (tmp_path / "train.json").write_text(json.dumps(data))
+    monkeypatch.chdir(tmp_path)
+    argv = train_argv(toy_spider, "out", "sft")
+    argv[argv.index("--data-file") + 1] = "train.json"
+    assert main(argv) == 0
+    start = capsys.readouterr().err
+    assert "kid train: sft on " in start and "6 examples (1 without a database, skipped)" in start
+    report = json.loads((tmp_path / "out" / REPORT_NAME).read_text())
+    assert report["status"] == "finished" and report["signal"] is None
+    for name in ("torch", "triton", "transformers", "peft", "kidkernels", "kid", "python"):
+        assert name in report["versions"], name
+    assert report["versions"]["torch"] and report["versions"]["kid"]
+    if (REPO / ".git").exists():
+        assert re.fullmatch(r"[0-9a-f]{40}", report["git"]["commit"]) and isinstance(report["git"]["dirty"], bool)
+    assert report["examples"] == {"in_file": 7, "with_database": 6, "without_database": 1,
+                                  "missing_databases": {"gone": 1}, "used": 6}
+    config = report["train_config"]
+    assert config["data_file"] == str(tmp_path / "train.json") and config["output_dir"] == str(tmp_path / "out")
+    assert all(Path(config[k]).is_absolute() for k in ("student", "teacher", "db_dir", "data_file", "output_dir"))
+    assert report["device"] == "cpu" and report["device_info"]["type"] == "cpu"
+    assert report["device_info"]["world_size"] == 1 and report["device_info"]["cpu_count"] >= 1
+    segment = report["segments"][0]
+    assert segment["step_time_s"]["n"] == 2 and segment["cpu_time_s"] > 0 and report["cpu_time_s"] > 0
+
+
+def test_a_failed_run_leaves_no_empty_output_dir(toy_spider, tmp_path, capsys, monkeypatch):
+    import kid.trainer
+
+    def broken(self, *args, **kwargs):
+        assert out.is_dir()  # the Trainer made it
+        raise RuntimeError("simulated failure at the start of training")
+
+    monkeypatch.setattr(kid.trainer.DistillTrainer, "train", broken)
+    out = tmp_path / "run"
+    assert main(train_argv(toy_spider, out, "sft")) == 1  # not the user's fault: a bug, with its traceback
+    err = capsys.readouterr().err
+    assert "simulated failure" in err and "internal error (RuntimeError)" in err
+    assert not out.exists()
+
+
+def test_option_choices_match_the_libraries():
+    from transformers.trainer_utils import SchedulerType
+
+    from kid.data import LOADERS
+    from kid.training import DATA_FORMATS, LR_SCHEDULERS
+
+    assert set(LR_SCHEDULERS) <= {s.value for s in SchedulerType}
+    assert tuple(sorted(LOADERS)) == DATA_FORMATS

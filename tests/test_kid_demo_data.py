@@ -24,7 +24,7 @@ from kid.demo import (
 )
 from kid.evaluation import open_readonly, run_query
 from kid.prompts import IGNORE_INDEX, special_tokens_around, tokenize_example
-from tests.spider_data import SPIDER_DIR, needs_spider
+from tests.spider_data import SPIDER_DIR, needs_full_spider
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -96,7 +96,7 @@ def test_attribution_readme():
         assert f"{digest}  database/{db}/{db}.sqlite" in text
 
 
-@needs_spider
+@needs_full_spider
 def test_shipped_slice_is_what_the_script_makes(tmp_path):
     spec = importlib.util.spec_from_file_location("make_demo_slice", REPO / "tools" / "make_demo_slice.py")
     script = importlib.util.module_from_spec(spec)

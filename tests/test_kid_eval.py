@@ -25,7 +25,9 @@ from kid.evaluation import (
 from kid.evaluation.hardness import hardness_from_spider_json, spider_hardness
 from kid.evaluation.pool import WorkerFailure, run_tasks
 from kid.evaluation.sqlite_safe import _make_authorizer
-from tests.spider_data import DB_DIR, SPIDER_DIR, needs_spider
+from tests.spider_data import MISSING_DB, SAMPLE_DB, SECOND_DB, SPIDER, needs_full_spider, sample_db_path
+
+DB_DIR = SPIDER.db_dir
 
 
 def _with_db(examples):
@@ -34,7 +36,7 @@ def _with_db(examples):
 
 @pytest.fixture(scope="module")
 def dev():
-    return json.loads((SPIDER_DIR / "dev.json").read_text())
+    return json.loads(SPIDER.dev_file.read_text())
 
 
 def _sha256(path: Path) -> str:
@@ -43,13 +45,12 @@ def _sha256(path: Path) -> str:
 
 @pytest.fixture
 def db_copy(tmp_path):
-    """concert_singer copied to tmp (tests that try to write never touch the shared file)."""
-    src = DB_DIR / "concert_singer" / "concert_singer.sqlite"
-    if not src.is_file():
-        pytest.skip(f"Spider database not found at {src}")
-    dst_dir = tmp_path / "db" / "concert_singer"
+    """race_track (tables track, 9 rows, and race) copied to tmp (tests that try to write never touch the shared
+    file)."""
+    src = sample_db_path()
+    dst_dir = tmp_path / "db" / SAMPLE_DB
     dst_dir.mkdir(parents=True)
-    dst = dst_dir / "concert_singer.sqlite"
+    dst = dst_dir / f"{SAMPLE_DB}.sqlite"
     shutil.copyfile(src, dst)
     os.chmod(dst, 0o644)  # writable at the OS level: only our connection settings protect it
     return dst
@@ -86,7 +87,7 @@ def test_distinct_and_order_by_detection():
     assert not has_order_by("SELECT a FROM t WHERE b = 'order by'")
 
 
-@needs_spider
+@needs_full_spider
 def test_hardness_matches_official_labels(dev):
     agree = sum(spider_hardness(x["query"]) == hardness_from_spider_json(x["sql"]) for x in dev)
     assert agree / len(dev) >= 0.98
@@ -100,14 +101,14 @@ def test_hardness_matches_official_labels(dev):
 
 # ---------------------------------------------------------------- safety
 WRITES = [
-    "DROP TABLE singer",
-    "DELETE FROM singer",
-    "UPDATE singer SET Age = 0",
-    "INSERT INTO singer (Singer_ID, Name) VALUES (99, 'x')",
-    "REPLACE INTO singer (Singer_ID, Name) VALUES (1, 'x')",
+    "DROP TABLE track",
+    "DELETE FROM track",
+    "UPDATE track SET Seating = 0",
+    "INSERT INTO track (Track_ID, Name) VALUES (99, 'x')",
+    "REPLACE INTO track (Track_ID, Name) VALUES (1, 'x')",
     "CREATE TABLE evil (x)",
-    "ALTER TABLE singer ADD COLUMN evil TEXT",
-    "CREATE INDEX evil_idx ON singer (Name)",
+    "ALTER TABLE track ADD COLUMN evil TEXT",
+    "CREATE INDEX evil_idx ON track (Name)",
     "PRAGMA writable_schema = ON",
     "PRAGMA user_version = 7",
     "PRAGMA journal_mode = DELETE",
@@ -116,7 +117,6 @@ WRITES = [
 ]
 
 
-@needs_spider
 def test_writes_are_refused_and_file_is_unchanged(db_copy, tmp_path):
     before = _sha256(db_copy)
     attach_target = tmp_path / "attached.sqlite"
@@ -131,8 +131,8 @@ def test_writes_are_refused_and_file_is_unchanged(db_copy, tmp_path):
         result = run_query(conn, sql, timeout_s=5)
         assert not result.ok, sql
     # Multiple statements are refused too (the DROP never runs).
-    assert not run_query(conn, "SELECT 1; DROP TABLE singer").ok
-    assert run_query(conn, "SELECT count(*) FROM singer").rows == [(6,)]
+    assert not run_query(conn, "SELECT 1; DROP TABLE track").ok
+    assert run_query(conn, "SELECT count(*) FROM track").rows == [(9,)]
     conn.close()
     assert _sha256(db_copy) == before
     assert not attach_target.exists() and not vacuum_target.exists()
@@ -140,8 +140,8 @@ def test_writes_are_refused_and_file_is_unchanged(db_copy, tmp_path):
     # The same statements as predictions through the evaluator: all score 0, file unchanged.
     report = evaluate_predictions(
         statements,
-        ["SELECT count(*) FROM singer"] * len(statements),
-        ["concert_singer"] * len(statements),
+        ["SELECT count(*) FROM track"] * len(statements),
+        [SAMPLE_DB] * len(statements),
         db_copy.parent.parent,
         timeout_s=5,
         num_workers=1,
@@ -153,7 +153,6 @@ def test_writes_are_refused_and_file_is_unchanged(db_copy, tmp_path):
     assert not attach_target.exists() and not vacuum_target.exists()
 
 
-@needs_spider
 def test_authorizer_alone_blocks_writes(db_copy):
     """Even on a writable connection, the authorizer denies every write."""
     before = _sha256(db_copy)
@@ -163,7 +162,7 @@ def test_authorizer_alone_blocks_writes(db_copy):
         with pytest.raises(sqlite3.DatabaseError, match="not authorized|prohibited"):
             conn.execute(sql)
         conn.rollback()
-    assert conn.execute("SELECT count(*) FROM singer").fetchall() == [(6,)]
+    assert conn.execute("SELECT count(*) FROM track").fetchall() == [(9,)]
     conn.close()
     assert _sha256(db_copy) == before
 
@@ -171,7 +170,6 @@ def test_authorizer_alone_blocks_writes(db_copy):
 ENDLESS = "WITH RECURSIVE r(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM r) SELECT count(*) FROM r"
 
 
-@needs_spider
 def test_endless_recursive_cte_stops_at_the_limit(db_copy):
     conn = open_readonly(db_copy)
     start = time.monotonic()
@@ -179,13 +177,13 @@ def test_endless_recursive_cte_stops_at_the_limit(db_copy):
     assert time.monotonic() - start < 5
     assert result.timed_out and not result.ok
     # The connection is usable afterwards.
-    assert run_query(conn, "SELECT count(*) FROM singer").rows == [(6,)]
+    assert run_query(conn, "SELECT count(*) FROM track").rows == [(9,)]
 
     start = time.monotonic()
     report = evaluate_predictions(
-        [ENDLESS, "SELECT count(*) FROM singer"],
-        ["SELECT count(*) FROM singer"] * 2,
-        ["concert_singer"] * 2,
+        [ENDLESS, "SELECT count(*) FROM track"],
+        ["SELECT count(*) FROM track"] * 2,
+        [SAMPLE_DB] * 2,
         db_copy.parent.parent,
         timeout_s=1.0,
         num_workers=2,
@@ -198,13 +196,12 @@ def test_endless_recursive_cte_stops_at_the_limit(db_copy):
     assert report.totals["timeouts"] == 1
 
 
-@needs_spider
 def test_row_cap(db_copy):
     conn = open_readonly(db_copy)
-    assert not run_query(conn, "SELECT * FROM singer", max_rows=5).ok
-    assert len(run_query(conn, "SELECT * FROM singer", max_rows=6).rows) == 6
-    assert explain_ok(conn, "SELECT name FROM singer")
-    assert not explain_ok(conn, "SELECT nope FROM singer")
+    assert not run_query(conn, "SELECT * FROM track", max_rows=8).ok
+    assert len(run_query(conn, "SELECT * FROM track", max_rows=9).rows) == 9
+    assert explain_ok(conn, "SELECT name FROM track")
+    assert not explain_ok(conn, "SELECT nope FROM track")
 
 
 def crash_on_negative(payload):
@@ -227,7 +224,7 @@ def test_pool_survives_crashing_and_stuck_workers():
 
 
 # ---------------------------------------------------------------- official semantics on Spider data
-@needs_spider
+@needs_full_spider
 def test_gold_against_gold_scores_100_percent_on_dev(dev):
     examples = _with_db(dev)
     assert len(examples) == 972
@@ -247,10 +244,10 @@ def test_gold_against_gold_scores_100_percent_on_dev(dev):
     assert set(report.breakdowns["hardness"]) == {"easy", "medium", "hard", "extra"}
 
 
-@needs_spider
+@needs_full_spider
 def test_gold_against_gold_on_train():
     """Every training example with a database scores 1, except the few whose gold SQL is broken."""
-    train = _with_db(json.loads((SPIDER_DIR / "train_spider.json").read_text()))
+    train = _with_db(json.loads(SPIDER.train_file.read_text()))
     assert len(train) == 6904
     queries = [x["query"] for x in train]
     report = evaluate_predictions(  # hardness given (unused here): saves parsing 6,904 queries
@@ -268,97 +265,49 @@ def test_gold_against_gold_on_train():
     assert len(wrong) <= 5  # the release has 3 gold queries that SQLite rejects
 
 
+# race_track: track (Track_ID, Name, Location, Seating, Year_Opened; 9 rows, two with Seating 65000) and race
+# (Race_ID, Name, Class, Date, Track_ID; 7 rows, Class "DP/GT" or "GT"); manufactory_1: products (Price).
+TRACK = SAMPLE_DB
 CASES = [
     # (db_id, gold, prediction, correct by default, correct with keep_distinct)
     # wrong column
-    (
-        "concert_singer",
-        "SELECT name, country, age FROM singer ORDER BY age DESC",
-        "SELECT name, country, song_name FROM singer ORDER BY age DESC",
-        False,
-        False,
-    ),
+    (TRACK, "SELECT name, location, seating FROM track ORDER BY name DESC",
+     "SELECT name, location, year_opened FROM track ORDER BY name DESC", False, False),
     # wrong value
-    (
-        "concert_singer",
-        "SELECT avg(age), min(age), max(age) FROM singer WHERE country = 'France'",
-        "SELECT avg(age), min(age), max(age) FROM singer WHERE country = 'Netherlands'",
-        False,
-        False,
-    ),
+    (TRACK, "SELECT avg(seating), min(seating), max(seating) FROM track WHERE year_opened > 1990",
+     "SELECT avg(seating), min(seating), max(seating) FROM track WHERE year_opened < 1990", False, False),
     # missing ORDER BY where it matters, and the wrong direction
-    (
-        "concert_singer",
-        "SELECT name, country, age FROM singer ORDER BY age DESC",
-        "SELECT name, country, age FROM singer",
-        False,
-        False,
-    ),
-    (
-        "concert_singer",
-        "SELECT name, country, age FROM singer ORDER BY age DESC",
-        "SELECT name, country, age FROM singer ORDER BY age ASC",
-        False,
-        False,
-    ),
+    (TRACK, "SELECT name, location, seating FROM track ORDER BY name DESC",
+     "SELECT name, location, seating FROM track", False, False),
+    (TRACK, "SELECT name, location, seating FROM track ORDER BY name DESC",
+     "SELECT name, location, seating FROM track ORDER BY name ASC", False, False),
     # extra row, and a duplicated row
-    (
-        "concert_singer",
-        "SELECT name FROM singer WHERE age > 40",
-        "SELECT name FROM singer WHERE age > 30",
-        False,
-        False,
-    ),
-    (
-        "concert_singer",
-        "SELECT name FROM singer",
-        "SELECT name FROM singer UNION ALL SELECT name FROM singer WHERE age > 50",
-        False,
-        False,
-    ),
-    # wrong aggregate, wrong join target
-    ("concert_singer", "SELECT count(*) FROM singer", "SELECT count(*) FROM stadium", False, False),
-    (
-        "pets_1",
-        "SELECT count(*) FROM student WHERE age > 20",
-        "SELECT count(*) FROM student WHERE age >= 20",
-        False,
-        False,
-    ),
+    (TRACK, "SELECT name FROM track WHERE seating > 90000", "SELECT name FROM track WHERE seating > 70000", False,
+     False),
+    (TRACK, "SELECT name FROM track",
+     "SELECT name FROM track UNION ALL SELECT name FROM track WHERE seating > 100000", False, False),
+    # wrong aggregate target, off-by-one comparison
+    (TRACK, "SELECT count(*) FROM track", "SELECT count(*) FROM race", False, False),
+    (SECOND_DB, "SELECT count(*) FROM products WHERE price > 150", "SELECT count(*) FROM products WHERE price >= 150",
+     False, False),
     # column permutation: correct
-    (
-        "concert_singer",
-        "SELECT name, country, age FROM singer ORDER BY age DESC",
-        "SELECT age, name, country FROM singer ORDER BY age DESC",
-        True,
-        True,
-    ),
+    (TRACK, "SELECT name, location, seating FROM track ORDER BY name DESC",
+     "SELECT seating, name, location FROM track ORDER BY name DESC", True, True),
     # row order without a gold ORDER BY: free
-    ("concert_singer", "SELECT name, age FROM singer", "SELECT age, name FROM singer ORDER BY name", True, True),
+    (TRACK, "SELECT name, seating FROM track", "SELECT seating, name FROM track ORDER BY name", True, True),
     # ORDER BY in the prediction only: fine
-    (
-        "concert_singer",
-        "SELECT country FROM singer WHERE age > 20",
-        "SELECT country FROM singer WHERE age > 20 ORDER BY age",
-        True,
-        True,
-    ),
+    (TRACK, "SELECT location FROM track WHERE seating > 70000",
+     "SELECT location FROM track WHERE seating > 70000 ORDER BY seating", True, True),
     # DISTINCT is stripped from both by default; kept on request
-    (
-        "concert_singer",
-        "SELECT DISTINCT country FROM singer WHERE age > 20",
-        "SELECT country FROM singer WHERE age > 20",
-        True,
-        False,
-    ),
-    ("concert_singer", "SELECT count(DISTINCT country) FROM singer", "SELECT count(country) FROM singer", True, False),
+    (TRACK, "SELECT DISTINCT class FROM race WHERE race_id > 1", "SELECT class FROM race WHERE race_id > 1", True,
+     False),
+    (TRACK, "SELECT count(DISTINCT class) FROM race", "SELECT count(class) FROM race", True, False),
     # failing prediction
-    ("concert_singer", "SELECT count(*) FROM singer", "SELECT count(*) FROM no_such_table", False, False),
-    ("concert_singer", "SELECT count(*) FROM singer", "", False, False),
+    (TRACK, "SELECT count(*) FROM track", "SELECT count(*) FROM no_such_table", False, False),
+    (TRACK, "SELECT count(*) FROM track", "", False, False),
 ]
 
 
-@needs_spider
 def test_official_rules_on_spider_databases():
     db_ids = [c[0] for c in CASES]
     golds = [c[1] for c in CASES]
@@ -375,22 +324,22 @@ def test_official_rules_on_spider_databases():
     assert default.examples[-2].error and default.examples[-1].error == "empty prediction"
 
 
-@needs_spider
 def test_bird_semantics_and_difficulty_breakdown():
     golds = [
-        "SELECT name, age FROM singer WHERE age > 40",
-        "SELECT name, age FROM singer WHERE age > 40",
-        "SELECT count(*) FROM singer",
+        "SELECT name, seating FROM track WHERE seating > 70000",
+        "SELECT name, seating FROM track WHERE seating > 70000",
+        "SELECT count(*) FROM track",
     ]
     preds = [
-        "SELECT name, age FROM singer WHERE age > 40 UNION ALL SELECT name, age FROM singer WHERE age > 50",
-        "SELECT age, name FROM singer WHERE age > 40",
-        "SELECT count(*) FROM singer",
+        "SELECT name, seating FROM track WHERE seating > 70000 UNION ALL "
+        "SELECT name, seating FROM track WHERE seating > 100000",
+        "SELECT seating, name FROM track WHERE seating > 70000",
+        "SELECT count(*) FROM track",
     ]
     report = evaluate_predictions(
         preds,
         golds,
-        ["concert_singer"] * 3,
+        [SAMPLE_DB] * 3,
         DB_DIR,
         bird=True,
         difficulties=["simple", "moderate", "simple"],
@@ -402,26 +351,24 @@ def test_bird_semantics_and_difficulty_breakdown():
     assert report.breakdowns["difficulty"]["moderate"]["correct"] == 0
 
 
-@needs_spider
 def test_missing_database_scores_zero_without_crash(tmp_path):
-    report = evaluate_predictions(["SELECT 1"], ["SELECT 1"], ["wta_1"], DB_DIR, num_workers=0, progress=False)
+    report = evaluate_predictions(["SELECT 1"], ["SELECT 1"], [MISSING_DB], DB_DIR, num_workers=0, progress=False)
     assert not report.examples[0].correct and "database not found" in report.examples[0].error
 
 
-@needs_spider
 def test_test_suite_accuracy(db_copy, tmp_path):
-    suite = tmp_path / "suite" / "concert_singer"
+    suite = tmp_path / "suite" / SAMPLE_DB
     suite.mkdir(parents=True)
-    shutil.copyfile(db_copy, suite / "concert_singer.sqlite")
-    variant = suite / "concert_singer_1.sqlite"
+    shutil.copyfile(db_copy, suite / f"{SAMPLE_DB}.sqlite")
+    variant = suite / f"{SAMPLE_DB}_1.sqlite"
     shutil.copyfile(db_copy, variant)
-    with sqlite3.connect(variant) as conn:  # a distilled-database stand-in: fewer singers
-        conn.execute("DELETE FROM singer WHERE age < 30")
-    gold = "SELECT count(*) FROM singer"
+    with sqlite3.connect(variant) as conn:  # a distilled-database stand-in: fewer tracks
+        conn.execute("DELETE FROM track WHERE seating < 70000")
+    gold = "SELECT count(*) FROM track"
     report = evaluate_predictions(
-        ["SELECT 6", "SELECT count(*) FROM singer", "SELECT 5"],
+        ["SELECT 9", "SELECT count(*) FROM track", "SELECT 5"],
         [gold] * 3,
-        ["concert_singer"] * 3,
+        [SAMPLE_DB] * 3,
         db_copy.parent.parent,
         test_suite_dir=tmp_path / "suite",
         num_workers=0,

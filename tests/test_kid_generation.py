@@ -11,9 +11,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from kid.cli import main  # noqa: E402
-from kid.evaluation.scoring import read_prediction_file  # noqa: E402
+from kid.evaluation.scoring import read_gold_file, read_prediction_file  # noqa: E402
 from kid.generation import clean_generated_sql, generate_sql  # noqa: E402
-from tests.spider_data import DB_DIR, SPIDER_DIR, needs_spider  # noqa: E402
+from tests.spider_data import SAMPLE_DB, SECOND_DB, SPIDER, sample_db_path  # noqa: E402
 
 
 def tiny_model_and_tokenizer(seed: int = 0):
@@ -73,14 +73,13 @@ def test_greedy_generation_is_batched_and_stops_at_eos():
     assert generate_sql(model, tokenizer, prompts, max_new_tokens=12, num_beams=2, progress=False) == ["", "", ""]
 
 
-@needs_spider
 def test_beam_search_keeps_first_executable_beam(monkeypatch):
     import kid.generation as generation
 
     model, tokenizer = tiny_model_and_tokenizer()
-    db = DB_DIR / "concert_singer" / "concert_singer.sqlite"
+    db = sample_db_path()
     # Replace decoding output with known beams: the first beam does not compile, the second does.
-    beams = ["SELECT nope FROM singer", "SELECT count(*) FROM singer", "SELECT 1"]
+    beams = ["SELECT nope FROM track", "SELECT count(*) FROM track", "SELECT 1"]
 
     def fake_batch_decode(ids, skip_special_tokens=True):
         return [beams[j % len(beams)] for j in range(len(ids))]
@@ -96,25 +95,24 @@ def test_beam_search_keeps_first_executable_beam(monkeypatch):
         max_new_tokens=4,
         progress=False,
     )
-    assert out == ["SELECT count(*) FROM singer"] * 2
+    assert out == ["SELECT count(*) FROM track"] * 2
     plain = generation.generate_sql(model, tokenizer, ["q1"], num_beams=3, max_new_tokens=4, progress=False)
     assert len(plain) == 1
     with pytest.raises(ValueError, match="num_beams"):
         generation.generate_sql(model, tokenizer, ["q"], db_paths=[db], check_executable=True, progress=False)
 
 
-@needs_spider
 def test_kid_eval_end_to_end(tmp_path, capsys):
     model, tokenizer = tiny_model_and_tokenizer()
     model_dir = tmp_path / "model"
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     db_dir = tmp_path / "db"
-    for db_id in ("concert_singer", "pets_1"):  # copies: nothing here may touch the shared data
+    for db_id in (SAMPLE_DB, SECOND_DB):  # copies: nothing here may touch the shared data
         (db_dir / db_id).mkdir(parents=True)
-        shutil.copyfile(DB_DIR / db_id / f"{db_id}.sqlite", db_dir / db_id / f"{db_id}.sqlite")
-    dev = json.loads((SPIDER_DIR / "dev.json").read_text())
-    sample = [x for x in dev if x["db_id"] == "concert_singer"][:2] + [x for x in dev if x["db_id"] == "pets_1"][:2]
+        shutil.copyfile(SPIDER.db_dir / db_id / f"{db_id}.sqlite", db_dir / db_id / f"{db_id}.sqlite")
+    train = json.loads(SPIDER.train_file.read_text())
+    sample = [x for x in train if x["db_id"] == SAMPLE_DB][:2] + [x for x in train if x["db_id"] == SECOND_DB][:2]
     data = tmp_path / "data.json"
     data.write_text(json.dumps(sample))
     out_dir = tmp_path / "out"
@@ -123,13 +121,13 @@ def test_kid_eval_end_to_end(tmp_path, capsys):
             "eval",
             "--model",
             str(model_dir),
-            "--data",
+            "--data-file",
             str(data),
             "--db-dir",
             str(db_dir),
-            "--tables",
-            str(SPIDER_DIR / "tables.json"),
-            "--out-dir",
+            "--tables-file",
+            str(SPIDER.tables_file),
+            "--output-dir",
             str(out_dir),
             "--batch-size",
             "2",
@@ -155,4 +153,11 @@ def test_kid_eval_end_to_end(tmp_path, capsys):
     assert [e["gold"] for e in report["examples"]] == [x["query"] for x in sample]
     assert report["totals"]["count"] == 4 and report["settings"]["num_beams"] == 2
     assert (out_dir / "gold.sql").read_text().count("\n") == 4
+    assert read_gold_file(out_dir / "gold.sql") == [(x["query"], x["db_id"]) for x in sample]
     assert "execution accuracy" in capsys.readouterr().out
+    # the same output directory again: refused (nothing overwritten) unless asked
+    before = (out_dir / "report.json").read_text()
+    assert main(["eval", "--model", str(model_dir), "--data-file", str(data), "--db-dir", str(db_dir),
+                 "--output-dir", str(out_dir), "--no-progress"]) == 2
+    assert "--overwrite-output-dir" in capsys.readouterr().err
+    assert (out_dir / "report.json").read_text() == before

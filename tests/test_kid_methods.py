@@ -114,8 +114,8 @@ def test_sft_never_needs_a_teacher(tmp_path):
     assert not MethodConfig(method="sft").needs_teacher
     report = _train(tmp_path, MethodConfig(method="sft"), steps=1, teacher=None)
     assert report["_trainer"].teacher is None
-    # a teacher given to SFT is not used (not even moved or loaded)
-    report = _train(tmp_path, MethodConfig(method="sft"), steps=1)
+    # a teacher given to SFT is not used (not even moved or loaded); the same output directory: asked to replace it
+    report = _train(tmp_path, MethodConfig(method="sft"), steps=1, overwrite_output_dir=True)
     assert report["_trainer"].teacher is None
 
 

@@ -14,7 +14,7 @@ from kid.evaluation.pool import WorkerFailure, run_tasks
 from kid.evaluation.sqlite_safe import open_readonly, run_query
 from kid.prompts import IGNORE_INDEX, build_prompt, prompt_name, tokenize_example, tokenize_prompt
 from kid.sql_normalize import normalize_sql
-from tests.spider_data import DB_DIR, SPIDER_DIR, needs_spider
+from tests.spider_data import SAMPLE_DB, SPIDER, sample_db_path
 
 
 # ---------------------------------------------------------------- normalisation
@@ -62,17 +62,18 @@ def check_normalized_results(payload):
     return bad
 
 
-@needs_spider
 def test_normalized_sql_executes_to_the_same_result_on_all_dev_and_train():
+    # Spider's dev and train sets (972 + 6904 examples with a database), or the shipped slice's 246 + 64.
     by_db: dict[str, list[str]] = defaultdict(list)
     total = 0
-    for name in ("dev.json", "train_spider.json"):
-        for x in json.loads((SPIDER_DIR / name).read_text()):
-            if (DB_DIR / x["db_id"] / f"{x['db_id']}.sqlite").is_file():
+    db_dir = SPIDER.db_dir
+    for path in (SPIDER.dev_file, SPIDER.train_file):
+        for x in json.loads(path.read_text()):
+            if (db_dir / x["db_id"] / f"{x['db_id']}.sqlite").is_file():
                 by_db[x["db_id"]].append(x["query"])
                 total += 1
-    assert total == 972 + 6904
-    payloads = [(str(DB_DIR / db / f"{db}.sqlite"), queries) for db, queries in sorted(by_db.items())]
+    assert total == (972 + 6904 if SPIDER.full else 246 + 64)
+    payloads = [(str(db_dir / db / f"{db}.sqlite"), queries) for db, queries in sorted(by_db.items())]
     results = run_tasks(check_normalized_results, payloads, num_workers=2, hard_limit_s=300)
     failures = [r for r in results if isinstance(r, WorkerFailure)]
     assert not failures, failures[:3]
@@ -139,21 +140,20 @@ def test_prompt_layout_quoting_comments_and_values(odd_db):
     )
 
 
-@needs_spider
 def test_spider_prompt_has_schema_foreign_keys_and_matched_values():
     from kid.data import load_tables_json, match_contents
 
-    db = DB_DIR / "concert_singer" / "concert_singer.sqlite"
-    schema = read_schema(db, load_tables_json(SPIDER_DIR / "tables.json")["concert_singer"])
-    question = "What is the average, minimum, and maximum age of all singers from France?"
+    db = sample_db_path()  # race_track: race (.., Track_ID) -> track (Track_ID, Name, Location, ...)
+    schema = read_schema(db, load_tables_json(SPIDER.tables_file)[SAMPLE_DB])
+    question = "Which tracks are in Daytona Beach?"
     matched = match_contents(question, db)
-    assert matched == {"singer.Country": ["France"]}
+    assert matched == {"track.Location": ["Daytona Beach, FL"]}
     prompt = build_prompt({"question": question}, schema, matched)
-    assert "singer.Singer_ID ( int | primary key | values : 1 , 2 )" in prompt
-    assert "concert.Stadium_ID = stadium.Stadium_ID" in prompt
-    assert prompt.endswith("matched contents :\nsinger.Country ( France )\n" + question)
+    assert "track.Track_ID ( int | primary key | values : 1 , 2 )" in prompt
+    assert "race.Track_ID = track.Track_ID" in prompt
+    assert prompt.endswith("matched contents :\ntrack.Location ( Daytona Beach, FL )\n" + question)
     # Fuzzy: a misspelt value is still found.
-    assert "France" in match_contents("singers from Frannce", db).get("singer.Country", [])
+    assert "Daytona Beach, FL" in match_contents("tracks in Daytonna Beach", db).get("track.Location", [])
 
 
 # ---------------------------------------------------------------- tokenization

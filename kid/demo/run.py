@@ -6,21 +6,30 @@
 3. Fine-tune the teacher with ``sft``, then distill a fresh student (same initial weights each time) with each
    method (default ``sft``, ``rkd``, ``kid``, ``gkd``) through :func:`kid.training.run_training`.
 4. Generate SQL for the held-out questions (greedy) and score execution accuracy with the real evaluator.
-5. Print a table (method, EX with counts, training time and its ratio to SFT), write ``demo_report.json`` and
-   ``loss_curves.png`` to the output directory.
+5. Print a table (method, EX with counts and a 95% interval, training wall and CPU time, ratios to SFT), write
+   ``demo_report.json`` and ``loss_curves.png`` to the output directory.
 
 The models start from random weights, so every weight is trained (LoRA needs a pretrained base; real runs use
 it by default).  The numbers are whatever the run gives: tiny models trained for a few minutes reach low accuracy,
-and the ratio of training times is the part that carries over to real models.
+and at 64 questions a difference of a few questions is noise (the table says so, with Wilson intervals).  The
+training-time ratios are the part that carries over to real models, and a busy machine distorts wall time: the
+table gives three ratios to SFT, of wall time, of process CPU time (which contention inflates far less once OpenMP
+threads wait passively: ``kid demo`` sets ``OMP_WAIT_POLICY=PASSIVE`` unless it is set) and the
+median over optimizer steps of the step-by-step ratio (both runs see the same batches in the same order) with its
+10th-90th percentile spread, and warns when the machine was busy or the ratios disagree.
 """
 from __future__ import annotations
 
-import json
+import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+from ..console import say
+from ..files import atomic_open, atomic_write_json
 
 DEFAULT_METHODS = ("sft", "rkd", "kid", "gkd")
 
@@ -96,7 +105,8 @@ def _train(name, out_dir: Path, scale: DemoScale, method_options: dict, *, model
                          warmup_ratio=0.05, lr_scheduler="cosine", logging_steps=max(1, steps // 20),
                          save_steps=10**9, max_input_tokens=scale.max_input_tokens,
                          max_output_tokens=scale.max_output_tokens, seed=seed, progress=progress,
-                         sft_report=sft_report, dtype="float32", teacher_dtype="float32")
+                         sft_report=sft_report, dtype="float32", teacher_dtype="float32",
+                         overwrite_output_dir=True)  # the demo's own sub-directory (kid demo checked its output)
     # Batches of similar lengths: less padding (transformers 5: train_sampling_strategy; 4.x: group_by_length).
     fields = {f.name for f in dataclasses.fields(TrainingArguments)}
     grouping = ({"train_sampling_strategy": "group_by_length"} if "train_sampling_strategy" in fields
@@ -104,7 +114,10 @@ def _train(name, out_dir: Path, scale: DemoScale, method_options: dict, *, model
     report = run_training(config, MethodConfig(**method_options), student=model, teacher=teacher,
                           tokenizer=tokenizer, train_dataset=dataset, write_final=False,
                           training_args=training_arguments(config, **grouping))
-    report.pop("_trainer")
+    trainer = report.pop("_trainer")
+    clock = trainer.kid_clock
+    report["step_wall_s"] = [round(t, 6) for t in clock.steps_wall]  # for the paired step-time ratios
+    report["step_cpu_s"] = [round(t, 6) for t in clock.steps_cpu]
     return report
 
 
@@ -127,8 +140,13 @@ def _score(model, tokenizer, heldout, scale: DemoScale, progress: bool) -> dict:
 
 def run_demo(out_dir: str | Path = "kid_demo", *, scale: str = "cpu", methods=DEFAULT_METHODS, seed: int = 0,
              progress: bool = True) -> dict:
-    """Run the demo (module docstring); returns the report written to ``out_dir/demo_report.json``."""
+    """Run the demo (module docstring); returns the report written to ``out_dir/demo_report.json``.
+
+    A signal (SIGINT / SIGTERM) stops the run in progress after its current step; the demo then stops too and
+    returns ``{"interrupted": "<signal name>", ...}`` without a table.
+    """
     from ..models import eval_mode
+    from ..run_report import library_versions
     from ..training import tokenize_dataset
     from .slice import load_demo_splits
     from .tokenizer import train_demo_tokenizer
@@ -147,7 +165,8 @@ def run_demo(out_dir: str | Path = "kid_demo", *, scale: str = "cpu", methods=DE
     s = SCALES[scale]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
+    load_start = _load_average()
 
     train, heldout = load_demo_splits()
     if s.heldout_limit:
@@ -158,18 +177,20 @@ def run_demo(out_dir: str | Path = "kid_demo", *, scale: str = "cpu", methods=DE
                                max_output_tokens=s.max_output_tokens, progress=progress)
     max_positions = s.max_input_tokens + s.max_output_tokens + 8
     vocab = len(tokenizer)
-    print(f"kid demo ({scale}): {len(train)} training and {len(heldout)} held-out questions on "
-          f"{len(set(train['db_id']))} databases; tokenizer of {vocab} tokens", flush=True)
+    say(f"kid demo ({scale}): {len(train)} training and {len(heldout)} held-out questions on "
+        f"{len(set(train['db_id']))} databases; tokenizer of {vocab} tokens")
 
     rows: dict[str, dict] = {}
     # 1. The teacher: fine-tuned with SFT from random weights.
     teacher = s.teacher.build(vocab, max_positions, seed)
     teacher_run = _train("teacher_sft", out, s, {"method": "sft"}, model=teacher, teacher=None,
                          tokenizer=tokenizer, dataset=dataset, seed=seed, progress=progress, steps=s.teacher_steps)
+    if teacher_run["interrupted"]:
+        return _interrupted(out, teacher_run)
     teacher.eval().requires_grad_(False)
     with eval_mode(teacher):
         rows["teacher (sft)"] = {"run": teacher_run, **_score(teacher, tokenizer, heldout, s, progress)}
-    print(f"teacher: EX {rows['teacher (sft)']['ex']:.3f}", flush=True)
+    say(f"teacher: EX {rows['teacher (sft)']['correct']}/{rows['teacher (sft)']['total']}")
 
     # 2. Students, each from the same initial weights.
     sft_report_path = None
@@ -181,45 +202,138 @@ def run_demo(out_dir: str | Path = "kid_demo", *, scale: str = "cpu", methods=DE
         run = _train(method, out, s, options, model=student, teacher=None if method == "sft" else teacher,
                      tokenizer=tokenizer, dataset=dataset, seed=seed, progress=progress, steps=s.student_steps,
                      sft_report=sft_report_path)
+        if run["interrupted"]:
+            return _interrupted(out, run)
         if method == "sft":
             sft_report_path = str(out / "sft" / "run_report.json")
         with eval_mode(student):
             rows[method] = {"run": run, **_score(student, tokenizer, heldout, s, progress)}
-        print(f"{method}: EX {rows[method]['ex']:.3f}, training {run['train_runtime_s']:.1f} s", flush=True)
+        say(f"{method}: EX {rows[method]['correct']}/{rows[method]['total']}, training {run['train_runtime_s']:.1f} s "
+            f"wall, {run['cpu_time_s']:.1f} s CPU")
         del student
 
-    report = _report(rows, s, seed, time.perf_counter() - started, len(train), len(heldout), vocab)
-    with open(out / "demo_report.json", "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2, default=str)
+    machine = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "load_average_start": load_start,
+               "load_average_end": _load_average(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+    report = _report(rows, s, seed, time.perf_counter() - started, time.process_time() - cpu_started, len(train),
+                     len(heldout), vocab, machine)
+    report["versions"] = library_versions()
+    atomic_write_json(out / "demo_report.json", report)
     plot_loss_curves({name: row["run"]["log_history"] for name, row in rows.items()}, out / "loss_curves.png")
-    print(format_table(report))
-    print(f"report: {out / 'demo_report.json'}; loss curves: {out / 'loss_curves.png'}")
+    say(format_table(report))
+    say(f"report: {out / 'demo_report.json'}; loss curves: {out / 'loss_curves.png'}")
     return report
 
 
-def _report(rows, s: DemoScale, seed, wall_s, n_train, n_heldout, vocab) -> dict:
-    sft_time = rows["sft"]["run"]["train_runtime_s"] if "sft" in rows else None
+def _interrupted(out: Path, run: dict) -> dict:
+    name = Path(run["train_config"]["output_dir"]).name
+    say(f"kid demo: interrupted by {run['signal']} while training {name} (its checkpoint and report are in "
+        f"{out / name}); no table", file=None)
+    return {"interrupted": run["signal"], "run": name}
+
+
+def _load_average() -> float | None:
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
+
+def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion ``correct / total``."""
+    if total <= 0:
+        return 0.0, 1.0
+    p = correct / total
+    denom = 1 + z * z / total
+    centre = (p + z * z / (2 * total)) / denom
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _percentile(values: list[float], q: float) -> float:
+    s = sorted(values)
+    x = q * (len(s) - 1)
+    lo = int(math.floor(x))
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (x - lo)
+
+
+def paired_step_ratio(steps: list[float], reference: list[float]) -> dict | None:
+    """Median and 10th-90th percentiles over steps of ``steps[i] / reference[i]`` (the same batches in the same
+    order, so the ratio at each step compares the same work; its spread is the timing noise).  The first step
+    (warm-up, allocator) is left out when there are others."""
+    n = min(len(steps), len(reference))
+    pairs = [(a, b) for a, b in zip(steps[:n], reference[:n]) if b > 0]
+    if len(pairs) > 1:
+        pairs = pairs[1:]
+    if not pairs:
+        return None
+    ratios = [a / b for a, b in pairs]
+    return {"median": round(_percentile(ratios, 0.5), 3), "p10": round(_percentile(ratios, 0.1), 3),
+            "p90": round(_percentile(ratios, 0.9), 3), "steps": len(ratios)}
+
+
+def _report(rows, s: DemoScale, seed, wall_s, cpu_s, n_train, n_heldout, vocab, machine) -> dict:
+    sft = rows["sft"]["run"] if "sft" in rows else None
     table = []
     for name, row in rows.items():
-        runtime = row["run"]["train_runtime_s"]
-        table.append({"method": name, "ex": row["ex"], "correct": row["correct"], "total": row["total"],
-                      "train_runtime_s": runtime, "steps": row["run"]["global_steps"],
-                      "time_vs_sft": round(runtime / sft_time, 3) if sft_time and name != "teacher (sft)" else None,
-                      "final_loss": row["run"]["final_loss"]})
+        run = row["run"]
+        student = name != "teacher (sft)"
+        low, high = wilson_interval(row["correct"], row["total"])
+        entry = {"method": name, "ex": row["ex"], "correct": row["correct"], "total": row["total"],
+                 "ex_interval_95": [round(low, 4), round(high, 4)],
+                 "train_runtime_s": run["train_runtime_s"], "cpu_time_s": run["cpu_time_s"],
+                 "steps": run["global_steps"], "final_loss": run["final_loss"],
+                 "time_vs_sft": None, "cpu_time_vs_sft": None, "step_time_vs_sft": None}
+        if sft is not None and student:
+            entry["time_vs_sft"] = round(run["train_runtime_s"] / sft["train_runtime_s"], 3)
+            if sft.get("cpu_time_s"):
+                entry["cpu_time_vs_sft"] = round(run["cpu_time_s"] / sft["cpu_time_s"], 3)
+            entry["step_time_vs_sft"] = paired_step_ratio(run["step_wall_s"], sft["step_wall_s"])
+        table.append(entry)
+    cpus = machine.get("cpus") or 1
+    loads = [x for x in (machine.get("load_average_start"), machine.get("load_average_end")) if x is not None]
+    busy = bool(loads) and max(loads) > cpus
+    disagree = [row["method"] for row in table if row["time_vs_sft"] and row["cpu_time_vs_sft"]
+                and abs(row["time_vs_sft"] / row["cpu_time_vs_sft"] - 1) > 0.15]
     return {
         "scale": asdict(s), "seed": seed, "device": "cuda" if torch.cuda.is_available() else "cpu",
         "torch": torch.__version__, "train_examples": n_train, "heldout_examples": n_heldout, "vocab_size": vocab,
-        "wall_time_s": round(wall_s, 1), "table": table,
+        "wall_time_s": round(wall_s, 1), "cpu_time_s": round(cpu_s, 1), "machine": machine,
+        "machine_busy": busy, "wall_and_cpu_ratios_disagree": disagree, "table": table,
         "runs": rows,
     }
 
 
+def _ratio(value) -> str:
+    return f"{value:.2f}x" if value is not None else "-"
+
+
 def format_table(report: dict) -> str:
-    lines = [f"{'method':<15} {'EX':>7} {'correct':>10} {'train s':>9} {'vs SFT':>7}"]
+    """The demo's result table, with what its numbers can and cannot say."""
+    lines = [f"{'method':<14} {'EX':>6} {'95% interval':>13}  {'wall s':>7} {'CPU s':>7}   "
+             f"{'vs SFT: wall':>12} {'CPU':>6}  {'per step (p10-p90)':>21}"]
     for row in report["table"]:
-        ratio = f"{row['time_vs_sft']:.2f}x" if row["time_vs_sft"] is not None else "-"
-        lines.append(f"{row['method']:<15} {row['ex']:>7.3f} {row['correct']:>4}/{row['total']:<5} "
-                     f"{row['train_runtime_s']:>9.1f} {ratio:>7}")
+        low, high = row.get("ex_interval_95") or wilson_interval(row["correct"], row["total"])
+        step = row.get("step_time_vs_sft")
+        step_text = f"{step['median']:.2f}x ({step['p10']:.2f}-{step['p90']:.2f})" if step else "-"
+        cpu = row.get("cpu_time_s")
+        interval = f"{100 * low:>5.1f}-{100 * high:<5.1f}%"
+        lines.append(f"{row['method']:<14} {row['correct']:>3}/{row['total']:<3} {interval}  "
+                     f"{row['train_runtime_s']:>7.1f} {cpu if cpu is not None else float('nan'):>7.1f}   "
+                     f"{_ratio(row['time_vs_sft']):>12} {_ratio(row.get('cpu_time_vs_sft')):>6}  {step_text:>21}")
+    total = report["table"][0]["total"] if report["table"] else 0
+    lines.append(f"EX: {total} held-out questions, models trained for minutes from random weights.  At this scale "
+                 "accuracy is noise: the intervals overlap, and a few questions either way mean nothing.  The demo "
+                 "shows the pipeline and the training-time ratios, not which method is more accurate.")
+    machine = report.get("machine") or {}
+    loads = [machine.get("load_average_start"), machine.get("load_average_end")]
+    passive = (machine.get("omp_wait_policy") or "").upper() == "PASSIVE"
+    lines.append("Time vs SFT: wall = training wall time / SFT's; CPU = this process's CPU time / SFT's ("
+                 + ("OpenMP threads wait passively, so other processes inflate it far less than wall time"
+                    if passive else "OpenMP threads spin while they wait: contention inflates it too")
+                 + "); per step = median over optimizer steps of the step's wall time / SFT's at "
+                 "the same step (same batches), 10th-90th percentile in brackets.  Load average "
+                 f"{' -> '.join(str(x) for x in loads if x is not None) or 'unknown'} on {machine.get('cpus')} CPUs.")
+    if report.get("machine_busy") or report.get("wall_and_cpu_ratios_disagree"):
+        lines.append("WARNING: the machine was busy (load above its CPU count) or wall and CPU ratios disagree by more "
+                     "than 15%: the wall-time ratios are not reliable here; read the CPU column.")
     return "\n".join(lines)
 
 
@@ -242,5 +356,6 @@ def plot_loss_curves(histories: dict[str, list[dict]], path: str | Path) -> None
         ax.grid(alpha=0.3)
     axes[0].legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, dpi=120, format="png")
     plt.close(fig)

@@ -3,7 +3,8 @@
 Main entry points (imported lazily so that worker processes start fast):
 
 * :func:`evaluate_predictions` -> :class:`EvalReport` (``kid.evaluation.scoring``)
-* :func:`read_gold_file`, :func:`read_prediction_file`, :func:`write_prediction_file`
+* :func:`read_gold_file`, :func:`write_gold_file`, :func:`read_prediction_file`, :func:`write_prediction_file`
+  (one query per line, JSON-quoted where a plain line cannot hold it), :func:`missing_database_counts`
 * :func:`spider_results_equal`, :func:`bird_results_equal`, :func:`remove_distinct`
   (``kid.evaluation.compare``)
 * :func:`spider_hardness`, :func:`hardness_from_spider_json` (``kid.evaluation.hardness``)
@@ -21,6 +22,9 @@ _EXPORTS = {
     "read_gold_file": "scoring",
     "read_prediction_file": "scoring",
     "write_prediction_file": "scoring",
+    "write_gold_file": "scoring",
+    "format_query_line": "scoring",
+    "missing_database_counts": "scoring",
     "database_path": "scoring",
     "spider_results_equal": "compare",
     "bird_results_equal": "compare",

@@ -17,11 +17,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..files import atomic_open, atomic_write_text
 from .compare import bird_results_equal, has_order_by, remove_distinct, repair_spacing, spider_results_equal
 from .pool import WorkerFailure, run_tasks
 from .sqlite_safe import DEFAULT_MAX_ROWS, DEFAULT_TIMEOUT_S, open_readonly, run_query
 
 BIRD_SEPARATOR = "\t----- bird -----\t"
+DATABASE_NOT_FOUND = "database not found"
 
 
 def database_path(db_dir: str | os.PathLike, db_id: str) -> Path:
@@ -87,7 +89,7 @@ def score_example(task: dict) -> dict:
             out["test_suite_correct"] = False
         return out
     if task["db_path"] is None:
-        out["error"] = "database not found"
+        out["error"] = DATABASE_NOT_FOUND
     else:
         out["correct"], out["error"], out["timed_out"] = _match_on(task["db_path"], gold, pred, task)
     if task["test_suite_paths"]:
@@ -136,6 +138,17 @@ class EvalReport:
     metric: str
     examples: list[ExampleResult]
     settings: dict[str, Any] = field(default_factory=dict)
+    # examples left out before scoring because their database is missing (kid eval's loader skips them), per db_id
+    skipped_without_database: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def missing_databases(self) -> dict[str, int]:
+        """Scored examples whose database file was not found (they score 0), per db_id."""
+        counts: dict[str, int] = {}
+        for r in self.examples:
+            if r.error == DATABASE_NOT_FOUND:
+                counts[r.db_id] = counts.get(r.db_id, 0) + 1
+        return dict(sorted(counts.items()))
 
     @property
     def with_test_suite(self) -> bool:
@@ -150,6 +163,8 @@ class EvalReport:
         out = _summary(self.examples, self.with_test_suite)
         out["errors"] = sum(r.error is not None for r in self.examples)
         out["timeouts"] = sum(r.timed_out for r in self.examples)
+        out["missing_database"] = sum(self.missing_databases.values())
+        out["skipped_without_database"] = sum(self.skipped_without_database.values())
         return out
 
     @property
@@ -182,12 +197,14 @@ class EvalReport:
             "settings": self.settings,
             "totals": self.totals,
             "breakdowns": self.breakdowns,
+            "missing_databases": self.missing_databases,
+            "skipped_without_database": dict(self.skipped_without_database),
             "examples": examples,
         }
 
     def write_json(self, path: str | os.PathLike) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        """The report as JSON, replacing ``path`` atomically."""
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n")
 
     def summary_text(self) -> str:
         """Human-readable totals and breakdowns."""
@@ -198,11 +215,36 @@ class EvalReport:
                 f"test-suite accuracy: {t['test_suite_accuracy']:.4f} ({t['test_suite_correct']}/{t['count']})"
             )
         lines.append(f"errors: {t['errors']} (timeouts: {t['timeouts']})")
+        if self.missing_databases:
+            lines.append(f"warning: {t['missing_database']} of {t['count']} examples have no database in "
+                         f"{self.settings.get('db_dir')} and score 0: {_counts(self.missing_databases)}")
+        if self.skipped_without_database:
+            total = t["count"] + t["skipped_without_database"]
+            lines.append(f"warning: {t['skipped_without_database']} of {total} examples were left out, their "
+                         f"database missing: {_counts(self.skipped_without_database)}")
         for key, groups in self.breakdowns.items():
             for name, s in groups.items():
                 extra = f"  TS {s['test_suite_accuracy']:.4f}" if self.with_test_suite else ""
                 lines.append(f"  {key} {name:<12} {s['accuracy']:.4f} ({s['correct']}/{s['count']}){extra}")
         return "\n".join(lines)
+
+
+def _counts(by_db: dict[str, int], shown: int = 6) -> str:
+    items = sorted(by_db.items(), key=lambda kv: (-kv[1], kv[0]))
+    text = ", ".join(f"{db} ({n})" for db, n in items[:shown])
+    return text + (f", and {len(items) - shown} more" if len(items) > shown else "")
+
+
+def missing_database_counts(db_ids: Sequence[str], db_dir: str | os.PathLike) -> dict[str, int]:
+    """How many of ``db_ids`` have no ``db_dir/<db_id>/<db_id>.sqlite``, per db_id."""
+    counts: dict[str, int] = {}
+    known: dict[str, bool] = {}
+    for db_id in db_ids:
+        if db_id not in known:
+            known[db_id] = database_path(db_dir, db_id).is_file()
+        if not known[db_id]:
+            counts[db_id] = counts.get(db_id, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def evaluate_predictions(
@@ -230,7 +272,8 @@ def evaluate_predictions(
     distilled test-suite databases, ``DIR/<db_id>/*.sqlite``) adds test-suite accuracy:
     correct on the main database and on every test-suite database. Spider hardness is
     computed from the gold SQL unless ``hardness`` gives it; ``difficulties`` are BIRD's
-    labels. ``timeout_s`` limits each query; ``max_rows`` caps the rows fetched.
+    labels. ``timeout_s`` limits each query; ``max_rows`` caps the rows fetched.  The report counts the
+    examples without a database (:attr:`EvalReport.missing_databases`) and its summary warns about them.
     """
     n = len(predictions)
     if len(gold_sql) != n or len(db_ids) != n:
@@ -318,59 +361,125 @@ def evaluate_predictions(
 
 
 # ---------------------------------------------------------------- files
+# One prediction (or gold query) per line.  A query that a plain line cannot hold exactly (empty, with a newline,
+# tab or carriage return, leading or trailing whitespace, or starting with a double quote) is written as a JSON
+# string literal; every other query is written as is, so ordinary files stay what the official evaluators read.
+def _needs_quoting(sql: str) -> bool:
+    return (not sql or sql != sql.strip() or sql.startswith('"')
+            or any(c in sql for c in "\n\r\t\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"))
+
+
+def format_query_line(sql: str) -> str:
+    """``sql`` as one line of a prediction or gold file (see above)."""
+    sql = sql or ""
+    return json.dumps(sql, ensure_ascii=False) if _needs_quoting(sql) else sql
+
+
+def _parse_query(line: str, where: str) -> tuple[str, str]:
+    """(query, rest of the line after it) from one line: a JSON string literal, or the text up to the first TAB."""
+    if line.startswith('"'):
+        try:
+            value, end = json.JSONDecoder().raw_decode(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{where}: a line starting with '\"' must be a JSON string ({exc.msg})") from None
+        if not isinstance(value, str):
+            raise ValueError(f"{where}: expected a JSON string")
+        rest = line[end:]
+        if rest and not rest.startswith("\t"):
+            raise ValueError(f"{where}: unexpected text after the quoted query: {rest[:40]!r}")
+        return value, rest[1:]
+    sql, _, rest = line.partition("\t")
+    return sql.strip(), rest
+
+
+def _lines(text: str) -> list[str]:
+    """The lines of a file: split on "\\n" only (a query may not contain one unquoted), one final newline ends the
+    last line rather than starting an empty one."""
+    if not text:
+        return []
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
 def read_gold_file(path: str | os.PathLike) -> list[tuple[str, str]]:
-    """Read a gold file: one ``SQL<TAB>db_id`` per line (blank lines ignored)."""
+    """Read a gold file: one ``SQL<TAB>db_id`` per line (the SQL JSON-quoted where needed; blank lines
+    ignored)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"gold file not found: {path}")
     out = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(_lines(path.read_text(encoding="utf-8")), 1):
         if not line.strip():
             continue
-        sql, sep, db_id = line.rstrip("\r").rpartition("\t")
-        if not sep or not db_id.strip() or not sql.strip():
-            raise ValueError(f"{path}:{lineno}: expected 'SQL<TAB>db_id', got {line[:80]!r}")
+        where = f"{path}:{lineno}"
+        if line.startswith('"'):
+            sql, db_id = _parse_query(line, where)
+        else:
+            sql, sep, db_id = line.rpartition("\t")
+            if not sep:
+                sql = ""
+        if not db_id.strip() or not sql.strip():
+            raise ValueError(f"{where}: expected 'SQL<TAB>db_id', got {line[:80]!r}")
         out.append((sql.strip(), db_id.strip()))
     return out
 
 
-def read_prediction_file(path: str | os.PathLike, expected: int | None = None) -> list[str]:
-    """Read predictions: one query per line (text after a TAB is ignored), or BIRD's json.
+def write_gold_file(path: str | os.PathLike, gold: Sequence[tuple[str, str]]) -> None:
+    """Write ``(sql, db_id)`` pairs as a gold file (atomically); :func:`read_gold_file` reads them back exactly."""
+    with atomic_open(path, "w") as f:
+        for sql, db_id in gold:
+            if not db_id or any(c in db_id for c in "\t\n\r"):
+                raise ValueError(f"db_id {db_id!r} cannot be written to a gold file")
+            f.write(format_query_line(sql) + "\t" + db_id + "\n")
 
-    BIRD's format is a json object ``{"0": "SQL\\t----- bird -----\\tdb_id", ...}``.
-    An empty line is an empty prediction (it scores 0). With ``expected``, a count
-    mismatch raises ``ValueError``.
+
+def read_prediction_file(path: str | os.PathLike, expected: int | None = None) -> list[str]:
+    """Read predictions: one query per line (JSON-quoted where needed, see above; text after a TAB is ignored), or
+    BIRD's json.
+
+    BIRD's format is a json object ``{"0": "SQL\\t----- bird -----\\tdb_id", ...}``.  An empty line is an empty
+    prediction (it scores 0); nothing is dropped.  With ``expected``, a count mismatch raises ``ValueError``.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prediction file not found: {path}")
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".json":
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid json ({exc.msg} at line {exc.lineno})") from None
         if isinstance(data, dict):
-            items = [data[k] for k in sorted(data, key=lambda k: int(k))]
+            try:
+                items = [data[k] for k in sorted(data, key=lambda k: int(k))]
+            except ValueError:
+                raise ValueError(f"{path}: the keys of a BIRD prediction object must be example numbers") from None
         elif isinstance(data, list):
             items = data
         else:
             raise ValueError(f"{path}: expected a json object or list of predictions")
         preds = [str(p).split(BIRD_SEPARATOR)[0].strip() for p in items]
     else:
-        lines = [line.rstrip("\r") for line in text.split("\n")]
-        while lines and not lines[-1].strip():
-            lines.pop()
-        preds = [line.split("\t")[0].strip() for line in lines]
-        if expected is not None and len(preds) != expected:
-            non_blank = [p for p in preds if p]
-            if len(non_blank) == expected:  # files with blank separator lines
-                preds = non_blank
+        lines = _lines(text)
+        preds = [_parse_query(line, f"{path}:{i}")[0] for i, line in enumerate(lines, 1)]
     if expected is not None and len(preds) != expected:
-        raise ValueError(f"{path} has {len(preds)} predictions but the gold file has {expected} examples")
+        hint = ""
+        blank_tail = 0
+        for p in reversed(preds):
+            if p:
+                break
+            blank_tail += 1
+        if blank_tail and len(preds) - blank_tail <= expected < len(preds):
+            hint = f" (its last {blank_tail} line(s) are blank: an empty prediction is an empty line or \"\")"
+        raise ValueError(f"{path} has {len(preds)} predictions but the gold file has {expected} examples{hint}")
     return preds
 
 
 def write_prediction_file(path: str | os.PathLike, predictions: Sequence[str]) -> None:
-    """Write predictions in the standard format: one query per line (newlines become spaces)."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
+    """Write predictions, one per line (atomically): :func:`read_prediction_file` gives back exactly the same
+    strings, empty ones included (see above for the quoting)."""
+    with atomic_open(path, "w") as f:
         for sql in predictions:
-            f.write(" ".join((sql or "").split()) + "\n")
+            f.write(format_query_line(sql or "") + "\n")

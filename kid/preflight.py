@@ -1,0 +1,346 @@
+"""Checks of a training run that need no data and no model weights: they run before anything slow, and every
+failure is a :class:`kid.errors.UsageError` naming the option (``kid train`` prints it as one line, exit 2).
+
+:func:`preflight` runs them all: the method's weights, required options, the environment (FSDP, flash-attention),
+the output directory policy and the resume checkpoint, the SFT report to compare with, a census of the data file
+(examples, missing databases, plainly wrong format) and the models (directories with a ``config.json``, Hub names
+that resolve, tokenizers, the teacher's vocabulary against the student's, the mask token).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .config import MethodConfig
+from .errors import UsageError
+from .run_report import absolute_paths, config_differences
+
+if TYPE_CHECKING:
+    from .training import TrainConfig
+
+
+def check_method(method: MethodConfig) -> None:
+    """Combinations MethodConfig accepts but that cannot train anything."""
+    if float(method.kd_weight) == 0 and float(method.mle_weight) == 0:
+        raise UsageError("kd_weight and mle_weight are both 0: the loss would be 0 and nothing would train")
+    if method.teacher_outputs is not None:  # a missing or unfinished directory is named before any model loads
+        from .teacher_outputs import finished_meta
+
+        finished_meta(method.teacher_outputs)
+
+
+@dataclass
+class Preflight:
+    """What :func:`preflight` found: the student's tokenizer (when loaded from ``config.student``), the data
+    census, the checkpoint to resume from, the SFT report to compare with."""
+    tokenizer: Any = None
+    census: dict | None = None
+    resume_checkpoint: str | None = None
+    sft_report: dict | None = None
+    notes: tuple[str, ...] = ()
+
+
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def _looks_like_path(name: str) -> bool:
+    """Not a Hub name ("org/name" or "name"): absolute, ./ or ~ paths, more than one slash, a trailing slash."""
+    return not _HUB_NAME.match(name) or name.startswith(".") or ".." in name
+
+
+def check_model_source(name: str, option: str, *, allow_adapter: bool = False) -> str:
+    """A model directory (with config.json; with ``allow_adapter`` also a LoRA adapter directory, with
+    adapter_config.json) or a Hub name whose config loads; returns it (a directory as an absolute path).  Hub names
+    are looked up in the local cache first, and on the Hub only when not cached and HF_HUB_OFFLINE is not set."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if (path / "config.json").is_file() or (allow_adapter and (path / "adapter_config.json").is_file()):
+            return str(path.resolve())
+        wanted = "config.json" + (" or adapter_config.json" if allow_adapter else "")
+        raise UsageError(f"--{option} {name}: not a model directory (no {wanted} in it)")
+    if path.exists():
+        raise UsageError(f"--{option} {name}: not a directory")
+    if _looks_like_path(name) or ("/" in name and Path(name.split("/")[0]).is_dir()):
+        # a path (or "runs/x" where runs/ is a local directory: a typo, not a Hub name)
+        raise UsageError(f"--{option} {name}: no such directory")
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(name, local_files_only=True)
+        return name
+    except Exception:  # noqa: BLE001 - not cached: ask the Hub below
+        pass
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    if offline:
+        raise UsageError(f"--{option} {name}: no such directory, and not in the Hugging Face cache (HF_HUB_OFFLINE "
+                         "is set)")
+    if not _hub_reachable():
+        raise UsageError(f"--{option} {name}: no such directory, not in the Hugging Face cache, and the Hub cannot "
+                         "be reached from here")
+    try:
+        AutoConfig.from_pretrained(name)
+    except Exception as exc:  # noqa: BLE001 - any failure to load is the user's to fix
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"--{option} {name}: no such directory, and no model of that name could be loaded "
+                         f"from the Hugging Face Hub ({first})") from None
+    return name
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP connection to the Hub (huggingface_hub itself retries for over a minute when offline); assumed
+    reachable behind a proxy, which a direct connection cannot test."""
+    import socket
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def load_tokenizer(name: str, option: str):
+    """The tokenizer of a model directory or Hub name (a LoRA adapter directory without one: its base model's)."""
+    from transformers import AutoTokenizer
+
+    adapter = Path(name) / "adapter_config.json"
+    if adapter.is_file() and not _has_tokenizer_files(name, strict=True):
+        try:
+            name = json.loads(adapter.read_text(encoding="utf-8"))["base_model_name_or_path"]
+        except (ValueError, KeyError, OSError):
+            raise UsageError(f"--{option} {name}: a LoRA adapter without a tokenizer or a base model name") from None
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except Exception as exc:  # noqa: BLE001
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"--{option} {name}: cannot load its tokenizer ({first})") from None
+
+
+def _vocab_rows(name: str) -> int | None:
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except Exception:  # noqa: BLE001 - checked by check_model_source already
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text, "vocab_size", None)
+
+
+def _has_tokenizer_files(name: str, strict: bool = False) -> bool:
+    path = Path(name)
+    if not path.is_dir():
+        return not strict  # a Hub name: its tokenizer is part of the repository
+    return any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json",
+                                               "tokenizer.model"))
+
+
+def check_models(config: TrainConfig, method: MethodConfig, *, student: bool = True, teacher: bool = True
+                 ) -> tuple[Any, list[str]]:
+    """Student and teacher sources (those not passed as objects), their tokenizers and vocabularies, the mask
+    token; returns (the student's tokenizer or None, notes to print)."""
+    notes = []
+    if not student:
+        if teacher and config.teacher:
+            check_model_source(config.teacher, "teacher")
+        return None, notes
+    student = check_model_source(config.student, "student")
+    tokenizer = load_tokenizer(student, "student")
+    if teacher and method.needs_teacher:
+        teacher = check_model_source(config.teacher, "teacher")
+        if _has_tokenizer_files(teacher):
+            teacher_tokenizer = load_tokenizer(teacher, "teacher")
+            s_vocab, t_vocab = tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
+            if s_vocab != t_vocab:
+                s_by_id = {i: tok for tok, i in s_vocab.items()}
+                t_by_id = {i: tok for tok, i in t_vocab.items()}
+                first = min(i for i in set(s_by_id) | set(t_by_id) if s_by_id.get(i) != t_by_id.get(i))
+                raise UsageError(
+                    f"the teacher's tokenizer differs from the student's ({len(t_vocab)} vs {len(s_vocab)} tokens; "
+                    f"token id {first} is {s_by_id.get(first)!r} for the student, {t_by_id.get(first)!r} for the "
+                    "teacher): distillation compares the two models token by token, so they need the same tokenizer")
+        s_rows, t_rows = _vocab_rows(student), _vocab_rows(teacher)
+        if s_rows and t_rows and s_rows != t_rows:
+            shared = min(s_rows, t_rows)
+            if shared < len(tokenizer):
+                raise UsageError(f"the student's lm_head has {s_rows} rows and the teacher's {t_rows}: the smaller "
+                                 f"does not cover the tokenizer's {len(tokenizer)} tokens")
+            notes.append(f"note: the student's lm_head has {s_rows} rows and the teacher's {t_rows}; both are cut "
+                         f"to the first {shared} (the tokenizer has {len(tokenizer)} tokens, the rest is padding)")
+        if config.teacher_adapter:
+            adapter = Path(config.teacher_adapter)
+            if not (adapter / "adapter_config.json").is_file():
+                raise UsageError(f"--teacher-adapter {adapter}: not a LoRA adapter directory (no adapter_config.json)")
+    if method.method == "kid" and method.mask_token is not None:
+        from .models import token_id
+
+        try:
+            token_id(tokenizer, method.mask_token)
+        except ValueError:
+            raise UsageError(f"--mask-token {method.mask_token!r} is not a token of the student's tokenizer "
+                             "(give an existing token, e.g. one of its special tokens)") from None
+    return tokenizer, notes
+
+
+def data_census(data_format: str, data_file, db_dir) -> dict:
+    """Read the data file (no prompts built) and count its examples and those whose database is missing; check
+    that the file matches ``data_format``.  Raises :class:`UsageError` when nothing has a database."""
+    from .data.loaders import read_json_examples
+    from .evaluation.scoring import database_path
+
+    data_file, db_dir = Path(data_file), Path(db_dir)
+    if not data_file.is_file():
+        raise UsageError(f"data file not found: {data_file}")
+    if not db_dir.is_dir():
+        raise UsageError(f"database directory not found: {db_dir}")
+    try:
+        raw = read_json_examples(data_file)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{data_file}: not a json list of examples ({str(exc).splitlines()[0]})") from None
+    check_data_format(data_format, raw, data_file)
+    missing: Counter[str] = Counter()
+    for i, example in enumerate(raw):
+        if "db_id" not in example:
+            raise UsageError(f"{data_file}: example {i} has no db_id")
+        if not database_path(db_dir, str(example["db_id"])).is_file():
+            missing[str(example["db_id"])] += 1
+    with_db = len(raw) - sum(missing.values())
+    if with_db == 0:
+        shown = ", ".join(sorted(missing)[:5]) + (", ..." if len(missing) > 5 else "")
+        raise UsageError(f"none of the {len(raw)} examples of {data_file} has its database in {db_dir} (looked for "
+                         f"{db_dir}/<db_id>/<db_id>.sqlite with db_id {shown}): is --db-dir right?")
+    return {"in_file": len(raw), "with_database": with_db, "without_database": sum(missing.values()),
+            "missing_databases": dict(sorted(missing.items()))}
+
+
+def check_data_format(data_format: str, raw: list[dict], path) -> None:
+    """Refuse a data file that is plainly of another format (BIRD read as Spider or the other way round)."""
+    sample = raw[:50]
+
+    def has(key):
+        return any(key in x for x in sample)
+
+    if not sample:
+        raise UsageError(f"{path}: no examples")
+    if data_format.startswith("bird"):
+        if not has("SQL") and has("query"):
+            raise UsageError(f"{path} looks like Spider data ('query' fields, no 'SQL'): use --data-format spider")
+        if not has("SQL"):
+            raise UsageError(f"{path}: BIRD data needs a 'SQL' field in each example")
+    else:
+        if has("SQL") and has("evidence") and not has("query"):
+            raise UsageError(f"{path} looks like BIRD data ('SQL' and 'evidence' fields, no 'query'): use "
+                             "--data-format bird")
+        if not has("query") and not has("SQL"):
+            raise UsageError(f"{path}: Spider data needs a 'query' field in each example")
+        if data_format == "spider-syn" and not has("SpiderSynQuestion"):
+            raise UsageError(f"{path}: Spider-Syn data needs a 'SpiderSynQuestion' field")
+    if data_format != "spider-syn":
+        without = next((i for i, x in enumerate(raw) if x.get("question") is None), None)
+        if without is not None:
+            raise UsageError(f"{path}: example {without} has no 'question'")
+
+
+def output_dir_contents(out: Path) -> list[str]:
+    return sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+
+
+def check_output_dir(config: TrainConfig) -> str | None:
+    """The output directory policy (module docstring); returns the checkpoint to resume from, if any."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    out = Path(config.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output-dir {out} is a file, not a directory")
+    resume = config.resume
+    if resume is True:
+        checkpoint = get_last_checkpoint(str(out)) if out.is_dir() else None
+        if checkpoint is None:
+            raise UsageError(f"--resume: no checkpoint in {out} (nothing to resume; leave out --resume to start a "
+                             "new run)")
+        resume = checkpoint
+    if isinstance(resume, str):
+        path = Path(resume)
+        if not path.is_dir():
+            raise UsageError(f"--resume {resume}: no such checkpoint directory")
+        if not (path / "trainer_state.json").is_file():
+            raise UsageError(f"--resume {resume}: not a complete checkpoint (no trainer_state.json)")
+        return str(path.resolve())
+    contents = output_dir_contents(out)
+    if contents and not config.overwrite_output_dir:
+        shown = ", ".join(contents[:4]) + (", ..." if len(contents) > 4 else "")
+        raise UsageError(f"--output-dir {out} is not empty ({shown}): continue that run with --resume, or start "
+                         "over with --overwrite-output-dir (removes its checkpoints, final model and report)")
+    return None
+
+
+def check_environment(config: TrainConfig) -> None:
+    import importlib.util
+
+    import torch
+
+    on_gpu = torch.cuda.is_available()
+    if config.fsdp and not on_gpu:
+        # accelerate would silently fall back to DDP on CPU processes
+        raise UsageError("--fsdp needs GPUs (accelerate shards only on accelerators); on CPU, run without --fsdp "
+                         "(DDP)")
+    needs = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
+    if config.attn_implementation in needs:
+        if importlib.util.find_spec(needs[config.attn_implementation]) is None:
+            raise UsageError(f"--attn-implementation {config.attn_implementation}: the "
+                             f"{needs[config.attn_implementation]} package is not installed (pip install "
+                             "kidkernels[flash-attn]), or use sdpa")
+        if not on_gpu:
+            raise UsageError(f"--attn-implementation {config.attn_implementation} needs a CUDA GPU; use sdpa")
+
+
+def preflight(config: TrainConfig, method: MethodConfig, *, student: bool = True, teacher: bool = True,
+              data: bool = True) -> Preflight:
+    """Every check that needs no data and no model weights (module docstring).  ``student`` / ``teacher``: check
+    ``config.student`` / ``config.teacher`` (and load the student's tokenizer; False: the caller passes the model
+    objects); ``data``: read the data file."""
+    check_method(method)
+    check_environment(config)
+    teacher = teacher and method.needs_teacher
+    if student and not config.student:
+        raise UsageError("--student is required (a model directory or Hub name)")
+    if teacher and not config.teacher:
+        raise UsageError(f"method {method.method!r} needs a teacher: set --teacher (only sft trains without one)")
+    if data:
+        for name in ("data_file", "db_dir"):
+            if not getattr(config, name):
+                raise UsageError(f"--{name.replace('_', '-')} is required")
+    if config.tables_file and not Path(config.tables_file).is_file():
+        raise UsageError(f"--tables-file {config.tables_file}: file not found")
+    resume = check_output_dir(config)
+    sft = read_sft_report(config, method) if config.sft_report else None
+    census = data_census(config.data_format, config.data_file, config.db_dir) if data else None
+    tokenizer, notes = check_models(config, method, student=student, teacher=teacher)
+    return Preflight(tokenizer=tokenizer, census=census, resume_checkpoint=resume, sft_report=sft, notes=tuple(notes))
+
+
+def read_sft_report(config: TrainConfig, method: MethodConfig) -> dict:
+    path = Path(config.sft_report)
+    if not path.is_file():
+        raise UsageError(f"--sft-report {path}: file not found")
+    try:
+        sft = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--sft-report {path}: not a run report ({exc})") from None
+    if not isinstance(sft, dict) or "train_config" not in sft:
+        raise UsageError(f"--sft-report {path}: not a kid run report (no train_config)")
+    if sft.get("method") != "sft":
+        raise UsageError(f"--sft-report {path}: a {sft.get('method')!r} run, not an sft one")
+    reasons = config_differences(absolute_paths(config), sft["train_config"])
+    if reasons:
+        raise UsageError(f"--sft-report {path}: not comparable with this run ({'; '.join(reasons)}); the training "
+                         "time ratio needs the same data and settings")
+    return sft
