@@ -247,9 +247,9 @@ class _FixedParser:
     def __init__(self, args, run):
         self.args, self.run = args, run
 
-    def parse_args(self, argv):
+    def parse_known_args(self, argv):
         self.args._run = self.run
-        return self.args
+        return self.args, []
 
 
 def test_eval_mistakes_are_one_line_before_any_model_is_loaded(tmp_path, capsys, monkeypatch):
