@@ -213,7 +213,11 @@ class ExecutionAccuracyCallback(TrainerCallback):
         metrics = {key: result.ex, f"{key}_step": result.step, f"{key}_count": result.count,
                    f"{key}_generation_s": result.generation_s, f"{key}_scoring_s": result.scoring_s,
                    f"{key}_waited_s": result.waited_s}
+        # Trainer.log clears control.should_log (on_log): a score logged at the end of a step must not cancel
+        # that step's loss log line.
+        should_log = trainer.control.should_log
         trainer.log(dict(metrics))
+        trainer.control.should_log = should_log
         if self.asynchronous:
             self._update_best(trainer, result.step, result.ex)
         return metrics

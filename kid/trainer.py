@@ -406,17 +406,23 @@ class DistillTrainer(Trainer):
         what training draws next unchanged."""
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         ex = self._ex_callbacks() if metric_key_prefix == "eval" else []
-        with torch.random.fork_rng(devices=devices):
-            if eval_dataset is None and self.eval_dataset is None and ex:
-                metrics: dict = {}
+        started = time.perf_counter()
+        try:
+            with torch.random.fork_rng(devices=devices):
+                if eval_dataset is None and self.eval_dataset is None and ex:
+                    metrics: dict = {}
+                    for callback in ex:
+                        metrics.update(callback.evaluate(self))
+                    self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+                    return metrics
+                metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
                 for callback in ex:
                     metrics.update(callback.evaluate(self))
-                self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
                 return metrics
-            metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-            for callback in ex:
-                metrics.update(callback.evaluate(self))
-            return metrics
+        finally:
+            if self._window_start is not None:  # the log's step_time_s / tokens_per_s time training steps only
+                start_time_s, start_step = self._window_start
+                self._window_start = (start_time_s + time.perf_counter() - started, start_step)
 
     def _determine_best_metric(self, metrics, trial):
         # A score that arrives after the evaluation (ExecutionAccuracyCallback) updates the best checkpoint then.
