@@ -30,9 +30,7 @@ returns the function that runs it::
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
-import re
 import signal
 import sys
 import threading

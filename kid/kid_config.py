@@ -401,13 +401,19 @@ def yaml_options(path) -> dict[str, Any]:
                 hints_text.append(f"{key}: did you mean {close[0]}?")
         extra = f" ({'; '.join(hints_text)})" if hints_text else ""
         raise UsageError(f"--config {path}: unknown option(s) {unknown}{extra}")
-    values = {}
+    values, spelled = {}, {}
     for key, value in raw.items():
         name = aliases[key.replace("-", "_")]
+        if name in spelled:
+            raise UsageError(f"--config {path}: {spelled[name]} and {key} are the same option; give one")
+        spelled[name] = key
         try:
             values[name] = coerce_value(name, hints[name], value)
         except UsageError as exc:
-            raise UsageError(f"--config {path}: {exc}") from None
+            text = str(exc)
+            if key != name and text.startswith(name + ":"):
+                text = key + text[len(name):]  # the key as the file spells it
+            raise UsageError(f"--config {path}: {text}") from None
     return values
 
 
@@ -439,12 +445,20 @@ def coerce_value(name: str, hint, value):
         if base is str:
             return _coerce(name, "str", optional, value)
         if typing.get_origin(base) is Literal or (isinstance(base, type) and issubclass(base, enum.Enum)):
-            if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-                return str(value)
-            raise UsageError(f"{name}: expected one of its names, got {value!r}")
+            names = ([str(v) for v in typing.get_args(base)] if typing.get_origin(base) is Literal
+                     else [str(m.value) for m in base])
+            text = str(getattr(value, "value", value))
+            if isinstance(value, bool) or text not in names:
+                raise UsageError(f"{name}: expected one of {', '.join(names)}; got {value!r}")
+            return text
         if typing.get_origin(base) is list:
             return list(value) if isinstance(value, (list, tuple)) else [value]
-    return value  # a union with str, a mapping, ...: the Trainer's own checks
+    enums = [b for b in bases if isinstance(b, type) and issubclass(b, enum.Enum)]
+    if enums and isinstance(value, str):  # Union[IntervalStrategy, str] and the like: a name of the enum
+        names = [str(m.value) for m in enums[0]]
+        if value not in names:
+            raise UsageError(f"{name}: expected one of {', '.join(names)}; got {value!r}")
+    return value  # a mapping, a list, ...: the Trainer's own checks
 
 
 def parse_kid_config(argv, *, prog: str = "kid train") -> KIDConfig:
