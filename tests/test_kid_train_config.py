@@ -317,3 +317,67 @@ def test_distill_trainer_needs_only_model_teacher_args_data_and_tokenizer(toy_sp
     trainer = DistillTrainer(str(toy_spider["student"]), args=args, train_dataset=rows)
     assert trainer.processing_class is not None and hasattr(trainer.model, "peft_config")
     trainer.train()
+
+
+DDP_WORKER = '''
+import faulthandler
+import json
+import sys
+
+import torch.distributed as dist
+
+faulthandler.dump_traceback_later(150, exit=True)  # a deadlock ends the worker with its stacks
+dist.init_process_group("gloo")
+
+from kid.cli import main
+from kid.ex_eval import ExecutionAccuracyCallback
+from tests.kid_tiny import end_worker
+
+out, argv = sys.argv[1], json.loads(sys.argv[2])
+gold = json.loads(sys.argv[3])
+rank = dist.get_rank()
+real_generate = ExecutionAccuracyCallback._generate
+seen = []
+
+
+def generate(self, trainer):
+    decoded = real_generate(self, trainer)  # every process decodes its share; rank 0 gathers them
+    step = trainer.state.global_step
+    seen.append((step, None if decoded is None else len(decoded)))
+    if decoded is None:
+        return None
+    k = {1: 6, 2: 1}[step]  # step 1 is the best
+    return gold[:k] + ["SELECT name FROM nowhere"] * (len(gold) - k)
+
+
+ExecutionAccuracyCallback._generate = generate
+code = main(argv)
+with open(f"{out}/rank{rank}.json", "w") as f:
+    json.dump({"code": code, "seen": seen}, f)
+if code == 0:
+    end_worker()
+sys.exit(code)
+'''
+
+
+@pytest.mark.slow  # one torchrun launch of two processes: ~30 s on 2 cores
+def test_execution_accuracy_under_ddp(toy_spider, tmp_path):
+    """Two processes (DDP, gloo): each decodes its share of the slice, rank 0 scores it in the background and
+    broadcasts the score; both agree on the best checkpoint and load it."""
+    from tests.kid_tiny import run_on_two_processes
+
+    out = tmp_path / "run"
+    argv = train_argv(toy_spider, out, "sft", "--eval-data-file", str(toy_spider["data"]), "--eval-strategy",
+                      "steps", "--eval-steps", "1", "--save-steps", "1", "--load-best-model-at-end",
+                      "--eval-max-new-tokens", "3")
+    run_on_two_processes(DDP_WORKER, tmp_path, json.dumps(argv), json.dumps([sql for _, sql in QUESTIONS]),
+                         timeout=300)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["code"] for r in ranks] == [0, 0]
+    assert ranks[0]["seen"] == [[1, 6], [2, 6]] and ranks[1]["seen"] == [[1, None], [2, None]]
+    report = json.loads((out / REPORT_NAME).read_text())
+    assert report["device_info"]["world_size"] == 2
+    assert [(e["step"], e["ex"]) for e in report["evaluations"]] == [(1, 1.0), (2, pytest.approx(1 / 6))]
+    assert report["best_global_step"] == 1 and report["best_model_checkpoint"] == str(out / "checkpoint-1")
+    best, final = _adapter_weights(out / "checkpoint-1"), _adapter_weights(out / "final")
+    assert all(torch.equal(best[k], final[k]) for k in best)
