@@ -49,7 +49,7 @@ from transformers import TrainingArguments
 from .config import MethodConfig
 from .errors import UsageError
 from .options import help_text, kid_options
-from .training import TRAINER_SETTINGS, TrainConfig
+from .training import TRAINER_SETTINGS, TrainConfig, _coerce_resume
 
 _TRAINER_FIELDS = {f.name: f for f in dataclasses.fields(TrainingArguments)}
 _TRAINER_TYPES = typing.get_type_hints(TrainingArguments)
@@ -119,21 +119,6 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-def _resume_value(value):
-    if value is None or value is False:
-        return None
-    if value is True:
-        return True
-    if isinstance(value, str):
-        word = value.strip().lower()
-        if word in _TRUE:
-            return True
-        if word in _FALSE:
-            return None
-        return value
-    raise UsageError(f"resume: expected true or a checkpoint directory, got {value!r}")
-
-
 def _checkpointing_name() -> str:
     return "activation_checkpointing" if "activation_checkpointing" in _TRAINER_FIELDS else "gradient_checkpointing"
 
@@ -155,7 +140,7 @@ def _kid_resolve(self) -> None:
     import torch
 
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    self.resume = _resume_value(self.resume)
+    self.resume = _coerce_resume(self.resume)
     if self.resume is None and getattr(self, "resume_from_checkpoint", None):
         self.resume = self.resume_from_checkpoint
     if self.disable_tqdm is None:

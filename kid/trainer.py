@@ -405,7 +405,10 @@ class DistillTrainer(Trainer):
         global RNG (``generate``'s, the data loaders') is restored afterwards: an evaluation during training leaves
         what training draws next unchanged."""
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-        ex = self._ex_callbacks() if metric_key_prefix == "eval" else []
+        # With a dict of evaluation sets the Trainer evaluates each under eval_<name>: execution accuracy once, with
+        # the first.
+        first = next(iter(self.eval_dataset), None) if isinstance(self.eval_dataset, dict) else None
+        ex = self._ex_callbacks() if metric_key_prefix in ("eval", f"eval_{first}") else []
         started = time.perf_counter()
         try:
             with torch.random.fork_rng(devices=devices):

@@ -268,7 +268,10 @@ def no_data_building(monkeypatch):
 
 
 def _one_line_error(capsys, argv, *expected):
-    code = main(argv)
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's errors (a flag) exit from the parser
+        code = exc.code
     err = capsys.readouterr().err
     assert code == 2, (argv, err)
     assert err.startswith("kid train: error: ") and err.count("\n") == 1 and "Traceback" not in err, err

@@ -14,6 +14,7 @@ from kid.cli import main
 from kid.kid_config import parse_kid_config
 from kid.training import REPORT_NAME
 from tests.kid_tiny import all_finite, bpe_tokenizer, step_logs, tiny_model
+from tests.test_kid_cli_train import _one_line_error
 from tests.toy_spider import QUESTIONS, train_argv
 from tests.toy_spider import toy_spider as toy_spider_fixture
 
@@ -23,19 +24,6 @@ toy_spider = toy_spider_fixture  # the module-scoped fixture
 @pytest.fixture(autouse=True)
 def torch_backend(monkeypatch):
     monkeypatch.setenv("KIDKERNELS_BACKEND", "torch")
-
-
-def _one_line_error(capsys, argv, *expected):
-    try:
-        code = main(argv)
-    except SystemExit as exc:  # argparse's errors (a flag) exit from the parser
-        code = exc.code
-    err = capsys.readouterr().err
-    assert code == 2, (argv, err)
-    assert err.startswith("kid train: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-    for text in expected:
-        assert text in err, (text, err)
-    return err
 
 
 # ---- KIDConfig: the Trainer's options and kid's --------------------------------------------------------------
