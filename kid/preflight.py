@@ -323,8 +323,97 @@ def preflight(config: TrainConfig, method: MethodConfig, *, student: bool = True
     resume = check_output_dir(config)
     sft = read_sft_report(config, method) if config.sft_report else None
     census = data_census(config.data_format, config.data_file, config.db_dir) if data else None
+    if config.eval_data_file:
+        check_eval_options(config)
     tokenizer, notes = check_models(config, method, student=student, teacher=teacher)
     return Preflight(tokenizer=tokenizer, census=census, resume_checkpoint=resume, sft_report=sft, notes=tuple(notes))
+
+
+def check_eval_options(config: TrainConfig) -> dict:
+    """The execution-accuracy dev set (``eval_data_file``): the file, its databases and format (a census)."""
+    tables = config.eval_tables_file
+    if tables and not Path(tables).is_file():
+        raise UsageError(f"--eval-tables-file {tables}: file not found")
+    fmt = config.eval_data_format or config.data_format
+    db_dir = config.eval_db_dir or config.db_dir
+    if not db_dir:
+        raise UsageError("--eval-data-file needs its databases: give --eval-db-dir (or --db-dir)")
+    try:
+        return data_census(fmt, config.eval_data_file, db_dir)
+    except UsageError as exc:
+        raise UsageError(f"--eval-data-file: {exc}") from None
+
+
+def check_trainer_arguments(args, config: TrainConfig | None = None, *, eval_dataset: bool = False) -> None:
+    """The Trainer options that would otherwise fail only once data and models are loaded (or at the first
+    evaluation): an evaluation schedule without a dev set, a best-model metric nothing computes, a reporting
+    integration that is not installed, an optimizer whose package is missing, ``push_to_hub`` without a token.
+    ``eval_dataset``: the caller passes its own evaluation data (then any metric may exist)."""
+    eval_file = getattr(config, "eval_data_file", None) if config is not None else None
+    strategy = str(getattr(args.eval_strategy, "value", args.eval_strategy))
+    if strategy != "no" and not eval_file and not eval_dataset:
+        raise UsageError(f"--eval-strategy {strategy} needs a dev set: give --eval-data-file (execution accuracy "
+                         "on it is what kid train evaluates)")
+    metric = args.metric_for_best_model
+    if metric and not eval_dataset:
+        key = metric if metric.startswith("eval_") else f"eval_{metric}"
+        if key != "eval_ex":
+            raise UsageError(f"--metric-for-best-model {metric}: kid train evaluates execution accuracy only "
+                             "(eval_ex, on --eval-data-file); use --metric-for-best-model eval_ex")
+        if not eval_file:
+            raise UsageError(f"--metric-for-best-model {metric} needs a dev set: give --eval-data-file")
+    if getattr(args, "remove_unused_columns", False):
+        raise UsageError("--remove-unused-columns: kid's collator reads every column of the data; leave it off")
+    _check_report_to(args.report_to)
+    _check_optimizer(args)
+    if getattr(args, "push_to_hub", False):
+        _check_hub(args)
+    deepspeed = getattr(args, "deepspeed", None)
+    if isinstance(deepspeed, str) and not deepspeed.lstrip().startswith("{") and not Path(deepspeed).is_file():
+        raise UsageError(f"--deepspeed {deepspeed}: file not found")
+
+
+def _check_report_to(report_to) -> None:
+    from transformers.integrations import get_available_reporting_integrations
+
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    wanted = [n for n in names if n not in ("none", "all")]
+    if not wanted:
+        return
+    available = set(get_available_reporting_integrations())
+    missing = [n for n in wanted if n not in available]
+    if missing:
+        have = ", ".join(sorted(available)) or "none is installed"
+        raise UsageError(f"--report-to {', '.join(missing)}: not installed (pip install {' '.join(missing)}); "
+                         f"available: {have}")
+
+
+def _check_optimizer(args) -> None:
+    from transformers import Trainer
+
+    try:
+        Trainer.get_optimizer_cls_and_kwargs(args)
+    except (ImportError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"--optim {getattr(args.optim, 'value', args.optim)}: {first}") from None
+    except Exception:  # noqa: BLE001 - needs the model (GaLore's target modules, ...): the Trainer checks it later
+        pass
+
+
+def _check_hub(args) -> None:
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    if offline:
+        raise UsageError("--push-to-hub: HF_HUB_OFFLINE is set, nothing can be pushed")
+    token = getattr(args, "hub_token", None)
+    if not token:
+        try:
+            from huggingface_hub import get_token
+
+            token = get_token()
+        except ImportError:
+            token = None
+    if not token:
+        raise UsageError("--push-to-hub needs a Hugging Face token: `hf auth login`, HF_TOKEN, or --hub-token")
 
 
 def read_sft_report(config: TrainConfig, method: MethodConfig) -> dict:

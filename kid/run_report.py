@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 # Settings that must agree for a training-time ratio to mean anything.
 COMPARABLE_SETTINGS = ("student", "data_file", "db_dir", "data_format", "limit", "batch_size", "micro_batch_size",
                        "epochs", "max_steps", "max_input_tokens", "max_output_tokens", "lora", "lora_r", "dtype",
-                       "gradient_checkpointing", "fsdp", "attn_implementation")
+                       "gradient_checkpointing", "fsdp", "attn_implementation", "group_by_length", "eval_data_file",
+                       "eval_limit")
 
 
 def _resolved(value):
@@ -49,9 +50,16 @@ def absolute_paths(config: TrainConfig) -> dict:
 
 
 def config_differences(mine: Mapping[str, Any], theirs: Mapping[str, Any]) -> list[str]:
-    """The :data:`COMPARABLE_SETTINGS` in which two runs' ``train_config`` differ, as "name X there, Y here"."""
-    return [f"{name} {theirs.get(name)!r} there, {mine.get(name)!r} here" for name in COMPARABLE_SETTINGS
-            if name in mine and mine.get(name) != theirs.get(name, "<missing>")]
+    """The :data:`COMPARABLE_SETTINGS` in which two runs' ``train_config`` differ, as "name X there, Y here" (a
+    setting a report predates counts as its default)."""
+    import dataclasses
+
+    from .training import TrainConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    return [f"{name} {theirs.get(name, defaults.get(name))!r} there, {mine.get(name)!r} here"
+            for name in COMPARABLE_SETTINGS
+            if name in mine and mine.get(name) != theirs.get(name, defaults.get(name, "<missing>"))]
 
 
 def sft_comparison(report: Mapping[str, Any], sft: Mapping[str, Any]) -> list[str]:
@@ -175,6 +183,7 @@ def build_report(trainer, config: TrainConfig, method: MethodConfig, metrics: di
         "log_history": history,
     }
     report.update(trainer.report_fields() if hasattr(trainer, "report_fields") else {})  # generation vs training
+    report.update(evaluation_fields(trainer, history))
     if sft is None and config.sft_report:
         with open(config.sft_report, encoding="utf-8") as f:
             sft = json.load(f)
@@ -189,6 +198,28 @@ def build_report(trainer, config: TrainConfig, method: MethodConfig, metrics: di
             if report.get("cpu_time_s") and sft.get("cpu_time_s"):
                 report["cpu_time_vs_sft"] = round(report["cpu_time_s"] / sft["cpu_time_s"], 3)
     return report
+
+
+def evaluation_fields(trainer, history: list[dict]) -> dict:
+    """The execution-accuracy evaluations (kid.ex_eval: every segment's, from the log history), the best
+    checkpoint by ``metric_for_best_model``, and the Trainer's arguments."""
+    args, state = trainer.args, trainer.state
+    evaluations = [{"step": h.get("eval_ex_step", h.get("step")), "ex": h["eval_ex"], "count": h.get("eval_ex_count"),
+                    "generation_s": h.get("eval_ex_generation_s"), "scoring_s": h.get("eval_ex_scoring_s"),
+                    "waited_s": h.get("eval_ex_waited_s")} for h in history if "eval_ex" in h]
+    out = {"evaluations": evaluations}
+    if evaluations:
+        out["final_ex"] = evaluations[-1]["ex"]
+    if args.metric_for_best_model:
+        out.update(metric_for_best_model=args.metric_for_best_model, best_metric=state.best_metric,
+                   best_global_step=getattr(state, "best_global_step", None),
+                   best_model_checkpoint=state.best_model_checkpoint,
+                   final_model_is_best=bool(args.load_best_model_at_end and state.best_model_checkpoint))
+    try:
+        out["training_args"] = json.loads(args.to_json_string())
+    except (TypeError, ValueError, AttributeError):
+        out["training_args"] = None
+    return out
 
 
 def _mean(values):

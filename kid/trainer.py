@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import random
 import time
 from collections.abc import MutableMapping
@@ -96,27 +97,89 @@ class _MicroBatchRef:
 class DistillTrainer(Trainer):
     """A ``transformers.Trainer`` whose loss is the ``method_config`` objective.
 
-    teacher: frozen causal LM (needed by every method but "sft"); moved to ``args.device``.
-    method_config: :class:`kid.config.MethodConfig`.  With ``teacher_outputs`` (f-distill), the teacher's answers
-        are read from that directory (``kid generate-teacher``) and attached to ``train_dataset``.
-    mask_token_id: KID's mask token (see :func:`kid.models.default_mask_token`).
-    eos_token_id, pad_token_id: default to the processing class's (tokenizer's).
-    Other arguments are ``transformers.Trainer``'s; use :class:`kid.batching.DistillCollator` as the data collator
-    (``with_prompts=True`` for the methods that generate).
+    ``DistillTrainer(model, teacher="path" | model, args=KIDConfig(...), train_dataset=..., processing_class=
+    tokenizer)`` needs nothing else:
+
+    model: the student (a causal LM, possibly with LoRA adapters), or its directory / Hub name: then loaded in
+        ``args.dtype`` with the LoRA adapters of ``args`` (a :class:`kid.kid_config.KIDConfig`; a model object is
+        trained as given), its tokenizer the processing class if none is given.
+    teacher: the teacher (every method but "sft"), a model or its directory / Hub name (loaded in
+        ``args.teacher_dtype``, with ``args.teacher_adapter`` merged in when given); None: ``args.teacher``.  Frozen
+        (eval mode, no gradients) and moved to ``args.device``.
+    args: a :class:`~kid.kid_config.KIDConfig` (default: ``KIDConfig()``) or any ``TrainingArguments``
+        (``remove_unused_columns`` is then turned off: the collator reads every column).
+    method_config: :class:`kid.config.MethodConfig` (default: ``args.method_config()`` for a KIDConfig, else
+        ``MethodConfig()``).  With ``teacher_outputs`` (f-distill), the teacher's answers are read from that directory
+        (``kid generate-teacher``) and attached to ``train_dataset``.
+    train_dataset / eval_dataset: tokenized (``input_ids`` / ``labels``) or :mod:`kid.data` rows (``prompt`` /
+        ``target``: tokenized here with ``args.max_input_tokens`` / ``max_output_tokens``, default 1024 / 128, with
+        the ``length`` column ``group_by_length`` reads).
+    data_collator: default :class:`kid.batching.DistillCollator` (with the prompts for the methods that generate).
+    mask_token_id: KID's mask token (default: ``method_config.mask_token``, else
+        :func:`kid.models.default_mask_token` of the processing class).
+    eos_token_id, pad_token_id: default to the processing class's (tokenizer's); no pad token: the EOS token.
+    callbacks: may hold :class:`kid.ex_eval.ExecutionAccuracyCallback` s (execution accuracy at every evaluation;
+        with one, ``eval_strategy`` needs no ``eval_dataset``).
+    Other arguments are ``transformers.Trainer``'s.
     """
 
     # The loss returned by compute_loss is already divided by the step's token count: no further division by the
     # number of accumulation steps.
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args, method_config: MethodConfig, teacher=None, mask_token_id: int | None = None,
-                 eos_token_id: int | None = None, pad_token_id: int | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, model=None, args=None, data_collator=None, train_dataset=None, eval_dataset=None,
+                 processing_class=None, *, method_config: MethodConfig | None = None, teacher=None,
+                 mask_token_id: int | None = None, eos_token_id: int | None = None, pad_token_id: int | None = None,
+                 **kwargs):
+        from .batching import DistillCollator
+        from .ex_eval import ExecutionAccuracyCallback
+
+        if args is None:
+            from .kid_config import KIDConfig
+
+            args = KIDConfig()
+        kid_args = hasattr(args, "method_config") and hasattr(args, "train_config")
+        if method_config is None:
+            method_config = args.method_config() if kid_args else MethodConfig()
+        if isinstance(model, (str, os.PathLike)):
+            model, loaded = _load_student(str(model), args, with_tokenizer=processing_class is None)
+            processing_class = processing_class if processing_class is not None else loaded
+        tokenizer = processing_class
+        if tokenizer is not None and getattr(tokenizer, "pad_token_id", 0) is None \
+                and getattr(tokenizer, "eos_token", None) is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+        if teacher is None and method_config.needs_teacher and kid_args and getattr(args, "teacher", None):
+            teacher = args.teacher
+        if isinstance(teacher, (str, os.PathLike)):
+            teacher = _load_teacher(str(teacher), args)
+        if method_config.method == "kid" and mask_token_id is None and tokenizer is not None:
+            from .models import default_mask_token, token_id
+
+            mask_token_id = token_id(tokenizer, method_config.mask_token or default_mask_token(tokenizer))
+        pad = pad_token_id if pad_token_id is not None else getattr(tokenizer, "pad_token_id", None)
+        if pad is None:
+            pad = eos_token_id if eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
+        if data_collator is None and pad is not None:
+            data_collator = DistillCollator(pad, with_prompts=method_config.generates)
+        if tokenizer is not None:
+            train_dataset = _tokenized(train_dataset, tokenizer, args)
+            eval_dataset = ({k: _tokenized(v, tokenizer, args) for k, v in eval_dataset.items()}
+                            if isinstance(eval_dataset, dict) else _tokenized(eval_dataset, tokenizer, args))
+        if getattr(args, "remove_unused_columns", False):
+            args.remove_unused_columns = False  # the collator reads every column (TRL's trainers do the same)
+        ex_callbacks = [c for c in kwargs.get("callbacks") or [] if isinstance(c, ExecutionAccuracyCallback)]
+        # The Trainer refuses an eval_strategy without an eval_dataset; execution accuracy needs none.
+        stand_in = eval_dataset is None and bool(ex_callbacks) and args.eval_strategy != "no"
+        super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+                         eval_dataset=ex_callbacks[0].examples if stand_in else eval_dataset,
+                         processing_class=processing_class, **kwargs)
+        if stand_in:
+            self.eval_dataset = None
         self.method_config = method_config
         if method_config.needs_teacher and teacher is None:
             raise ValueError(f"method {method_config.method!r} needs a teacher model")
         if method_config.method == "kid" and mask_token_id is None:
-            raise ValueError("method 'kid' needs mask_token_id")
+            raise ValueError("method 'kid' needs mask_token_id (or a processing class to pick the mask token from)")
         tokenizer = self.processing_class
         self.eos_token_id = eos_token_id if eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
         self.pad_token_id = pad_token_id if pad_token_id is not None else getattr(tokenizer, "pad_token_id", None)
@@ -156,6 +219,22 @@ class DistillTrainer(Trainer):
         self._window_host = {"generation_s": 0.0, "gen_rows": 0, "gen_tokens": 0}
         self.generation_seconds = 0.0  # this process, this train() call
         self._train_seconds = 0.0
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, ExecutionAccuracyCallback):
+                callback.bind(self)
+
+    def add_callback(self, callback):
+        from .ex_eval import ExecutionAccuracyCallback
+
+        super().add_callback(callback)
+        for added in self.callback_handler.callbacks:
+            if isinstance(added, ExecutionAccuracyCallback) and added._trainer_ref is None:
+                added.bind(self)
+
+    def _ex_callbacks(self) -> list:
+        from .ex_eval import ExecutionAccuracyCallback
+
+        return [c for c in self.callback_handler.callbacks if isinstance(c, ExecutionAccuracyCallback)]
 
     def _attach_teacher_outputs(self, path) -> None:
         from .teacher_outputs import TeacherAnswerCollator, attach_teacher_outputs, load_teacher_outputs
@@ -320,12 +399,54 @@ class DistillTrainer(Trainer):
             loss = parts.loss
         return (loss, {"kd": parts.kd, "mle": parts.mle}) if return_outputs else loss
 
-    def evaluate(self, *args, **kwargs):
-        """The Trainer's evaluation, with the global RNG (``generate``'s, the data loaders') restored afterwards: an
-        evaluation during training leaves what training draws next unchanged."""
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        """The Trainer's evaluation (the objective on ``eval_dataset``, when there is one), then execution accuracy
+        for each :class:`~kid.ex_eval.ExecutionAccuracyCallback` (its score may arrive later: see kid.ex_eval).  The
+        global RNG (``generate``'s, the data loaders') is restored afterwards: an evaluation during training leaves
+        what training draws next unchanged."""
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-        with torch.random.fork_rng(devices=devices):
-            return super().evaluate(*args, **kwargs)
+        # With a dict of evaluation sets the Trainer evaluates each under eval_<name>: execution accuracy once, with
+        # the first.
+        first = next(iter(self.eval_dataset), None) if isinstance(self.eval_dataset, dict) else None
+        ex = self._ex_callbacks() if metric_key_prefix in ("eval", f"eval_{first}") else []
+        started = time.perf_counter()
+        try:
+            with torch.random.fork_rng(devices=devices):
+                if eval_dataset is None and self.eval_dataset is None and ex:
+                    metrics: dict = {}
+                    for callback in ex:
+                        metrics.update(callback.evaluate(self))
+                    self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+                    return metrics
+                metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+                for callback in ex:
+                    metrics.update(callback.evaluate(self))
+                return metrics
+        finally:
+            if self._window_start is not None:  # the log's step_time_s / tokens_per_s time training steps only
+                start_time_s, start_step = self._window_start
+                self._window_start = (start_time_s + time.perf_counter() - started, start_step)
+
+    def _determine_best_metric(self, metrics, trial):
+        # A score that arrives after the evaluation (ExecutionAccuracyCallback) updates the best checkpoint then.
+        name = self.args.metric_for_best_model
+        if name is not None:
+            key = name if name.startswith("eval_") else f"eval_{name}"
+            if key not in metrics and any(c.deferred and c.metric_key == key for c in self._ex_callbacks()):
+                return False
+        return super()._determine_best_metric(metrics, trial)
+
+    def _save_checkpoint(self, model, trial):
+        for callback in self._ex_callbacks():
+            callback.before_save(self)  # rotation must know the best checkpoint before it removes any
+        return super()._save_checkpoint(model, trial)
+
+    def _maybe_log_save_evaluate(self, *args, **kwargs):
+        result = super()._maybe_log_save_evaluate(*args, **kwargs)
+        if self.state.global_step >= self.state.max_steps or self.control.should_training_stop:
+            for callback in self._ex_callbacks():
+                callback.settle(self)  # before load_best_model_at_end and the end of train()
+        return result
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Evaluation: the objective's loss on the batch (there are no logits to return: none is ever built)."""
@@ -404,3 +525,58 @@ class DistillTrainer(Trainer):
         generation = self.generation_seconds
         return {"generation_time_s": round(generation, 3), "training_time_s": round(max(total - generation, 0.0), 3),
                 "generation_fraction": round(generation / total, 4) if total > 0 else None}
+
+
+# ---- what DistillTrainer loads by itself ------------------------------------------------------------------------
+
+def _kid_option(args, name: str, default):
+    return getattr(args, name, default) if hasattr(args, "train_config") else default
+
+
+def _load_student(path: str, args, *, with_tokenizer: bool):
+    """The student from a directory or Hub name, with the LoRA adapters a KIDConfig asks for."""
+    from .models import LoraOptions, apply_lora, load_causal_lm, resolve_dtype
+    from .preflight import load_tokenizer
+
+    tokenizer = load_tokenizer(path, "student") if with_tokenizer else None
+    dtype_name = _kid_option(args, "dtype", "auto")
+    lora = _kid_option(args, "lora", False)
+    # every weight trained under autocast: float32 master weights (AdamW on bfloat16 weights loses small updates)
+    autocast = bool(getattr(args, "bf16", False) or getattr(args, "fp16", False))
+    dtype = torch.float32 if autocast and not lora and dtype_name == "auto" else resolve_dtype(dtype_name,
+                                                                                                args.device)
+    model = load_causal_lm(path, dtype=dtype, attn_implementation=_kid_option(args, "attn_implementation", None))
+    if lora:
+        model = apply_lora(model, LoraOptions(args.lora_r, args.lora_alpha, args.lora_dropout))
+    return model, tokenizer
+
+
+def _load_teacher(path: str, args):
+    """The teacher from a directory or Hub name: loaded, its adapter merged in, frozen, on ``args.device``."""
+    from .models import load_causal_lm, prepare_teacher, resolve_dtype
+
+    dtype = resolve_dtype(_kid_option(args, "teacher_dtype", "auto"), args.device)
+    teacher = load_causal_lm(path, dtype=dtype, attn_implementation=_kid_option(args, "attn_implementation", None))
+    return prepare_teacher(teacher, adapter=_kid_option(args, "teacher_adapter", None), device=args.device,
+                           dtype=dtype)
+
+
+def _tokenized(dataset, tokenizer, args):
+    """``dataset`` with ``input_ids`` / ``labels`` (kid.data rows are tokenized) and, for length-grouped batches,
+    the ``length`` column; anything else as given."""
+    if dataset is None or not hasattr(dataset, "column_names"):
+        return dataset
+    columns = dataset.column_names
+    if "input_ids" not in columns and {"prompt", "target"} <= set(columns):
+        from .training import tokenize_dataset
+
+        return tokenize_dataset(dataset, tokenizer, max_input_tokens=_kid_option(args, "max_input_tokens", 1024),
+                                max_output_tokens=_kid_option(args, "max_output_tokens", 128),
+                                progress=not getattr(args, "disable_tqdm", False))
+    grouped = getattr(args, "group_by_length", False) or getattr(args, "train_sampling_strategy", "") in (
+        "group_by_length", "batch_rebalance")
+    if grouped and "input_ids" in columns and getattr(args, "length_column_name", "length") not in columns:
+        from .training import add_length_column
+
+        return add_length_column(dataset, getattr(args, "length_column_name", "length"))
+    return dataset

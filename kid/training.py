@@ -45,6 +45,7 @@ from .run_report import build_report, device_info, write_json  # noqa: F401 - wr
 REPORT_NAME = "run_report.json"
 RUN_STATE_NAME = "kid_run_state.json"  # in every checkpoint: the training-time segments up to it
 FINAL_NAME = "final"
+EVALUATIONS_NAME = "evaluations"  # the execution-accuracy reports, one per evaluation (kid.ex_eval)
 
 # Choices of the enum options (the CLI's argparse choices; checked here too).  Kept free of heavy imports so that
 # ``kid --help`` stays fast; tests check them against transformers and kid.data.
@@ -53,6 +54,45 @@ LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cons
                  "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 DATA_FORMATS = ("bird", "bird-no-evidence", "spider", "spider-dk", "spider-realistic", "spider-syn")
+
+# The TrainConfig options that are transformers.TrainingArguments fields under another name (or the same one):
+# kid.kid_config.KIDConfig takes the Trainer's field, with TrainConfig's default and the kid name as an alias
+# (--epochs is --num-train-epochs).  One table, read by KIDConfig, training_arguments and the CLI's help.
+TRAINER_EQUIVALENTS = {
+    "output_dir": "output_dir", "overwrite_output_dir": "overwrite_output_dir", "epochs": "num_train_epochs",
+    "max_steps": "max_steps", "learning_rate": "learning_rate", "warmup_ratio": "warmup_ratio",
+    "lr_scheduler": "lr_scheduler_type", "weight_decay": "weight_decay", "max_grad_norm": "max_grad_norm",
+    "logging_steps": "logging_steps", "save_steps": "save_steps", "save_total_limit": "save_total_limit",
+    "seed": "seed", "micro_batch_size": "per_device_train_batch_size",
+    "gradient_checkpointing": "gradient_checkpointing", "fsdp": "fsdp", "group_by_length": "group_by_length",
+}
+
+# Trainer settings kid's step relies on (KIDConfig's defaults; training_arguments sets them).
+TRAINER_SETTINGS = {
+    # the collator reads every column (input_ids, labels, the length, the teacher's answers)
+    "remove_unused_columns": False,
+    "report_to": "none",
+    # The default NaN/inf filter reads every micro-batch's loss on the host: a synchronisation per micro-batch.
+    "logging_nan_inf_filter": False,
+    "label_names": ["answer_labels"],
+    # DDP would broadcast the module buffers (a causal LM's only ones are constants such as RoPE frequencies)
+    # at every forward through it: a collective per forward.  The on-policy methods draw how many student forwards
+    # a micro-batch takes (GKD: one for a gold batch, two for a generated one), so under DDP the processes could
+    # call different numbers of collectives.
+    "ddp_broadcast_buffers": False,
+    # Every trainable parameter (LoRA adapters, or every weight) is used by every student pass, so DDP need not
+    # walk the graph after each forward looking for unused ones.
+    "ddp_find_unused_parameters": False,
+}
+
+
+def lr_schedulers() -> tuple[str, ...]:
+    """The learning-rate schedules accepted: :data:`LR_SCHEDULERS`, or every ``transformers`` ``SchedulerType``
+    once transformers is loaded (a KIDConfig takes any of them)."""
+    utils = sys.modules.get("transformers.trainer_utils")
+    if utils is not None and hasattr(utils, "SchedulerType"):
+        return tuple(dict.fromkeys(LR_SCHEDULERS + tuple(s.value for s in utils.SchedulerType)))
+    return LR_SCHEDULERS
 
 
 @dataclass
@@ -98,6 +138,18 @@ class TrainConfig:
         it (the paper's "Latency"); refused when the runs are not comparable.
     progress: progress bars.
     limit: train on the first N examples with a database only.
+    group_by_length: batches of examples of similar length (transformers' length-grouped sampler over the tokenized
+        prompt + answer length, the ``length`` column): less padding, since CodeS prompts vary widely in length.
+    eval_data_file: a dev set (Spider dev.json, BIRD dev.json, ...): execution accuracy (``eval_ex``) of greedy
+        decoding on it at every evaluation (``eval_strategy``), or once at the end of training when there is none
+        (:class:`kid.ex_eval.ExecutionAccuracyCallback`).
+    eval_db_dir: the dev set's databases (default: db_dir).
+    eval_tables_file: the dev set's tables.json (default: tables_file).
+    eval_data_format: how to read eval_data_file (default: data_format).
+    eval_limit: evaluate on a fixed random sample of N examples (seed 0: the same slice in every run) instead of all.
+    eval_max_new_tokens: SQL tokens generated per dev question at most (default: max_output_tokens).
+    eval_async: score the generated SQL in a background thread while training continues (the loop waits only for
+        the generation); False: wait for the score at every evaluation.
     """
 
     student: str = ""
@@ -137,6 +189,14 @@ class TrainConfig:
     sft_report: str | None = None
     progress: bool = True
     limit: int | None = None
+    group_by_length: bool = False
+    eval_data_file: str | None = None
+    eval_db_dir: str | None = None
+    eval_tables_file: str | None = None
+    eval_data_format: str | None = None
+    eval_limit: int | None = None
+    eval_max_new_tokens: int | None = None
+    eval_async: bool = True
 
     def __post_init__(self):
         for name, value in coerce_options(TrainConfig, self.__dict__).items():
@@ -159,6 +219,8 @@ class TrainConfig:
             ("save_steps", self.save_steps >= 1, ">= 1"),
             ("save_total_limit", self.save_total_limit >= 0, ">= 0 (0 keeps every checkpoint)"),
             ("limit", self.limit is None or self.limit >= 1, ">= 1"),
+            ("eval_limit", self.eval_limit is None or self.eval_limit >= 1, ">= 1"),
+            ("eval_max_new_tokens", self.eval_max_new_tokens is None or self.eval_max_new_tokens >= 1, ">= 1"),
         ]
         for name, ok, rule in checks:
             if not ok:
@@ -166,8 +228,9 @@ class TrainConfig:
         if self.batch_size % self.micro_batch_size:
             raise UsageError(f"batch_size {self.batch_size} is not a multiple of micro_batch_size "
                              f"{self.micro_batch_size}")
-        for name, choices in (("dtype", DTYPES), ("teacher_dtype", DTYPES), ("lr_scheduler", LR_SCHEDULERS),
-                              ("data_format", DATA_FORMATS), ("attn_implementation", ATTN_IMPLEMENTATIONS)):
+        for name, choices in (("dtype", DTYPES), ("teacher_dtype", DTYPES), ("lr_scheduler", lr_schedulers()),
+                              ("data_format", DATA_FORMATS), ("eval_data_format", DATA_FORMATS),
+                              ("attn_implementation", ATTN_IMPLEMENTATIONS)):
             value = getattr(self, name)
             if value is not None and value not in choices:
                 raise UsageError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
@@ -466,7 +529,19 @@ def _atomic_checkpoint_trainer(base):
             finally:
                 del self._get_output_dir
             self._kid_barrier()
+            # The Trainer looked for the best checkpoint in the staging directory: point it at its final place
+            # (where rotation keeps it and load_best_model_at_end finds it), in the state the checkpoint records.
+            best_step = getattr(self.state, "best_global_step", None)
+            if best_step:
+                best = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{best_step}"
+                if best_step == self.state.global_step or best.is_dir():
+                    self.state.best_model_checkpoint = str(best)
+                elif str(self.state.best_model_checkpoint or "").startswith(str(staging)):
+                    self.state.best_model_checkpoint = None
             if self.args.should_save:
+                from transformers.trainer import TRAINER_STATE_NAME
+
+                self.state.save_to_json(str(staging / name / TRAINER_STATE_NAME))
                 segments = list(self.kid_segments_before)
                 if self.kid_clock is not None:
                     segments.append(self.kid_clock.segment(self.state.global_step, self.kid_device))
@@ -502,56 +577,47 @@ def tokenize_dataset(dataset, tokenizer, *, max_input_tokens: int, max_output_to
     if not progress:
         datasets_logging.disable_progress_bar()
     try:
-        return dataset.map(encode, remove_columns=dataset.column_names, desc="tokenizing")
+        encoded = dataset.map(encode, remove_columns=dataset.column_names, desc="tokenizing")
+        return add_length_column(encoded)
     finally:
         if was_enabled:
             datasets_logging.enable_progress_bar()
 
 
+def add_length_column(dataset, name: str = "length"):
+    """``dataset`` with a ``length`` column: the tokens of each example (prompt + answer), what the Trainer's
+    length-grouped sampler (``group_by_length``) reads instead of measuring every example itself."""
+    if name in dataset.column_names:
+        return dataset
+    return dataset.add_column(name, [len(ids) for ids in dataset["input_ids"]])
+
+
 def training_arguments(config: TrainConfig, *, world_size: int = 1, bf16: bool = False, **overrides):
-    """``transformers.TrainingArguments`` for a run (gradient accumulation from batch_size / micro_batch_size)."""
-    import torch
-    from transformers import TrainingArguments
+    """The Trainer's arguments for a run: a :class:`kid.kid_config.KIDConfig` (a ``TrainingArguments``) with
+    ``config``'s options, gradient accumulation from batch_size / (micro_batch_size x ``world_size``), mixed
+    precision as ``bf16`` says; ``overrides``: any other field."""
+    from .kid_config import KIDConfig
 
     per_step = config.micro_batch_size * world_size
     if config.batch_size % per_step:
         raise UsageError(f"batch_size {config.batch_size} is not a multiple of micro_batch_size x processes "
                          f"({config.micro_batch_size} x {world_size})")
-    kwargs = dict(
-        output_dir=config.output_dir, per_device_train_batch_size=config.micro_batch_size,
-        gradient_accumulation_steps=config.batch_size // per_step, num_train_epochs=config.epochs,
-        max_steps=config.max_steps, learning_rate=config.learning_rate,
-        lr_scheduler_type=config.lr_scheduler, weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm,
-        logging_steps=config.logging_steps, save_steps=config.save_steps,
-        save_total_limit=config.save_total_limit or None, seed=config.seed, bf16=bf16,
-        remove_unused_columns=False, report_to="none", disable_tqdm=not config.progress,
-        # The default NaN/inf filter reads every micro-batch's loss on the host: a synchronisation per micro-batch.
-        logging_nan_inf_filter=False,
-        dataloader_num_workers=0, save_only_model=False, use_cpu=not torch.cuda.is_available(),
-        label_names=["answer_labels"],
-        # DDP would broadcast the module buffers (a causal LM's only ones are constants such as RoPE frequencies)
-        # at every forward through it: a collective per forward.  The on-policy methods draw per process how many
-        # student forwards a micro-batch takes (GKD: one for a gold batch, two for a generated one), so the
-        # processes would call different numbers of collectives and deadlock.
-        ddp_broadcast_buffers=False,
-        # Every trainable parameter (LoRA adapters, or every weight) is used by every student pass, so DDP need not
-        # walk the graph after each forward looking for unused ones.
-        ddp_find_unused_parameters=False,
-    )
-    # transformers 5 folds warmup_ratio into a fractional warmup_steps; 4.x has warmup_ratio.
-    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
-    kwargs["warmup_ratio" if "warmup_ratio" in fields else "warmup_steps"] = config.warmup_ratio
-    checkpointing = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
-    kwargs[checkpointing] = config.gradient_checkpointing
-    kwargs[checkpointing + "_kwargs"] = {"use_reentrant": False} if config.gradient_checkpointing else None
-    if config.fsdp:
-        fsdp_config = {"version": 2}
-        if config.gradient_checkpointing:  # FSDP's own checkpointing: the Trainer's would all-gather twice
-            fsdp_config["activation_checkpointing"] = True
-            kwargs[checkpointing], kwargs[checkpointing + "_kwargs"] = False, None
-        kwargs.update(fsdp=True, fsdp_config=fsdp_config)
-    kwargs.update(overrides)
-    return TrainingArguments(**kwargs)
+    overrides.setdefault("gradient_accumulation_steps", config.batch_size // per_step)
+    return KIDConfig.from_configs(config, bf16=bf16, **overrides)
+
+
+def __getattr__(name: str):
+    # KIDConfig imports transformers (and torch): loaded on first use, so that kid.training stays light.
+    if name == "KIDConfig":
+        from .kid_config import KIDConfig
+
+        return KIDConfig
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def is_kid_config(value) -> bool:
+    """Whether ``value`` is a :class:`kid.kid_config.KIDConfig` (without importing transformers to ask)."""
+    return type(value).__name__ == "KIDConfig" and hasattr(value, "train_config") and hasattr(value, "method_config")
 
 
 def _remove_previous_run(out: Path) -> None:
@@ -562,7 +628,7 @@ def _remove_previous_run(out: Path) -> None:
         return
     for p in out.iterdir():
         name = p.name
-        ours = (name in (FINAL_NAME, REPORT_NAME) or name.startswith(f"{PREFIX_CHECKPOINT_DIR}-")
+        ours = (name in (FINAL_NAME, REPORT_NAME, EVALUATIONS_NAME) or name.startswith(f"{PREFIX_CHECKPOINT_DIR}-")
                 or (name.startswith(f".{PREFIX_CHECKPOINT_DIR}-") and name.endswith(".staging"))
                 or name.startswith(f".{FINAL_NAME}.") or name.startswith(f".{REPORT_NAME}."))
         if not ours:
@@ -591,16 +657,30 @@ def _save_final(trainer, tokenizer, target: Path) -> None:
         trainer.accelerator.wait_for_everyone()
 
 
-def run_training(config: TrainConfig, method: MethodConfig, *, student=None, teacher=None, tokenizer=None,
+def run_training(config, method: MethodConfig | None = None, *, student=None, teacher=None, tokenizer=None,
                  train_dataset=None, training_args=None, write_final: bool = True) -> dict:
     """Train one student; returns the run report (also written to ``output_dir/run_report.json``).
 
+    config: a :class:`TrainConfig` with its :class:`~kid.config.MethodConfig` ``method``, or a
+        :class:`kid.kid_config.KIDConfig` alone (``kid train``): its run and method options, and itself as the
+        Trainer's arguments.
     student / teacher / tokenizer / train_dataset: objects to use instead of loading ``config.student`` etc. (the
     demo and the tests build models from config); ``train_dataset`` may be a :mod:`kid.data` dataset (tokenized
-    here) or already have ``input_ids`` / ``labels``.  training_args: a ready ``TrainingArguments``.
+    here) or already have ``input_ids`` / ``labels``.  training_args: ready Trainer arguments (a ``KIDConfig`` or
+    any ``TrainingArguments``) for a TrainConfig.
+    With ``config.eval_data_file``, execution accuracy on that dev slice at every evaluation (``eval_strategy``;
+    once at the end when there is none; :class:`kid.ex_eval.ExecutionAccuracyCallback`).
     The report's ``status`` is "finished" or "interrupted" (``signal`` names it: a checkpoint of the last step is
     in ``output_dir``); a :class:`UsageError` means nothing was trained.
     """
+    if is_kid_config(config):
+        if training_args is not None:
+            raise TypeError("run_training(KIDConfig): the KIDConfig is the Trainer's arguments; pass no training_args")
+        training_args = config
+        method = method if method is not None else config.method_config()
+        config = config.train_config()
+    elif method is None:
+        raise TypeError("run_training(TrainConfig, MethodConfig): the method options are missing")
     out = Path(config.output_dir)
     created = not out.exists()
     try:
@@ -620,9 +700,17 @@ def _run_training(config, method, *, student, teacher, tokenizer, train_dataset,
     from .batching import DistillCollator
     from .models import LoraOptions, apply_lora, default_mask_token, load_causal_lm, prepare_teacher, resolve_dtype
     from .models import token_id as _token_id
+    from .preflight import check_trainer_arguments
 
     checks = preflight(config, method, student=student is None, teacher=teacher is None,
                        data=train_dataset is None)
+    # LoRA: bf16 base weights on a GPU, the adapters in float32 (peft).  Every weight trained: float32 master
+    # weights with bf16 autocast, since AdamW on bf16 weights would lose small updates.
+    on_gpu = torch.cuda.is_available()
+    autocast_bf16 = not config.lora and config.dtype == "auto" and on_gpu and torch.cuda.is_bf16_supported()
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    args = training_args or training_arguments(config, world_size=world_size, bf16=autocast_bf16)
+    check_trainer_arguments(args, config)  # still before any data is built
     for note in checks.notes:
         say(note, file=sys.stderr)
     out_dir = Path(config.output_dir)
@@ -640,18 +728,21 @@ def _run_training(config, method, *, student, teacher, tokenizer, train_dataset,
     if "input_ids" not in train_dataset.column_names:
         train_dataset = tokenize_dataset(train_dataset, tokenizer, max_input_tokens=config.max_input_tokens,
                                          max_output_tokens=config.max_output_tokens, progress=config.progress)
+    elif config.group_by_length or getattr(args, "group_by_length", False) \
+            or getattr(args, "train_sampling_strategy", None) == "group_by_length":
+        train_dataset = add_length_column(train_dataset, getattr(args, "length_column_name", "length"))
     if len(train_dataset) == 0:
         raise UsageError("the training data is empty")
+    ex_eval = None
+    if config.eval_data_file:
+        ex_eval = execution_accuracy_callback(config, method, output_dir=out_dir)
+        examples["eval"] = len(ex_eval.rows)
 
-    # LoRA: bf16 base weights on a GPU, the adapters in float32 (peft).  Every weight trained: float32 master
-    # weights with bf16 autocast, since AdamW on bf16 weights would lose small updates.
-    on_gpu = torch.cuda.is_available()
-    autocast_bf16 = not config.lora and config.dtype == "auto" and on_gpu and torch.cuda.is_bf16_supported()
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    args = training_args or training_arguments(config, world_size=world_size, bf16=autocast_bf16)
     device = args.device  # this process's device (torchrun: one GPU per rank)
     if student is None:
-        dtype = torch.float32 if autocast_bf16 else resolve_dtype(config.dtype, device)
+        autocast = bool(getattr(args, "bf16", False) or getattr(args, "fp16", False))
+        dtype = (torch.float32 if autocast and not config.lora and config.dtype == "auto"
+                 else resolve_dtype(config.dtype, device))
         student = load_causal_lm(config.student, dtype=dtype, attn_implementation=config.attn_implementation)
     if config.lora:
         student = apply_lora(student, LoraOptions(config.lora_r, config.lora_alpha, config.lora_dropout))
@@ -671,10 +762,11 @@ def _run_training(config, method, *, student, teacher, tokenizer, train_dataset,
 
     collator = DistillCollator(tokenizer.pad_token_id, with_prompts=method.generates)
     stopper, clock = _StopOnSignal(), _RunClock()
+    callbacks = [stopper.callback(), clock.callback()] + ([ex_eval] if ex_eval is not None else [])
     trainer_class = _atomic_checkpoint_trainer(trainer_module.DistillTrainer)
     trainer = trainer_class(model=student, args=args, train_dataset=train_dataset, data_collator=collator,
                             processing_class=tokenizer, method_config=method, teacher=teacher,
-                            mask_token_id=mask_id, callbacks=[stopper.callback(), clock.callback()])
+                            mask_token_id=mask_id, callbacks=callbacks)
     resume = checks.resume_checkpoint
     before, complete = _run_state_before(resume)
     info = device_info(device)
@@ -688,6 +780,10 @@ def _run_training(config, method, *, student, teacher, tokenizer, train_dataset,
             say(_start_line(config, method, examples, trainer, resume, info), file=sys.stderr)
         result = trainer.train(resume_from_checkpoint=resume)
         finished = trainer.state.global_step >= trainer.state.max_steps
+        if ex_eval is not None and finished and args.eval_strategy == "no":
+            trainer.evaluate()  # no evaluation during training: execution accuracy of the final model
+            ex_eval.settle(trainer)
+            ex_eval.close()
         if write_final and finished:
             _save_final(trainer, tokenizer, out_dir / FINAL_NAME)
         report = build_report(trainer, config, method, result.metrics, clock=clock, segments_before=before,
@@ -697,6 +793,31 @@ def _run_training(config, method, *, student, teacher, tokenizer, train_dataset,
             write_json(out_dir / REPORT_NAME, report)
     report["_trainer"] = trainer  # for callers in the same process; not serialised
     return report
+
+
+def load_eval_slice(config: TrainConfig):
+    """The dev slice of the execution-accuracy evaluation: ``eval_data_file`` (its examples with a database; a
+    fixed random sample of ``eval_limit`` of them, seed 0, the same in every run)."""
+    from .data.loaders import load_dataset_by_name
+
+    fmt = config.eval_data_format or config.data_format
+    return load_dataset_by_name(fmt, config.eval_data_file, config.eval_db_dir or config.db_dir,
+                                config.eval_tables_file or config.tables_file, sample=config.eval_limit)
+
+
+def execution_accuracy_callback(config: TrainConfig, method: MethodConfig, *, output_dir=None):
+    """The :class:`kid.ex_eval.ExecutionAccuracyCallback` of a run with ``eval_data_file``."""
+    from .ex_eval import ExecutionAccuracyCallback
+
+    fmt = config.eval_data_format or config.data_format
+    dev = load_eval_slice(config)
+    if len(dev) == 0:
+        raise UsageError(f"--eval-data-file {config.eval_data_file}: no example has its database")
+    return ExecutionAccuracyCallback(
+        dev, config.eval_db_dir or config.db_dir, bird=fmt.startswith("bird"),
+        max_new_tokens=config.eval_max_new_tokens or config.max_output_tokens,
+        max_input_tokens=config.max_input_tokens, asynchronous=config.eval_async,
+        merge_lora=method.merge_lora_for_generation, output_dir=output_dir)
 
 
 def _start_line(config, method, examples, trainer, resume, info) -> str:

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from kid.cli import build_parser, config_values, main
+from kid.cli import main
 from kid.config import MethodConfig
+from kid.kid_config import parse_kid_config
 from kid.training import REPORT_NAME, TrainConfig, split_options
 from tests.kid_tiny import REPO, all_finite, bpe_tokenizer, step_logs, tiny_model
 from tests.spider_data import SPIDER
@@ -24,10 +25,10 @@ def torch_backend(monkeypatch):
 
 
 def _parse(argv):
-    return build_parser().parse_args(["train", *argv])
+    """kid train's command line -> (TrainConfig, MethodConfig), as the run sees them."""
+    config = parse_kid_config(argv)
+    return config.train_config(), config.method_config()
 
-
-# ---- flags and YAML ------------------------------------------------------------------------------------------------
 
 def test_train_help_lists_the_options(capsys):
     with pytest.raises(SystemExit) as exc:
@@ -64,36 +65,34 @@ def test_flags_override_yaml(tmp_path):
         "  alpha: 0.1\n"
         "  strategy: hard\n"
         "  mask_eos: true\n")
-    args = _parse(["--config", str(config), "--alpha", "0.3", "--batch-size", "16", "--lora", "--max-steps", "5"])
-    values = config_values(args)
-    assert values["alpha"] == 0.3 and values["batch_size"] == 16 and values["lora"] is True  # flags win
-    assert values["strategy"] == "hard" and values["mask_eos"] is True  # from the method_options section
-    assert values["data_file"] == "train.json" and values["micro_batch_size"] == 2  # dashes become underscores
-    train, method = split_options(values)
+    train, method = _parse(["--config", str(config), "--alpha", "0.3", "--batch-size", "16", "--lora",
+                            "--max-steps", "5"])
     assert isinstance(train, TrainConfig) and isinstance(method, MethodConfig)
+    assert method.alpha == 0.3 and train.batch_size == 16 and train.lora is True  # flags win
+    assert method.strategy == "hard" and method.mask_eos is True  # from the method_options section
+    assert train.data_file == "train.json" and train.micro_batch_size == 2  # dashes become underscores
     assert (train.student, train.teacher, train.batch_size, train.micro_batch_size, train.max_steps) == (
         "some/student", "some/teacher", 16, 2, 5)
     assert train.learning_rate == pytest.approx(1e-4) and train.lora is True
     assert (method.method, method.alpha, method.strategy, method.mask_eos) == ("kid", 0.3, "hard", True)
     # flags alone: anything not given keeps the dataclass default
-    train, method = split_options(config_values(_parse(["--student", "s", "--method", "gkd", "--no-lora"])))
+    train, method = _parse(["--student", "s", "--method", "gkd", "--no-lora"])
     assert train.lora is False and train.batch_size == TrainConfig().batch_size
     assert method.method == "gkd" and method.gkd_lambda == MethodConfig().gkd_lambda
-    assert config_values(_parse(["--resume"]))["resume"] is True
-    assert config_values(_parse(["--resume", "out/checkpoint-4"]))["resume"] == "out/checkpoint-4"
+    assert _parse(["--resume"])[0].resume is True
+    assert _parse(["--resume", "out/checkpoint-4"])[0].resume == "out/checkpoint-4"
 
 
 def test_fsdp_flag_sets_fsdp2_training_arguments(tmp_path):
     from kid.training import training_arguments
 
-    train, _ = split_options(config_values(_parse(["--student", "s", "--fsdp", "--gradient-checkpointing",
-                                                   "--output-dir", str(tmp_path)])))
-    assert train.fsdp is True
-    args = training_arguments(train)
-    assert args.fsdp and args.fsdp_config["version"] == 2
-    # FSDP's own activation checkpointing replaces the Trainer's (which would all-gather twice)
-    assert args.fsdp_config["activation_checkpointing"] is True
-    assert not getattr(args, "activation_checkpointing", getattr(args, "gradient_checkpointing", None))
+    config = parse_kid_config(["--student", "s", "--fsdp", "--gradient-checkpointing", "--output-dir", str(tmp_path)])
+    assert config.train_config().fsdp is True and config.train_config().gradient_checkpointing is True
+    for args in (config, training_arguments(config.train_config())):
+        assert args.fsdp and args.fsdp_config["version"] == 2
+        # FSDP's own activation checkpointing replaces the Trainer's (which would all-gather twice)
+        assert args.fsdp_config["activation_checkpointing"] is True
+        assert not getattr(args, "activation_checkpointing", getattr(args, "gradient_checkpointing", None))
     plain = training_arguments(split_options({"output_dir": str(tmp_path)})[0])
     assert not plain.fsdp
 
@@ -269,7 +268,10 @@ def no_data_building(monkeypatch):
 
 
 def _one_line_error(capsys, argv, *expected):
-    code = main(argv)
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's errors (a flag) exit from the parser
+        code = exc.code
     err = capsys.readouterr().err
     assert code == 2, (argv, err)
     assert err.startswith("kid train: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
@@ -331,7 +333,7 @@ def test_yaml_mistakes_are_one_line(tmp_path, capsys, no_data_building):
     # numbers as strings in YAML are fine
     config = tmp_path / "ok.yaml"
     config.write_text("batch_size: '8'\nmicro_batch_size: 2\nlora: 'false'\nepochs: 2\n")
-    train, _ = split_options(config_values(_parse(["--config", str(config)])))
+    train, _ = _parse(["--config", str(config)])
     assert (train.batch_size, train.lora, train.epochs) == (8, False, 2.0)
 
 

@@ -86,8 +86,13 @@ def build_examples(
     use_evidence: bool = False,
     build_prompts: bool = True,
     limit: int | None = None,
+    sample: int | None = None,
+    sample_seed: int = 0,
 ):
-    """Turn raw examples into the loader rows (see the module docstring) as a ``Dataset``."""
+    """Turn raw examples into the loader rows (see the module docstring) as a ``Dataset``.
+
+    ``limit``: the first N examples with a database; ``sample``: a random sample of N of them (``sample_seed``: the
+    same sample every time), in file order; only the chosen examples' prompts are built."""
     from datasets import Dataset
 
     from ..prompts import build_prompt, question_text
@@ -98,13 +103,20 @@ def build_examples(
     tables = load_tables_json(tables_file) if tables_file else {}
     rows: list[dict[str, Any]] = []
     missing: Counter[str] = Counter()
+    chosen = None
+    if sample is not None:
+        import random
+
+        with_db = [i for i, ex in enumerate(raw)
+                   if database_path(db_dir, _get(ex, ("db_id",), data_path, i)).is_file()]
+        chosen = set(with_db) if sample >= len(with_db) else set(random.Random(sample_seed).sample(with_db, sample))
     for i, ex in enumerate(raw):
         db_id = _get(ex, ("db_id",), data_path, i)
         db_path = database_path(db_dir, db_id)
         if not db_path.is_file():
             missing[db_id] += 1
             continue
-        if limit is not None and len(rows) >= limit:
+        if (limit is not None and len(rows) >= limit) or (chosen is not None and i not in chosen):
             continue  # keep counting missing databases for the warning
         query = _get(ex, query_fields, data_path, i)
         question = " ".join(_get(ex, question_fields, data_path, i).split())
@@ -155,6 +167,7 @@ def load_spider(
     *,
     build_prompts: bool = True,
     limit: int | None = None,
+    sample: int | None = None,
     source: str = "spider",
     question_field: str = "question",
 ):
@@ -174,6 +187,7 @@ def load_spider(
         query_fields=("query", "SQL"),
         build_prompts=build_prompts,
         limit=limit,
+        sample=sample,
     )
 
 
@@ -204,6 +218,7 @@ def load_bird(
     use_evidence: bool = True,
     build_prompts: bool = True,
     limit: int | None = None,
+    sample: int | None = None,
 ):
     """BIRD (Li et al. 2023): ``question``, ``evidence``, ``SQL``, ``difficulty``.
 
@@ -222,6 +237,7 @@ def load_bird(
         use_evidence=use_evidence,
         build_prompts=build_prompts,
         limit=limit,
+        sample=sample,
     )
 
 

@@ -93,12 +93,8 @@ SCALES = {
 
 def _train(name, out_dir: Path, scale: DemoScale, method_options: dict, *, model, teacher, tokenizer, dataset,
            seed: int, progress: bool, steps: int, sft_report: str | None = None) -> dict:
-    import dataclasses
-
-    from transformers import TrainingArguments
-
     from ..config import MethodConfig
-    from ..training import TrainConfig, run_training, training_arguments
+    from ..training import TrainConfig, run_training
 
     config = TrainConfig(output_dir=str(out_dir / name), lora=False, batch_size=scale.batch_size,
                          micro_batch_size=scale.micro_batch_size, max_steps=steps, learning_rate=scale.learning_rate,
@@ -106,14 +102,10 @@ def _train(name, out_dir: Path, scale: DemoScale, method_options: dict, *, model
                          save_steps=10**9, max_input_tokens=scale.max_input_tokens,
                          max_output_tokens=scale.max_output_tokens, seed=seed, progress=progress,
                          sft_report=sft_report, dtype="float32", teacher_dtype="float32",
+                         group_by_length=True,  # batches of similar lengths: less padding
                          overwrite_output_dir=True)  # the demo's own sub-directory (kid demo checked its output)
-    # Batches of similar lengths: less padding (transformers 5: train_sampling_strategy; 4.x: group_by_length).
-    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
-    grouping = ({"train_sampling_strategy": "group_by_length"} if "train_sampling_strategy" in fields
-                else {"group_by_length": True})
     report = run_training(config, MethodConfig(**method_options), student=model, teacher=teacher,
-                          tokenizer=tokenizer, train_dataset=dataset, write_final=False,
-                          training_args=training_arguments(config, **grouping))
+                          tokenizer=tokenizer, train_dataset=dataset, write_final=False)
     trainer = report.pop("_trainer")
     clock = trainer.kid_clock
     report["step_wall_s"] = [round(t, 6) for t in clock.steps_wall]  # for the paired step-time ratios
