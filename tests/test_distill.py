@@ -601,6 +601,43 @@ def test_one_sided_zero_probabilities(backend, device, divergence, monkeypatch):
         assert torch.isfinite(g_ours).all() and rel_l2(g_ours, g_ref) <= 1e-4
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("divergence", ["fkl", "rkl"])
+def test_infinite_kl_across_tiles_of_far_apart_maxima(backend, device, divergence, monkeypatch):
+    """The one-pass KL merges tiles whose maxima lie more than ~103 apart (the rescale of the earlier part underflows
+    to 0 in float32): a part that is +inf (a column of positive weight where the other model is -inf) stays +inf
+    whichever tile comes first, never inf * 0 = NaN; a finite part is dropped exactly as its weight says.  At a
+    large logit spread (std 60) both backends meet the float64 reference on every row."""
+    monkeypatch.setattr(tiles, "MAX_BLOCK_V", 64)
+    g = torch.Generator().manual_seed(36)
+    vocab = 200  # four tiles, a ragged one included
+    weighting, other = torch.randn(4, vocab, generator=g) * 3, torch.randn(4, vocab, generator=g) * 3
+    weighting[0, 64:] += 110.0   # row 0: the mass in the later tiles, the -inf column in the first
+    other[0, 7] = -math.inf
+    weighting[1, :64] += 110.0   # row 1: the mass in the first tile, the -inf column in a later one
+    other[1, 150] = -math.inf
+    weighting[2, 64:] += 110.0   # row 2: the same spread, nothing infinite (the first tile's part underflows)
+    weighting[3] *= 20.0         # row 3: a std of 60, -inf in the weighting model only (weight 0: finite)
+    other[3] *= 20.0
+    weighting[3, 20:30] = -math.inf
+    s, t = (other, weighting) if divergence == "fkl" else (weighting, other)
+    rows = kidkernels.distill_loss(s.to(device), t.to(device), divergence=divergence, reduction="none",
+                                   backend=backend).cpu()
+    ref = reference_distill_loss_from_logits(s.double(), t.double(), divergence=divergence, reduction="none")
+    assert torch.isinf(ref[:2]).all() and torch.isfinite(ref[2:]).all()
+    assert torch.equal(rows[:2], torch.full((2,), math.inf))
+    assert rel_l2(rows[2:], ref[2:]) <= 1e-5
+
+
+def test_kl_at_a_large_spread_matches_the_reference(backend, device):
+    """Logits of std 60 (a very sharp model), with and without the MLE term and temperature: loss and gradient of
+    both KLs within the promised tolerances of the float64 reference."""
+    for divergence in ("fkl", "rkl"):
+        case = make_case(n=3, vocab=517, logit_std=60.0, device=device, ignored=(1,), seed=37)
+        out = run_both(case, divergence=divergence, mle_weight=0.7, temperature=2.0, backend=backend)
+        assert_close(*out, 1e-4)
+
+
 def test_ignored_rows_are_never_read(backend, device):
     """Ignored rows are not swept (their logits may hold anything, NaN included, without effect) and their gradient
     rows are written, as zeros, over whatever the buffer held."""
