@@ -22,7 +22,9 @@ def check_number(name: str, value, *, low=None, high=None, low_open=True, high_o
     if isinstance(value, torch.Tensor) or isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a Python number, got {type(value).__name__}")
     value = float(value)
-    if not math.isfinite(value):
+    # Comparisons, not math.isfinite: under torch.compile(dynamic=True) a float may be traced as a symbolic float,
+    # which math.isfinite cannot take (NaN fails both comparisons).
+    if not -math.inf < value < math.inf:
         raise ValueError(f"{name} must be finite, got {value}")
     if low is not None and (value <= low if low_open else value < low):
         raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")

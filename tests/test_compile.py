@@ -23,11 +23,11 @@ def graph_breaks(fn, *args):
     return explained.graph_count, explained.graph_break_count, [str(r.reason) for r in explained.break_reasons]
 
 
-def inputs(seed=0):
+def inputs(seed=0, n=N):
     g = torch.Generator().manual_seed(seed)
-    xs, ws, bs = hidden_and_weight(N, H_S, V, logit_std=3.0, generator=g, bias=True)
-    xt, wt, bt = hidden_and_weight(N, H_T, V, logit_std=3.0, generator=g, bias=True)
-    target = torch.randint(0, V, (N,), generator=g)
+    xs, ws, bs = hidden_and_weight(n, H_S, V, logit_std=3.0, generator=g, bias=True)
+    xt, wt, bt = hidden_and_weight(n, H_T, V, logit_std=3.0, generator=g, bias=True)
+    target = torch.randint(0, V, (n,), generator=g)
     target[2] = -100
     for t in (xs, ws, bs):
         t.requires_grad_(True)
@@ -97,6 +97,34 @@ def test_default_backend_inductor():
     assert torch.allclose(out, eager, rtol=1e-6, atol=1e-7)
     for g, e in zip(grads, eager_grads):
         assert torch.allclose(g, e, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("how", ["dynamic=True", "mark_dynamic"])
+def test_dynamic_shapes(how):
+    """torch.compile(dynamic=True), or the rows marked dynamic: a full graph and the eager result at two numbers of
+    rows (under dynamic=True Dynamo may trace the options' Python floats as symbolic floats: the public API's
+    validation must take them)."""
+    dynamic = True if how == "dynamic=True" else None
+    for name, fn in sorted(LOSSES.items()):
+        dynamo.reset()
+        compiled = torch.compile(fn, fullgraph=True, backend="aot_eager", dynamic=dynamic)
+        for n in (6, 9):
+            args = inputs(seed=n, n=n)
+            if how == "mark_dynamic":
+                for t in args:
+                    dynamo.mark_dynamic(t, 0)
+            out = compiled(*args)
+            grads = torch.autograd.grad(out, args[:3])
+            eager = fn(*args)
+            eager_grads = torch.autograd.grad(eager, args[:3])
+            assert torch.allclose(out, eager, rtol=1e-6, atol=1e-7), name
+            for g, e in zip(grads, eager_grads):
+                assert torch.allclose(g, e, rtol=1e-5, atol=1e-7), name
+    dynamo.reset()
+    xs, ws, bs = (t.detach() for t in inputs(seed=2)[:3])
+    compiled = torch.compile(selection_calls, fullgraph=True, backend="aot_eager", dynamic=dynamic)
+    for got, want in zip(compiled(xs, ws, bs), selection_calls(xs, ws, bs)):
+        assert torch.equal(got, want)
 
 
 def selection_calls(xs, ws, bs, autocast=False):
