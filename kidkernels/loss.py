@@ -214,8 +214,9 @@ def distill_loss(
     leading_shape = tuple(student_logits.shape[:-1])
     s = check.flatten_rows("student_logits", student_logits)
     t = check.flatten_rows("teacher_logits", teacher_logits)
-    vocab = check.check_shared_vocab(shared_vocab, s.shape[1], t.shape[1], "student_logits", "teacher_logits")
     check.check_vocab("student_logits", s.shape[1])
+    check.check_vocab("teacher_logits", t.shape[1])
+    vocab = check.check_shared_vocab(shared_vocab, s.shape[1], t.shape[1], "student_logits", "teacher_logits")
     if s.shape[0] != t.shape[0]:
         raise ValueError(f"student_logits has {s.shape[0]} rows but teacher_logits has {t.shape[0]}")
     device = check.check_devices(student_logits=student_logits, teacher_logits=teacher_logits, target=target)

@@ -174,6 +174,42 @@ def test_empty_input(backend, device):
     assert torch.equal(case["student_weight"].grad, torch.zeros_like(case["student_weight"]))
 
 
+def test_empty_vocabulary_is_rejected():
+    """V = 0 (an lm_head without rows, logits without columns) is meaningless: a ValueError naming the tensor, for
+    either model, through every loss, before any work."""
+    case = make_case(n=3, ignored=())
+    empty = dict(student_weight=torch.randn(0, H_S), teacher_weight=torch.randn(0, H_T), student_bias=None,
+                 teacher_bias=None)
+    for names in (["student_weight"], ["teacher_weight"], ["student_weight", "teacher_weight"]):
+        changed = dict(case, student_bias=None, teacher_bias=None, target=None, **{k: empty[k] for k in names})
+        with pytest.raises(ValueError, match=f"{names[0]} has an empty vocabulary"):
+            kidkernels.fused_linear_distill_loss(**changed)
+        with pytest.raises(ValueError, match="empty vocabulary"):
+            kidkernels.fused_linear_distill_loss(**changed, shared_vocab=1)
+    with pytest.raises(ValueError, match="weight has an empty vocabulary"):
+        kidkernels.fused_linear_cross_entropy(case["student_input"], torch.randn(0, H_S), torch.tensor([-100] * 3))
+    for s, t, name in ((torch.randn(3, 0), torch.randn(3, 0), "student_logits"),
+                       (torch.randn(3, 5), torch.randn(3, 0), "teacher_logits"),
+                       (torch.randn(2, 3, 0), torch.randn(2, 3, 0), "student_logits")):
+        with pytest.raises(ValueError, match=f"{name} has an empty vocabulary"):
+            kidkernels.distill_loss(s, t, shared_vocab=None if s.shape[-1] == t.shape[-1] else 1)
+
+
+def test_empty_rows_from_logits(backend, device):
+    """No rows at all (N = 0, V >= 1; a leading shape with a 0 in it): a loss of 0 (``[0]``-shaped rows for "none")
+    and an empty gradient, on both backends."""
+    for shape in ((0, V), (2, 0, V)):
+        s = torch.randn(shape, device=device, requires_grad=True)
+        t = torch.randn(shape, device=device)
+        target = torch.zeros(shape[:-1], dtype=torch.int64, device=device)
+        loss = kidkernels.distill_loss(s, t, target, mle_weight=0.5, backend=backend)
+        assert loss.item() == 0.0
+        (grad,) = torch.autograd.grad(loss, [s])
+        assert grad.shape == s.shape
+        rows = kidkernels.distill_loss(s, t, target, reduction="none", backend=backend)
+        assert rows.shape == shape[:-1]
+
+
 def make_rows_case(n, kind, seed, device):
     """``n`` rows of one of three kinds: "trained" (a trained model's spread), "confident" (student rows scaled up:
     q_top near 1, where the largest gradient element is a small difference of numbers near 1), "agree" (a confident
