@@ -868,6 +868,28 @@ def test_second_backward_with_retained_graph(backend, device, dtype):
             assert rel_l2(p.grad, k * want) <= tol
 
 
+@pytest.mark.parametrize("rows, hidden", [(64, 8), (4, 96)], ids=["rows>H", "H>rows"])
+def test_weight_grad_fallback_temporaries_are_bounded(monkeypatch, rows, hidden):
+    """Where PyTorch has no float32-output addmm (CPU), a float32 weight-gradient accumulator of bfloat16 inputs is
+    updated one block of vocabulary rows at a time: every temporary stays within ``UPCAST_BLOCK_BYTES`` (the float32
+    copy of the gradient block grows with the chunk's rows, not only with H), apart from the float32 copy of the
+    chunk's hidden rows, and the sum is right."""
+    from kidkernels.ops import gemm
+
+    budget = 4096
+    monkeypatch.setattr(gemm, "UPCAST_BLOCK_BYTES", budget)
+    g = torch.Generator().manual_seed(48)
+    grad = torch.randn(rows, 300, generator=g).to(torch.bfloat16)
+    x = torch.randn(rows, hidden, generator=g).to(torch.bfloat16)
+    acc = torch.randn(300, hidden, generator=g)
+    want = acc.double() + grad.double().t() @ x.double()
+    with TensorRecorder() as rec:
+        gemm.accumulate_weight_grad(acc, grad, x)
+    temporaries = [a for a in rec.allocations if a[1] != rows * hidden * 4]  # the float32 copy of x
+    assert temporaries and max(nbytes for _, nbytes, _ in temporaries) <= budget, temporaries
+    assert rel_l2(acc, want) <= 1e-6
+
+
 def test_weight_grad_accumulates_in_float32_by_default(backend, device):
     """bfloat16 weights over many row chunks: the weight gradient accumulates in float32 and is rounded once (the
     default, and weight_grad_fp32=True), closer to float64 than accumulating in bfloat16 (weight_grad_fp32=False,
