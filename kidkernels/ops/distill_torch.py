@@ -60,7 +60,8 @@ def _jsd_log_ratio(logq, logp, cfg: DistillConfig):
 
 
 def _kl_referenced(x, y):
-    """``(KL(softmax(x) || softmax(y)), E[(x - y) - c], c)`` per row with ``c = max(x) - max(y)``: the kernels'
+    """``(KL(softmax(x) || softmax(y)), E[(x - y) - c], c)``, each ``[rows]``, for ``x``, ``y`` ``[rows, V]`` in the
+    compute dtype, with ``c = max(x) - max(y)`` per row: the kernels'
     one-pass form (``online_softmax.merge_kl``), in which an offset between the two models' logits never enters a
     sum: ``KL = E[(x - y) - c] - (log z_x - log z_y)``, ``z`` the sums of ``exp(logits - max)``.
 
