@@ -834,6 +834,22 @@ def test_backward_scales_in_place(backend, device, dtype):
         assert torch.equal(got, want)
 
 
+@pytest.mark.filterwarnings("ignore:Accessing the data pointer of FakeTensor")  # the recorder's storage keys
+def test_backward_under_fake_tensors_runs_as_eager():
+    """Under FakeTensorMode alone (how the benchmarks estimate memory) the backward takes the eager path, in place,
+    not the functional one a graph tracer gets: the estimate sees the allocations a real step makes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        case = make_case(n=8, h_s=32, h_t=32, vocab=101, seed=49, ignored=())
+        loss = kidkernels.fused_linear_distill_loss(**case, mle_weight=0.5, backend="torch")
+        weight_bytes = case["student_weight"].numel() * case["student_weight"].element_size()
+        with TensorRecorder() as rec:
+            loss.backward()
+    assert [a for a in rec.allocations if a[1] >= weight_bytes] == []
+    assert "aten.mul_.Tensor" in rec.ops
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_second_backward_with_retained_graph(backend, device, dtype):
     """Backward after backward through the same graph (retain_graph=True), each with its own upstream gradient, 0

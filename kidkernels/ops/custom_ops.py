@@ -152,12 +152,17 @@ def _(xs, ws, bs, xt, wt, bt, target, row_weight, divergence, beta, temperature,
 
 
 def _plain_eager(*tensors) -> bool:
-    """Whether these are ordinary eager tensors, outside ``torch.compile`` and outside any tracer (AOTAutograd,
-    ``make_fx``, ``opcheck``: fake or functional tensors), where the backward may hand out buffers it owns.  A tracer
-    gets the functional backward: a traced graph may not mutate what its forward saved."""
-    if torch.compiler.is_compiling():
+    """Whether this runs eagerly: outside ``torch.compile`` and outside any graph tracer (AOTAutograd, ``make_fx``,
+    ``opcheck``: a proxy mode, functional tensors), where the backward may hand out buffers it owns.  A tracer gets
+    the functional backward: a traced graph may not mutate what its forward saved.  Fake tensors alone (a memory
+    estimate under ``FakeTensorMode``) run as eager code does."""
+    from torch._subclasses.functional_tensor import FunctionalTensor
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+    if torch.compiler.is_compiling() or get_proxy_mode() is not None:
         return False
-    return all(t is None or (type(t) is torch.Tensor and not torch._is_functional_tensor(t)) for t in tensors)
+    return not any(t is not None and (isinstance(t, FunctionalTensor) or torch._is_functional_tensor(t))
+                   for t in tensors)
 
 
 def _setup_linear(ctx, inputs, output):
