@@ -137,6 +137,8 @@ def loss_term(ctx: DistillContext, batch, *, kd: bool, mle_weight: float, kd_nor
     cfg = ctx.config
     targets = batch["answer_labels"] if targets is None else targets
     s = ctx.student_head
+    # The MLE term alone softmaxes over the same rows as the MLE term of the fused KD call: the shared vocabulary.
+    s_mle = _shared_student_head(ctx)
     teacher_hidden = _teacher_hidden(ctx, batch) if kd else None
     student_hidden = answer_hidden_states(ctx.student, batch, dtype=s.dtype)
     tokens = batch["attention_mask"].sum()
@@ -151,7 +153,7 @@ def loss_term(ctx: DistillContext, batch, *, kd: bool, mle_weight: float, kd_nor
                 shared_vocab=ctx.shared_vocab)
             kd_value = (kd_rows * weights).sum().detach()
         else:
-            ce_rows = kidkernels.fused_linear_cross_entropy(student_hidden, s.weight, targets, bias=s.bias,
+            ce_rows = kidkernels.fused_linear_cross_entropy(student_hidden, s_mle.weight, targets, bias=s_mle.bias,
                                                             reduction="none")
             rows, kd_value = mle_weight * ce_rows, None
         loss = (rows * weights).sum()
@@ -160,7 +162,7 @@ def loss_term(ctx: DistillContext, batch, *, kd: bool, mle_weight: float, kd_nor
         return LossParts(loss, _zero(loss) if kd_value is None else kd_value, mle_value, tokens)
     if not kd:
         normalizer = _target_count(targets) if mle_normalizer is None else mle_normalizer
-        mle = kidkernels.fused_linear_cross_entropy(student_hidden, s.weight, targets, bias=s.bias,
+        mle = kidkernels.fused_linear_cross_entropy(student_hidden, s_mle.weight, targets, bias=s_mle.bias,
                                                     normalizer=normalizer)
         return LossParts(mle_weight * mle, _zero(mle), mle.detach(), tokens)
     if kd_normalizer is None:
@@ -212,10 +214,16 @@ def _two_passes(ctx, gold_batch, kd_batch, normalizer, kd_normalizer, num_sequen
     return terms
 
 
+def _shared_student_head(ctx: DistillContext) -> LMHead:
+    """The student's head restricted to the shared vocabulary (its first ``ctx.shared_vocab`` rows, views read at use;
+    the whole head when None): the rows the fused KD call reads, and so those of every MLE-only pass too."""
+    return ctx.student_head if ctx.shared_vocab is None else ctx.student_head.leading_rows(ctx.shared_vocab)
+
+
 def _prediction_head(ctx: DistillContext) -> LMHead:
     """The student's head for KID's predictions: restricted to the shared vocabulary, so that every predicted token
     is one the teacher has."""
-    return ctx.student_head if ctx.shared_vocab is None else ctx.student_head.leading_rows(ctx.shared_vocab)
+    return _shared_student_head(ctx)
 
 
 def _kid(ctx, batch, normalizer, kd_normalizer, num_sequences, kd_plan) -> ObjectivePlan:

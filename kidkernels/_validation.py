@@ -22,7 +22,9 @@ def check_number(name: str, value, *, low=None, high=None, low_open=True, high_o
     if isinstance(value, torch.Tensor) or isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a Python number, got {type(value).__name__}")
     value = float(value)
-    if not math.isfinite(value):
+    # Comparisons, not math.isfinite: under torch.compile(dynamic=True) a float may be traced as a symbolic float,
+    # which math.isfinite cannot take (NaN fails both comparisons).
+    if not -math.inf < value < math.inf:
         raise ValueError(f"{name} must be finite, got {value}")
     if low is not None and (value <= low if low_open else value < low):
         raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
@@ -61,10 +63,11 @@ def check_float_tensor(name: str, t) -> None:
 
 
 def flatten_rows(name: str, t: torch.Tensor) -> torch.Tensor:
-    """``[..., D]`` -> ``[N, D]`` (a view when possible), with unit stride along D."""
+    """``[..., D]`` -> ``[N, D]`` (a view when possible), with unit stride along D; N = 0 and D = 0 included
+    (``flatten`` of the leading dimensions: ``reshape(-1, 0)`` would be ambiguous)."""
     if t.dim() < 2:
         raise ValueError(f"{name} must have at least 2 dimensions [..., features], got shape {tuple(t.shape)}")
-    t = t.reshape(-1, t.shape[-1])
+    t = t.flatten(0, -2)
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
@@ -107,6 +110,11 @@ def check_target(target, rows: int, leading_shape) -> torch.Tensor:
 
 
 def check_vocab(name: str, vocab: int) -> None:
+    """A vocabulary size the losses can take: at least 1 (a softmax over no entries is undefined), below
+    :data:`MAX_VOCAB`.  ``name`` is the weight (its rows) or the logits (their last dimension)."""
+    if vocab < 1:
+        raise ValueError(f"{name} has an empty vocabulary (V = 0): a softmax over no entries is undefined, V must be "
+                         "at least 1")
     if vocab >= MAX_VOCAB:
         raise ValueError(f"{name} has {vocab} rows; vocabularies of at most {MAX_VOCAB - 1} are supported")
 

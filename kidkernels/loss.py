@@ -63,7 +63,10 @@ _OPTIONS_DOC = """
 """
 
 
-def _config(divergence, beta, temperature, kd_weight, mle_weight, ignore_index, reduction, has_target):
+def _validated_config(divergence, beta, temperature, kd_weight, mle_weight, ignore_index, reduction,
+                      has_target: bool) -> DistillConfig:
+    """Check the public options (a ``ValueError``/``TypeError`` naming the bad one) and return them as the
+    dispatch layer's :class:`DistillConfig`; ``reduction`` is checked but not part of it."""
     beta, temperature, kd_weight, mle_weight, ignore_index = check.check_options(
         divergence, beta, temperature, kd_weight, mle_weight, ignore_index, reduction)
     if not has_target and mle_weight != 0.0:
@@ -161,7 +164,8 @@ def fused_linear_distill_loss(
     Returns the loss (a 0-d float32 tensor, or ``[...]`` for "none"), or ``(loss, kd, mle)`` with ``return_parts``.
     Options:
     """
-    cfg = _config(divergence, beta, temperature, kd_weight, mle_weight, ignore_index, reduction, target is not None)
+    cfg = _validated_config(divergence, beta, temperature, kd_weight, mle_weight, ignore_index, reduction,
+                            target is not None)
     xs = _hidden_rows("student_input", student_input, "student_weight", student_weight)
     leading_shape = tuple(student_input.shape[:-1])
     xt = _hidden_rows("teacher_input", teacher_input, "teacher_weight", teacher_weight)
@@ -208,14 +212,16 @@ def distill_loss(
     Returns as :func:`fused_linear_distill_loss`.
     Options:
     """
-    cfg = _config(divergence, beta, temperature, kd_weight, mle_weight, ignore_index, reduction, target is not None)
+    cfg = _validated_config(divergence, beta, temperature, kd_weight, mle_weight, ignore_index, reduction,
+                            target is not None)
     check.check_float_tensor("student_logits", student_logits)
     check.check_float_tensor("teacher_logits", teacher_logits)
     leading_shape = tuple(student_logits.shape[:-1])
     s = check.flatten_rows("student_logits", student_logits)
     t = check.flatten_rows("teacher_logits", teacher_logits)
-    vocab = check.check_shared_vocab(shared_vocab, s.shape[1], t.shape[1], "student_logits", "teacher_logits")
     check.check_vocab("student_logits", s.shape[1])
+    check.check_vocab("teacher_logits", t.shape[1])
+    vocab = check.check_shared_vocab(shared_vocab, s.shape[1], t.shape[1], "student_logits", "teacher_logits")
     if s.shape[0] != t.shape[0]:
         raise ValueError(f"student_logits has {s.shape[0]} rows but teacher_logits has {t.shape[0]}")
     device = check.check_devices(student_logits=student_logits, teacher_logits=teacher_logits, target=target)

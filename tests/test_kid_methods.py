@@ -179,6 +179,29 @@ def test_trainer_and_objective_reject_a_missing_teacher(tmp_path):
         compute_objective(ctx, batch, 4)
 
 
+@pytest.mark.parametrize("normalization", ["token", "sequence"])
+def test_mle_only_passes_use_the_shared_vocabulary(normalization):
+    """A padded student head (80 rows, the teacher's 64 shared): an MLE-only pass softmaxes over the same 64 rows as
+    the MLE term of the fused KD call, not over all 80."""
+    from kid.batching import DistillCollator
+    from kid.methods import DistillContext, loss_term
+    from kid.models import LMHead, lm_head_of
+    from tests.kid_tiny import EOS, PAD, tiny_examples
+
+    padded, teacher = tiny_model(2, vocab=80), tiny_model(0)
+    config = MethodConfig(method="rkd", normalization=normalization)
+    ctx = DistillContext(config=config, student=padded, student_head=lm_head_of(padded), teacher=teacher,
+                         teacher_head=lm_head_of(teacher), eos_token_id=EOS, pad_token_id=PAD, shared_vocab=64)
+    batch = DistillCollator(PAD)(tiny_examples(2))
+    mle_only = loss_term(ctx, batch, kd=False, mle_weight=1.0, mle_normalizer=4, num_sequences=2)
+    with_kd = loss_term(ctx, batch, kd=True, mle_weight=1.0, mle_normalizer=4, num_sequences=2)
+    assert torch.allclose(mle_only.mle, with_kd.mle, rtol=1e-5)
+    head = ctx.student_head
+    cut = dataclasses.replace(ctx, shared_vocab=None, student_head=LMHead(head.weight[:64], head.bias))
+    assert torch.allclose(mle_only.loss, loss_term(cut, batch, kd=False, mle_weight=1.0, mle_normalizer=4,
+                                                   num_sequences=2).loss, rtol=1e-6)
+
+
 def test_generating_methods_need_prompts_in_the_batch():
     from kid.batching import DistillCollator
     from kid.methods import DistillContext, compute_objective

@@ -54,6 +54,15 @@ def kl_offset(m_x, m_y):
 
 
 @triton.jit
+def rescale_kl_sum(s, scale):
+    """``s * scale`` for a part of the one-pass KL sum, with ``+inf`` kept ``+inf``: a part is infinite when it holds a
+    column of positive weight where the other model's logit is ``-inf``, and its true scale ``exp(m_i - m)`` is
+    positive even where it underflows to 0 (a later tile's maximum more than ~103 above), so ``inf * 0`` is ``inf``,
+    never NaN."""
+    return s * tl.where(s == float("inf"), 1.0, scale)
+
+
+@triton.jit
 def merge_kl(mx1, zx1, my1, zy1, s1, mx2, zx2, my2, zy2, s2):
     """Merge two one-pass KL states ``(m_x, z_x, m_y, z_y, s)``: the log-sum-exp states of the weighting logits ``x``
     and of the other logits ``y``, and ``s = sum exp(x - m_x) ((x - y) - (m_x - m_y))``.
@@ -72,7 +81,8 @@ def merge_kl(mx1, zx1, my1, zy1, s1, mx2, zx2, my2, zy2, s2):
     shift1 = tl.where(zx1 > 0, zx1 * ((finite_ref(mx1) - rx) - (finite_ref(my1) - ry)), 0.0)
     shift2 = tl.where(zx2 > 0, zx2 * ((finite_ref(mx2) - rx) - (finite_ref(my2) - ry)), 0.0)
     _, zy = merge_lse(my1, zy1, my2, zy2)
-    return mx, zx1 * scale1 + zx2 * scale2, my, zy, (s1 + shift1) * scale1 + (s2 + shift2) * scale2
+    return mx, zx1 * scale1 + zx2 * scale2, my, zy, rescale_kl_sum(s1 + shift1, scale1) + \
+        rescale_kl_sum(s2 + shift2, scale2)
 
 
 @triton.jit
@@ -80,15 +90,19 @@ def online_kl_update(mx, zx, my, zy, s, x, y):
     """Fold tile ``(x, y)`` (masked lanes ``-inf`` in both) into the one-pass state of ``KL(softmax(x) ||
     softmax(y))`` (:func:`merge_kl`, :func:`finish_kl`), which holds both log-sum-exps as well.
 
-    A lane whose weight ``exp(x - m_x)`` is 0 (``x = -inf``: masked lanes, a masked vocabulary) contributes nothing,
-    even where ``y`` is ``-inf`` too; a lane with ``x`` finite and ``y = -inf`` makes the KL ``+inf``, as it is.
+    A lane with ``x = -inf`` (weight 0: masked lanes, a masked vocabulary) contributes nothing, even where ``y`` is
+    ``-inf`` too (0 log 0 = 0); a lane with ``x`` finite and ``y = -inf`` makes the KL ``+inf``, as it is, even where
+    its weight ``exp(x - m_x)`` underflows in float32 (its probability is positive all the same).
     """
     mx_tile = tl.max(x, axis=0)
     my_tile = tl.max(y, axis=0)
     e = tl.exp(x - finite_ref(mx_tile))
-    weighted = e > 0  # x - y is formed only there: elsewhere both may be -inf
-    deviation = (tl.where(weighted, x, 0.0) - tl.where(weighted, y, 0.0)) - kl_offset(mx_tile, my_tile)
-    s_tile = tl.sum(e * deviation, axis=0)
+    weighted = x > float("-inf")
+    unbounded = weighted & (y == float("-inf"))
+    # x - y is formed only where both are finite (elsewhere both may be -inf); e is 0 on unweighted lanes.
+    finite = weighted & (unbounded == 0)
+    deviation = (tl.where(finite, x, 0.0) - tl.where(finite, y, 0.0)) - kl_offset(mx_tile, my_tile)
+    s_tile = tl.sum(tl.where(unbounded, float("inf"), e * deviation), axis=0)
     zy_tile = tl.sum(tl.exp(y - finite_ref(my_tile)), axis=0)
     return merge_kl(mx, zx, my, zy, s, mx_tile, tl.sum(e, axis=0), my_tile, zy_tile, s_tile)
 

@@ -62,11 +62,6 @@ class DistillConfig:
         return 1.0 / self.temperature
 
     @property
-    def computes_ce(self) -> bool:
-        """The per-row cross-entropy is computed whenever there is a target (reported even at mle_weight=0)."""
-        return self.has_target
-
-    @property
     def ce_in_grad(self) -> bool:
         return self.has_target and self.mle_weight != 0.0
 

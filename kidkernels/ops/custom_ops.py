@@ -13,7 +13,7 @@ shapes and dtypes, and (for the losses) a backward registered with ``register_au
 
 The loss options travel as scalar arguments.  ``linear_distill`` returns, for "mean" and "sum", the gradients it
 formed during the forward pass (already divided by the mean's denominator; empty ``[0]`` tensors where none is asked
-for); its backward only scales them by the upstream gradient, in place (see :func:`_scale_saved`).
+for); its first backward hands them out scaled by the upstream gradient, in place (see :func:`_backward_linear`).
 
 Inside an op, autocast is off (``gemm.without_autocast``): its products keep the dtypes chosen by :mod:`.gemm`.  No op
 reads a tensor value on the host, except the range check of a CPU target (there is no device to wait for).
@@ -66,7 +66,9 @@ def check_target_range(target: Tensor, vocab: int, ignore_index: int) -> None:
         torch._assert_async(~bad.any(), message)
 
 
-def _config(divergence, beta, temperature, kd_weight, mle_weight, ignore_index, has_target, has_teacher):
+def _distill_config(divergence, beta, temperature, kd_weight, mle_weight, ignore_index, has_target,
+                    has_teacher) -> DistillConfig:
+    """The :class:`DistillConfig` of an op's scalar arguments (already validated by the public API)."""
     return DistillConfig(divergence, beta, temperature, kd_weight, mle_weight, ignore_index, has_target,
                          has_teacher=has_teacher)
 
@@ -88,7 +90,7 @@ def linear_distill(
     """The loss from hidden states: ``(loss, kd, ce, dx, dw, db)``; ``xt``, ``wt``, ``bt`` None for the
     cross-entropy alone.  Shapes as :func:`.distill.linear_distill_chunks`; dx, dw, db are formed only for "mean" and
     "sum" and when their flag is set (else ``[0]``)."""
-    cfg = _config(divergence, beta, temperature, kd_weight, mle_weight, ignore_index, target is not None,
+    cfg = _distill_config(divergence, beta, temperature, kd_weight, mle_weight, ignore_index, target is not None,
                   xt is not None)
     opts = DispatchOptions(reduction, backend, workspace_bytes, weight_grad_fp32)
     if target is not None:
@@ -130,7 +132,7 @@ def linear_distill_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of ``sum_i row_weight_i * row_loss_i`` (the "none" reduction's backward, which recomputes the logits),
     in the dtypes of ``xs``, ``ws`` and ``bs`` (``[0]`` where not asked for)."""
-    cfg = _config(divergence, beta, temperature, kd_weight, mle_weight, ignore_index, target is not None,
+    cfg = _distill_config(divergence, beta, temperature, kd_weight, mle_weight, ignore_index, target is not None,
                   xt is not None)
     opts = DispatchOptions("none", backend, workspace_bytes, weight_grad_fp32)
     grad_bias = grad_bias and bs is not None
@@ -149,8 +151,26 @@ def _(xs, ws, bs, xt, wt, bt, target, row_weight, divergence, beta, temperature,
             torch.empty_like(bs) if grad_bias and bs is not None else ws.new_empty(0))
 
 
+def _plain_eager(*tensors) -> bool:
+    """Whether this runs eagerly: outside ``torch.compile`` and outside any graph tracer (AOTAutograd, ``make_fx``,
+    ``opcheck``: a proxy mode, functional tensors), where the backward may hand out buffers it owns.  A tracer gets
+    the functional backward: a traced graph may not mutate what its forward saved.  Fake tensors alone (a memory
+    estimate under ``FakeTensorMode``) run as eager code does."""
+    from torch._subclasses.functional_tensor import FunctionalTensor
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+    if torch.compiler.is_compiling() or get_proxy_mode() is not None:
+        return False
+    return not any(t is not None and (isinstance(t, FunctionalTensor) or torch._is_functional_tensor(t))
+                   for t in tensors)
+
+
 def _setup_linear(ctx, inputs, output):
-    (xs, ws, bs, xt, wt, bt, target, _normalizer, _normalizer_value, divergence, beta, temperature, kd_weight,
+    """Save what the backward needs.  "mean"/"sum" in eager: the forward-pass gradients are held (not saved) for the
+    first backward to hand out, and the inputs are saved (references, no copies) for any later backward to recompute
+    from (see :func:`_backward_linear`).  Traced: the forward-pass gradients are saved and scaled functionally.
+    "none": the inputs, to recompute with the per-row upstream gradient."""
+    (xs, ws, bs, xt, wt, bt, target, normalizer, normalizer_value, divergence, beta, temperature, kd_weight,
      mle_weight, ignore_index, vocab, reduction, backend, workspace_bytes, weight_grad_fp32, grad_input,
      grad_weight, grad_bias) = inputs
     _loss, kd, ce, dx, dw, db = output
@@ -160,65 +180,68 @@ def _setup_linear(ctx, inputs, output):
                    workspace_bytes, weight_grad_fp32)
     ctx.flags = (grad_input, grad_weight, grad_bias and bs is not None)
     ctx.dtypes = (xs.dtype, ws.dtype, bs.dtype if bs is not None else None)
-    ctx.eager = reduction != "none"
-    ctx.applied_scale = None
-    if ctx.eager:
+    ctx.reduction, ctx.normalizer_value = reduction, normalizer_value
+    ctx.traced = not _plain_eager(xs, dx, dw, db)
+    ctx.unclaimed = None
+    if reduction != "none" and ctx.traced:
         ctx.save_for_backward(dx, dw, db)
-    else:
-        ctx.save_for_backward(xs, ws, bs, xt, wt, bt, target)
+        return
+    if reduction != "none":
+        # Not saved tensors: the first backward takes them out of ctx and gives them away as the gradients.
+        ctx.unclaimed = (dx, dw, db)
+    ctx.save_for_backward(xs, ws, bs, xt, wt, bt, target, normalizer)
 
 
-def _scale_saved(ctx, buffers, dtypes, scale):
-    """The saved forward-pass gradients times the upstream ``scale``, in ``dtypes``.
-
-    A buffer already in its gradient's dtype is scaled in place and returned (no second weight-sized tensor); a
-    float32 accumulator of a low-precision weight or bias is scaled into a new tensor of that dtype (one rounding) and
-    itself left as it is.  A second backward through the same graph (``retain_graph=True``) finds the in-place buffers
-    scaled by the first backward's factor and returns them times ``scale / first``, in new tensors: correct to the
-    rounding of the low-precision buffers (one more rounding), and an error, not a silent zero, when the first factor
-    was 0.  Under ``torch.compile`` the scaling is functional (the compiler plans the buffers).
-    """
-    tracing = torch.compiler.is_compiling()
-    first = ctx.applied_scale
-    if not tracing and first is not None and any(b is not None and b.dtype == d for b, d in zip(buffers, dtypes)):
-        if not bool((first != 0).all()):  # a second backward only: never on the hot path
-            raise RuntimeError(
-                "a second backward through this loss (retain_graph=True) after one with a zero upstream gradient: "
-                "the forward pass's gradients were scaled by 0 in place; recompute the loss instead")
+def _hand_out(buffers, dtypes, scale):
+    """The forward-pass gradients times the upstream ``scale``, in ``dtypes``, from buffers nothing else holds: a buffer
+    already in its gradient's dtype is scaled in place and becomes the gradient (no new weight-sized tensor); a
+    float32 accumulator of a low-precision weight or bias is scaled into a new tensor of that dtype (its one rounding)
+    and then freed."""
     out = []
     for buffer, dtype in zip(buffers, dtypes):
         if buffer is None:
             out.append(None)
-        elif tracing:
-            out.append((buffer * scale).to(dtype))
-        elif buffer.dtype != dtype:
-            result = torch.empty(buffer.shape, device=buffer.device, dtype=dtype)
-            out.append(torch.mul(buffer, scale, out=result))
-        elif first is None:
-            with torch.autograd._unsafe_preserve_version_counter(buffer):  # saved and reused by a later backward
-                out.append(buffer.mul_(scale))
+        elif buffer.dtype == dtype:
+            out.append(buffer.mul_(scale))
         else:
-            out.append(buffer * (scale / first))
-    if not tracing and first is None:
-        ctx.applied_scale = scale.detach().clone()
+            out.append(torch.mul(buffer, scale, out=torch.empty(buffer.shape, device=buffer.device, dtype=dtype)))
     return out
 
 
 def _backward_linear(ctx, grad_loss, *_):
+    """Gradients of the loss w.r.t. ``xs``, ``ws``, ``bs`` (None for the other 20 inputs).
+
+    "mean"/"sum", eager: the first backward hands out the gradients formed in the forward pass, scaled by the upstream
+    gradient in place (:func:`_hand_out`), and lets go of them: they are the caller's from then on (a ``.grad`` that
+    is clipped, zeroed or accumulated into changes nothing here).  A later backward through the same graph
+    (``retain_graph=True``) recomputes them from the saved inputs with row weight ``upstream / denominator``, as the
+    "none" reduction always does: exact whatever the first upstream gradient was (0 included).  Traced
+    (``torch.compile``): the saved gradients times the upstream gradient, functionally (the compiler plans buffers).
+    """
     grad_input, grad_weight, grad_bias = ctx.flags
     tail = (None,) * 20
     if grad_loss is None:
         return (None, None, None) + tail
     x_dtype, w_dtype, b_dtype = ctx.dtypes
-    if ctx.eager:
+    eager = ctx.reduction != "none"
+    scale = grad_loss.to(compute_dtype(x_dtype))
+    if eager and ctx.traced:
         dx, dw, db = ctx.saved_tensors
-        buffers = [dx if grad_input else None, dw if grad_weight else None, db if grad_bias else None]
-        scale = grad_loss.to(compute_dtype(x_dtype))
-        gx, gw, gb = _scale_saved(ctx, buffers, (x_dtype, w_dtype, b_dtype), scale)
-        return (gx, gw, gb) + tail
-    xs, ws, bs, xt, wt, bt, target = ctx.saved_tensors
+        buffers = (dx if grad_input else None, dw if grad_weight else None, db if grad_bias else None)
+        return tuple(None if b is None else (b * scale).to(d) for b, d in zip(buffers, ctx.dtypes)) + tail
+    if eager and ctx.unclaimed is not None:
+        (dx, dw, db), ctx.unclaimed = ctx.unclaimed, None
+        buffers = (dx if grad_input else None, dw if grad_weight else None, db if grad_bias else None)
+        return tuple(_hand_out(buffers, (x_dtype, w_dtype, b_dtype), scale)) + tail
+    xs, ws, bs, xt, wt, bt, target, normalizer = ctx.saved_tensors
+    row_weight = grad_loss
+    if eager:  # a second backward of "mean"/"sum": the upstream scalar over the forward's denominator, per row
+        cfg = _distill_config(*ctx.options[:6], target is not None, xt is not None)
+        denom = mean_denominator(cfg, ctx.reduction, target, normalizer if normalizer is not None else
+                                 ctx.normalizer_value, xs.shape[0], scale.dtype, xs.device)
+        row_weight = (scale if denom is None else scale / denom).reshape(()).expand(xs.shape[0])
     gx, gw, gb = torch.ops.kidkernels.linear_distill_backward(
-        xs, ws, bs, xt, wt, bt, target, grad_loss, *ctx.options, grad_input, grad_weight, grad_bias)
+        xs, ws, bs, xt, wt, bt, target, row_weight, *ctx.options, grad_input, grad_weight, grad_bias)
     return (gx if grad_input else None, gw if grad_weight else None, gb if grad_bias else None) + tail
 
 
@@ -234,7 +257,8 @@ def distill_logits(
     mle_weight: float, ignore_index: int, vocab: int, reduction: str, backend: str, workspace_bytes: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The loss from logits ``[N, V_s]`` and ``[N, V_t]`` (the first ``vocab`` columns): ``(loss, kd, ce, stats)``."""
-    cfg = _config(divergence, beta, temperature, kd_weight, mle_weight, ignore_index, target is not None, True)
+    cfg = _distill_config(divergence, beta, temperature, kd_weight, mle_weight, ignore_index, target is not None,
+                          True)
     opts = DispatchOptions(reduction, backend, workspace_bytes)
     if target is not None:
         check_target_range(target, vocab, ignore_index)
@@ -261,7 +285,8 @@ def distill_logits_backward(
     vocab: int, backend: str, workspace_bytes: int,
 ) -> Tensor:
     """The gradient ``[N, V_s]`` (student dtype) of ``sum_i row_weight_i * row_loss_i`` w.r.t. the student logits."""
-    cfg = _config(divergence, beta, temperature, kd_weight, mle_weight, ignore_index, target is not None, True)
+    cfg = _distill_config(divergence, beta, temperature, kd_weight, mle_weight, ignore_index, target is not None,
+                          True)
     grad = torch.empty_like(student)
     dispatch.logits_distill_chunks(student, teacher, target, cfg, DispatchOptions("none", backend, workspace_bytes),
                                    vocab=vocab, stats=stats, row_weight=row_weight, grad_out=grad)
@@ -292,7 +317,8 @@ def _backward_logits(ctx, grad_loss, *_):
         return (None,) + tail
     student, teacher, target, stats, normalizer = ctx.saved_tensors
     divergence, beta, temperature, kd_weight, mle_weight, ignore_index = ctx.options[:6]
-    cfg = _config(divergence, beta, temperature, kd_weight, mle_weight, ignore_index, target is not None, True)
+    cfg = _distill_config(divergence, beta, temperature, kd_weight, mle_weight, ignore_index, target is not None,
+                          True)
     n = student.shape[0]
     scale = grad_loss.to(stats.dtype)
     denom = mean_denominator(cfg, ctx.reduction, target, normalizer if normalizer is not None else

@@ -60,14 +60,23 @@ def _jsd_log_ratio(logq, logp, cfg: DistillConfig):
 
 
 def _kl_referenced(x, y):
-    """``(KL(softmax(x) || softmax(y)), E[(x - y) - c], c)`` per row with ``c = max(x) - max(y)``: the kernels'
+    """``(KL(softmax(x) || softmax(y)), E[(x - y) - c], c)``, each ``[rows]``, for ``x``, ``y`` ``[rows, V]`` in the
+    compute dtype, with ``c = max(x) - max(y)`` per row: the kernels'
     one-pass form (``online_softmax.merge_kl``), in which an offset between the two models' logits never enters a
-    sum: ``KL = E[(x - y) - c] - (log z_x - log z_y)``, ``z`` the sums of ``exp(logits - max)``."""
+    sum: ``KL = E[(x - y) - c] - (log z_x - log z_y)``, ``z`` the sums of ``exp(logits - max)``.
+
+    As in the kernels (``online_softmax.online_kl_update``): a column with ``x = -inf`` adds 0 (0 log 0 = 0), one with
+    ``x`` finite and ``y = -inf`` makes the row ``+inf`` even where ``exp(x - max)`` underflows in float32."""
     mx, my = x.amax(dim=-1, keepdim=True), y.amax(dim=-1, keepdim=True)
     ex = (x - mx).exp()
     zx, zy = _row_sum(ex), _row_sum((y - my).exp())
     offset = mx - my
-    mean_deviation = _row_sum(torch.where(ex > 0, ex * ((x - y) - offset), 0.0)) / zx
+    weighted = x > float("-inf")
+    unbounded = weighted & (y == float("-inf"))
+    finite = weighted & ~unbounded
+    deviation = torch.where(finite, x, 0.0) - torch.where(finite, y, 0.0) - offset
+    terms = torch.where(unbounded, float("inf"), torch.where(weighted, ex * deviation, 0.0))
+    mean_deviation = _row_sum(terms) / zx
     return mean_deviation - (zx.log() - zy.log()), mean_deviation, offset.squeeze(-1)
 
 

@@ -63,8 +63,10 @@ def _probe(device_type: str, dtype: torch.dtype, op: str) -> bool:
         return False
 
 
-def _vocab_block(hidden: int) -> int:
-    return max(1, UPCAST_BLOCK_BYTES // (4 * max(hidden, 1)))
+def _vocab_block(floats_per_vocab_row: int) -> int:
+    """Vocabulary rows per block of the fallback, so that its float32 temporaries (``floats_per_vocab_row`` floats
+    for each vocabulary row of the block) stay within ``UPCAST_BLOCK_BYTES``."""
+    return max(1, UPCAST_BLOCK_BYTES // (4 * max(floats_per_vocab_row, 1)))
 
 
 def linear_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -104,7 +106,9 @@ def accumulate_weight_grad(acc: torch.Tensor, grad_logits: torch.Tensor, x: torc
 
     A float32 accumulator for low-precision inputs is updated by one ``addmm(..., out_dtype=float32, out=acc)``
     where PyTorch has it (cuBLAS accumulates in float32 and adds into ``acc``: no temporary); otherwise one block of
-    vocabulary rows at a time through a float32 product (a bounded temporary).
+    vocabulary rows at a time through a float32 product or a float32 copy of that block of the gradient (a temporary
+    of at most ``UPCAST_BLOCK_BYTES`` whatever the number of rows and the hidden size; plus the float32 copy of ``x``,
+    ``[rows, H]``).
     """
     if acc.dtype == grad_logits.dtype == x.dtype:
         acc.addmm_(grad_logits.t(), x)
@@ -112,8 +116,10 @@ def accumulate_weight_grad(acc: torch.Tensor, grad_logits: torch.Tensor, x: torc
     if _probe(x.device.type, x.dtype, "addmm") and grad_logits.dtype == x.dtype:
         torch.addmm(acc, grad_logits.t(), x, out_dtype=acc.dtype, out=acc)
         return
-    step = _vocab_block(x.shape[1])
     fast = _probe(x.device.type, x.dtype, "mm") and grad_logits.dtype == x.dtype
+    # Per vocabulary row of a block: its float32 product [H] (fast path), or its float32 copy of the gradient
+    # column [rows] (else): bounded in the chunk's rows as well as in H.
+    step = _vocab_block(x.shape[1] if fast else grad_logits.shape[0])
     x_up = None if fast or x.dtype == acc.dtype else x.to(acc.dtype)
     for v0 in range(0, grad_logits.shape[1], step):
         block = grad_logits[:, v0:v0 + step].t()
