@@ -219,14 +219,7 @@ def build_fake_models(plan: StepPlan, fake_mode: FakeTensorMode | None) -> StepM
     if plan.method_config().needs_teacher:
         teacher = fake_causal_lm(hf_config(plan.teacher), dtype=getattr(torch, plan.teacher_dtype),
                                  fake_mode=fake_mode, train=False)
-    vocab = _head_rows(student) if teacher is None else min(_head_rows(student), _head_rows(teacher))
-    return StepModels(student, teacher, vocab)
-
-
-def _head_rows(model) -> int:
-    from kid.models import lm_head_of
-
-    return lm_head_of(model).num_rows
+    return StepModels.of(student, teacher)
 
 
 def _model_tensors(model) -> list[torch.Tensor]:

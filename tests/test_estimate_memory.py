@@ -299,10 +299,22 @@ def test_generation_runs_once_per_step_in_the_configured_calls():
     assert estimate_step(tiny_plan(method="rkd"))["generate_calls"] == 0
 
 
-@pytest.mark.parametrize("method, options", [
-    ("sft", {}), ("rkd", {}), ("kid", {"mle_input": "gold"}), ("gkd", {"max_new_tokens": 5}),
-    ("imitkd", {"imitkd_gold_probability": 0.5, "max_new_tokens": 5})])
-def test_the_eager_twin_is_the_trainers_step(monkeypatch, method, options):
+def _padded_teacher(tmp_path, rows: int = 520) -> str:
+    """tiny-qwen2-teacher with a padded head (``rows`` > the student's 512, as Qwen1.5-14B's 152,064 against
+    Qwen1.5-0.5B's 151,936), as a config path."""
+    path = tmp_path / "padded-teacher" / "config.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(dict(PRESETS["tiny-qwen2-teacher"], vocab_size=rows)))
+    return str(path.parent)
+
+
+@pytest.mark.parametrize("method, options, padded", [
+    ("sft", {}, False), ("rkd", {}, False), ("kid", {"mle_input": "gold"}, False),
+    ("gkd", {"max_new_tokens": 5}, False),
+    ("imitkd", {"imitkd_gold_probability": 0.5, "max_new_tokens": 5}, False),
+    ("rkd", {}, True), ("kid", {"strategy": "hard"}, True)],
+    ids=["sft", "rkd", "kid-gold", "gkd", "imitkd", "rkd-padded-teacher", "kid-hard-padded-teacher"])
+def test_the_eager_twin_is_the_trainers_step(monkeypatch, tmp_path, method, options, padded):
     """On real CPU tensors (float32, tiny random models), the eager twin of a micro-batch computes the loss and
     the LoRA gradients of the trainer's step: same passes, same data (the same rollout), same normalisers (the
     generated answers shorter than the gold ones: the KD term has its own token count)."""
@@ -320,9 +332,12 @@ def test_the_eager_twin_is_the_trainers_step(monkeypatch, method, options):
 
     monkeypatch.setenv("KIDKERNELS_BACKEND", "torch")
     plan = tiny_plan(method=method, method_options=options, dtype="float32", teacher_dtype="float32",
-                     lora_dropout=0.0, seq_len=24, answer_len=8)
+                     lora_dropout=0.0, seq_len=24, answer_len=8,
+                     **({"teacher": _padded_teacher(tmp_path)} if padded else {}))
     torch.manual_seed(0)
     models = build_models(plan, "cpu")
+    # The trainer's rule (DistillTrainer.__init__): heads of different sizes share their first rows.
+    assert objective_context(plan, models, 0, "cpu").shared_vocab == (512 if padded else None)
     with torch.no_grad():  # LoRA's B starts at zero (A's gradient would be zero): give both a spread
         for param in trainable_parameters(models.student):
             param.normal_(0.0, 0.5)
@@ -350,3 +365,41 @@ def test_the_eager_twin_is_the_trainers_step(monkeypatch, method, options):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
     if rollout is not None:
         assert any(p.kd_batch is not None for p in rollout.plans)  # a generated batch took the two-pass path
+
+
+def test_a_padded_teacher_head_is_estimated_on_the_shared_vocabulary(tmp_path):
+    """Teacher and student heads of different sizes: the step runs on the rows both have, as the trainer runs it
+    (``shared_vocab``); the teacher's whole head is still counted in its weights."""
+    plan = tiny_plan(method="kid", teacher=_padded_teacher(tmp_path, rows=640))
+    models = build_fake_models(plan, FakeTensorMode())
+    assert (models.vocab_size, models.shared_vocab) == (512, 512)
+    equal = estimate_step(tiny_plan(method="kid"))
+    padded = estimate_step(plan)
+    head = PRESETS["tiny-qwen2-teacher"]["hidden_size"]
+    extra = (allocated_bytes(640 * head * 2) - allocated_bytes(512 * head * 2)) * 2  # embedding and lm_head rows
+    assert padded["weights_bytes"] - equal["weights_bytes"] == extra
+    eager = estimate_step(tiny_plan(method="kid", implementation="eager", teacher=plan.teacher))
+    assert padded["peak_bytes"] < eager["peak_bytes"]
+
+
+# ---- SFT holds no teacher -----------------------------------------------------------------------------------------
+
+def test_sft_holds_no_teacher_in_the_estimate_nor_in_the_measurement():
+    """``kid train`` loads no teacher for SFT: the estimate counts the student alone, and the GPU measurement
+    builds no teacher for SFT-only configurations and moves a built one out of device memory for SFT."""
+    from benchmarks.measure_step import build_models, models_for
+
+    sft = tiny_plan(method="sft")
+    result = estimate_step(sft)
+    student = (_bytes(_qwen2_parameter_shapes("tiny-qwen2"), 2) + _bytes(_lora_shapes("tiny-qwen2", sft.lora_r), 4))
+    buffers = sum(allocated_bytes(b.numel() * b.element_size())
+                  for b in build_fake_models(sft, FakeTensorMode()).student.buffers())
+    assert result["weights_bytes"] == result["peak_by_label"]["weights"] == student + buffers
+    only_sft = build_models([sft], "cpu")
+    assert only_sft.teacher is None and only_sft.vocab_size == PRESETS["tiny-qwen2"]["vocab_size"]
+    both = build_models([sft, tiny_plan(method="rkd")], "cpu")
+    assert both.teacher is not None
+    assert models_for(sft, both, "cpu").teacher is None  # on a GPU: moved to host memory meanwhile
+    assert models_for(tiny_plan(method="rkd"), both, "cpu").teacher is both.teacher
+    with pytest.raises(ValueError, match="needs a teacher"):
+        models_for(tiny_plan(method="rkd"), only_sft, "cpu")
