@@ -1,7 +1,7 @@
 """MEASURED peak GPU memory and time of ``kid train`` optimizer steps at the paper's shapes, next to the fake-tensor
 estimate of the same step (:mod:`benchmarks.estimate_memory`).  Needs CUDA.
 
-    python -m benchmarks.measure_step [--json FILE] [--configs kid-mb4,kid-mb16-ckpt,...] [--no-estimate]
+    python -m benchmarks.measure_step [--json FILE [--overwrite]] [--configs kid-mb4,kid-mb16-ckpt,...] [--no-estimate]
 
 Qwen1.5-7B-shaped teacher and Qwen1.5-0.5B-shaped student built from their configs with random weights (bf16, SDPA,
 LoRA r=64 on the student), batch 16 x (1,024 + 128) tokens, the step of :mod:`benchmarks.train_step` (the same code
@@ -24,6 +24,7 @@ from typing import Sequence
 
 import torch
 
+from .arguments import OneLineParser, output_file_problem
 from .fake_memory import default_dtype
 from .model_presets import hf_config
 from .train_step import (
@@ -213,17 +214,21 @@ def format_line(r: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.measure_step", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--json", type=Path, help="write the results to this JSON file")
+    parser = OneLineParser(prog="python -m benchmarks.measure_step", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", type=Path, help="write the results to this JSON file (after each configuration)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the --json file if it exists")
     parser.add_argument("--configs", default=",".join(CONFIGS),
                         help=f"comma-separated, in order (default all: {','.join(CONFIGS)})")
     parser.add_argument("--no-estimate", action="store_true", help="measure only (no fake-tensor estimate)")
     args = parser.parse_args(argv)
     names = [n for n in args.configs.split(",") if n]
     unknown = [n for n in names if n not in CONFIGS]
-    if unknown:
-        parser.error(f"unknown configs {unknown}; choose from {list(CONFIGS)}")
+    if unknown or not names:
+        parser.error(f"unknown configs {unknown or args.configs!r}; choose from {list(CONFIGS)}")
+    if args.json is not None and (problem := output_file_problem(args.json, overwrite=args.overwrite,
+                                                                   flag="--json")):
+        parser.error(problem)
     if not torch.cuda.is_available():
         parser.error("no CUDA device: this measures GPU memory (python -m benchmarks.estimate_memory estimates it "
                      "on a CPU)")

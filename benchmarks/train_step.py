@@ -97,6 +97,15 @@ class StepPlan:
         for name in ("dtype", "teacher_dtype"):
             if getattr(self, name) not in ("bfloat16", "float16", "float32"):
                 raise ValueError(f"{name} must be bfloat16, float16 or float32, got {getattr(self, name)!r}")
+        if self.lora:
+            if int(self.lora_r) < 1:
+                raise ValueError(f"lora_r must be >= 1, got {self.lora_r}")
+            if not self.lora_alpha > 0:
+                raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha}")
+            if not 0.0 <= self.lora_dropout < 1.0:
+                raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.workspace_bytes is not None and int(self.workspace_bytes) < 1:
+            raise ValueError(f"workspace_bytes must be >= 1 (None: kidkernels' default), got {self.workspace_bytes}")
         if self.method != "sft" and not self.teacher:
             raise ValueError(f"method {self.method!r} needs a teacher")
         self.method_config()  # validates the options

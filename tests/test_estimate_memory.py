@@ -234,12 +234,30 @@ def test_command_line_prints_both_estimates_and_writes_json(tmp_path, capsys):
     assert refused.value.code == 2
 
 
-@pytest.mark.parametrize("bad", [["--student", "no-such-model"], ["--micro-batch-size", "3"],
-                                 ["--seq-len", "16"]])
-def test_command_line_mistakes_exit_2(bad, capsys):
+@pytest.mark.parametrize("bad, message", [
+    (["--student", "no-such-model"], "no-such-model"), (["--micro-batch-size", "3"], "not a multiple"),
+    (["--seq-len", "16"], "answer_len 16 must be below seq_len 16"), (["--lora-r", "0"], "lora_r must be >= 1"),
+    (["--lora-dropout", "2"], "lora_dropout must be in [0, 1)"), (["--lora-alpha", "0"], "lora_alpha must be > 0"),
+    (["--workspace-mb", "-5"], "--workspace-mb must be a positive"),
+    (["--workspace-mb", "0"], "--workspace-mb must be a positive"),
+    (["--workspace-mb", "inf"], "--workspace-mb must be a positive"),
+    (["--json", "{tmp}/no-such-folder/estimate.json"], "does not exist"),
+    (["--json", "{tmp}"], "is a directory"),
+    (["--paper-table", "--results-dir", "{tmp}/results", "--readme", "{tmp}/no-markers.md"], "has no <!-- estimate"),
+    (["--paper-table", "--results-dir", "{tmp}/no-markers.md", "--no-readme"], "is not a folder"),
+], ids=lambda v: v if isinstance(v, str) else " ".join(v).replace("{tmp}", ""))
+def test_command_line_mistakes_are_one_line_exit_2_before_any_estimate(bad, message, tmp_path, capsys, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a mistake must be found before any estimate runs")
+
+    monkeypatch.setattr(estimate_memory, "estimate_step", refuse)
+    (tmp_path / "no-markers.md").write_text("# a README without the estimate block\n")
     with pytest.raises(SystemExit) as error:
-        main(TINY_ARGS + bad)
+        main(TINY_ARGS + [a.replace("{tmp}", str(tmp_path)) for a in bad])
     assert error.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and message in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["no-markers.md"]  # nothing written
 
 
 def test_paper_table_renders_between_markers(tmp_path):
@@ -403,3 +421,17 @@ def test_sft_holds_no_teacher_in_the_estimate_nor_in_the_measurement():
     assert models_for(tiny_plan(method="rkd"), both, "cpu").teacher is both.teacher
     with pytest.raises(ValueError, match="needs a teacher"):
         models_for(tiny_plan(method="rkd"), only_sft, "cpu")
+
+
+@pytest.mark.parametrize("bad, message", [(["--configs", "kid-mb4,nope"], "unknown configs"),
+                                          (["--json", "{tmp}/missing/step.json"], "does not exist"),
+                                          (["--json", "{tmp}/step.json"], "pass --overwrite")])
+def test_measure_step_mistakes_are_one_line_exit_2_before_the_gpu_check(bad, message, tmp_path, capsys):
+    from benchmarks import measure_step
+
+    (tmp_path / "step.json").write_text("{}")
+    with pytest.raises(SystemExit) as error:
+        measure_step.main([a.replace("{tmp}", str(tmp_path)) for a in bad])
+    err = capsys.readouterr().err
+    assert error.value.code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+    assert (tmp_path / "step.json").read_text() == "{}"

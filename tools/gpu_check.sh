@@ -133,7 +133,7 @@ part bench-paper-mle-select 45 env KIDKERNELS_BENCH_NO_COMPILE=1 "${BENCH[@]}" -
     --benchmark-json="$WORK/bench-paper-mle-select.json"
 part bench-sweepN 55 env KIDKERNELS_BENCH_NO_COMPILE=1 "${BENCH[@]}" -k "sweepN and distill" \
     --benchmark-json="$WORK/bench-sweepN.json"
-part step 150 "$PY" -m benchmarks.measure_step --json "$WORK/step.json"
+part step 150 "$PY" -m benchmarks.measure_step --json "$WORK/step.json" --overwrite
 # ---- optional parts: whatever time is left ----------------------------------------------------------------------
 part bench-compile 120 "${BENCH[@]}" -k "paper and distill and rkl and (compile or liger_chunked)" \
     --benchmark-json="$WORK/bench-compile.json"
