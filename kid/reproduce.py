@@ -214,6 +214,51 @@ def spider_benchmarks(spider_dir: str | os.PathLike | None, *, scale: str, spide
     return train, benchmarks
 
 
+# Layers of the preset's model (SmolLM2-135M), the most a shrunk model can keep.
+PRESET_LAYERS = {"smollm2": 30}
+
+
+def _check_scale(s: ReproduceScale, preset: str = "smollm2") -> None:
+    """Every setting of a scale (with the command's overrides) in range, before anything is written; the
+    trainer's own options are checked again by :class:`kid.training.TrainConfig`."""
+    layers = PRESET_LAYERS[preset]
+    checks = [
+        ("teacher_layers", s.teacher_layers is None or 1 <= s.teacher_layers <= layers, f"1..{layers} (or all)"),
+        ("student_layers", 1 <= s.student_layers <= layers, f"1..{layers}"),
+        ("teacher_steps", s.teacher_steps >= 1, ">= 1"), ("student_steps", s.student_steps >= 1, ">= 1"),
+        ("batch_size", s.batch_size >= 1, ">= 1"), ("micro_batch_size", s.micro_batch_size >= 1, ">= 1"),
+        ("train_examples", s.train_examples >= 1, ">= 1"),
+        ("eval_examples", s.eval_examples is None or s.eval_examples >= 1, ">= 1 (or all)"),
+        ("eval_batch_size", s.eval_batch_size >= 1, ">= 1"),
+        ("rollout_new_tokens", s.rollout_new_tokens >= 1, ">= 1"),
+        ("eval_new_tokens", s.eval_new_tokens >= 1, ">= 1"),
+        ("eval_workers", s.eval_workers is None or s.eval_workers >= 1, ">= 1 (or the default)"),
+        ("time_limit_s", s.time_limit_s is None or s.time_limit_s > 0, "> 0 (or none)"),
+    ]
+    for name, ok, rule in checks:
+        if not ok:
+            raise ValueError(f"{name} must be {rule}, got {getattr(s, name)}")
+    if s.batch_size % s.micro_batch_size:
+        raise ValueError(f"batch_size {s.batch_size} is not a multiple of micro_batch_size {s.micro_batch_size}")
+
+
+def _count_examples_with_databases(data_file, db_dir, what: str) -> int:
+    """How many examples of ``data_file`` have their database under ``db_dir``; a file that is not a list of
+    examples, or none of whose examples has its database, is refused (one line)."""
+    from .data.loaders import read_json_examples
+
+    try:
+        rows = read_json_examples(data_file)
+    except ValueError as exc:  # a JSON syntax error is raised inside json: name the file here
+        raise ValueError(f"{what} {data_file}: not a JSON list of examples ({exc})") from None
+    db_dir = Path(db_dir)
+    present = sum(1 for r in rows if isinstance(r.get("db_id"), str)
+                  and (db_dir / r["db_id"] / f"{r['db_id']}.sqlite").is_file())
+    if present == 0:
+        raise ValueError(f"{what}: none of the {len(rows)} examples of {data_file} has its database in {db_dir}")
+    return present
+
+
 def _check_seeds(seeds: Iterable[int]) -> list[int]:
     seeds = [int(s) for s in seeds]
     if not seeds:
@@ -342,13 +387,12 @@ class Protocol:
             if unknown:
                 raise ValueError(f"unknown scale setting(s) {unknown}; known: {sorted(known)}")
             s = dataclasses.replace(s, **overrides)
+        if time_limit_s is not None and not (time_limit_s == -1 or (math.isfinite(time_limit_s)
+                                                                    and time_limit_s >= 0)):
+            raise ValueError(f"--time-limit must be >= 0 seconds (0: none), got {time_limit_s}")
         if time_limit_s is None or time_limit_s >= 0:
             s = dataclasses.replace(s, time_limit_s=time_limit_s or None)
-        for name in ("teacher_steps", "student_steps", "train_examples", "batch_size", "micro_batch_size"):
-            if int(getattr(s, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(s, name)}")
-        if s.batch_size % s.micro_batch_size:
-            raise ValueError(f"batch_size {s.batch_size} is not a multiple of micro_batch_size {s.micro_batch_size}")
+        _check_scale(s, preset)
         self.preset, self.scale = preset, s
         self.seeds = _check_seeds(seeds)
         self.methods = _check_methods(methods)
@@ -360,6 +404,22 @@ class Protocol:
             raise ValueError(f"--out-dir {self.out} exists and is not a directory")
         self.models_dir = Path(models_dir).expanduser() if models_dir else None
         self.progress = progress
+        if self.models_dir is not None and self.models_dir.exists() and not self.models_dir.is_dir():
+            raise ValueError(f"--models-dir {self.models_dir} exists and is not a directory")
+        # The options of every run, through the trainer's own checks (nothing is read or written here).
+        from .errors import UsageError
+
+        for role, lora, lr, steps in (("teacher", s.teacher_lora, s.teacher_learning_rate, s.teacher_steps),
+                                      ("student", s.student_lora, s.student_learning_rate, s.student_steps)):
+            try:
+                self._train_config(self.out / "check", student=self.out / "check", teacher=None, seed=0,
+                                   steps=steps, learning_rate=lr, lora=lora, sft_report=None, resume=False)
+            except UsageError as exc:
+                raise UsageError(f"the {role} runs' settings: {exc}") from None
+        # Each data file holds examples whose database is there (the prompts are built much later).
+        _count_examples_with_databases(self.train_source["data_file"], self.train_source["db_dir"], "training data")
+        for b in self.benchmarks:
+            _count_examples_with_databases(b.data_file, b.db_dir, b.name)
         self.timings: dict[str, float] = {}
         self.teacher_outputs_meta: dict | None = None
         self.started = time.perf_counter()

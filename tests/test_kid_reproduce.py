@@ -98,13 +98,38 @@ def test_method_table_is_the_papers_configurations(tmp_path):
     (["--spider-dir", "/nonexistent/spider"], "Spider directory not found"),
     (["--spider-dk", "dk.json"], "need --spider-dir"),
     (["--student-steps", "0"], "student_steps must be >= 1"),
+    (["--eval-examples", "0"], "eval_examples must be >= 1"),
+    (["--eval-examples", "-2"], "eval_examples must be >= 1"),
+    (["--train-examples", "0"], "train_examples must be >= 1"),
+    (["--time-limit", "-5"], "--time-limit must be >= 0"),
+    (["--time-limit", "nan"], "--time-limit must be >= 0"),
+    (["--models-dir", "{tmp}/a-file"], "--models-dir"),
+    (["--spider-dir", "{tmp}/spider"], "none of the 1 examples"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
     out = tmp_path / "run"
-    assert main(["reproduce", "--out-dir", str(out), *argv]) == 2
+    (tmp_path / "a-file").write_text("x")
+    spider = tmp_path / "spider"  # every file there, but no example's database
+    (spider / "database").mkdir(parents=True)
+    for name in ("train_spider.json", "dev.json", "tables.json"):
+        (spider / name).write_text(json.dumps([{"db_id": "missing", "question": "q", "query": "SELECT 1"}]))
+    assert main(["reproduce", "--out-dir", str(out), *[a.replace("{tmp}", str(tmp_path)) for a in argv]]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not out.exists()  # nothing made before the check
+
+
+def test_a_mistake_leaves_an_earlier_run_untouched(tmp_path, capsys):
+    """A bad flag on a re-run is refused before anything is written: the settings of the run it would continue
+    stay those of its first run (a later correct command still continues it)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    Protocol(run, scale="smoke", progress=False)._save_settings()
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    assert main(["reproduce", "--out-dir", str(run), "--eval-examples", "0"]) == 2
+    assert "eval_examples must be >= 1" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    Protocol(run, scale="smoke", progress=False)  # the same settings: accepted
 
 
 def test_refuses_a_foreign_directory_and_other_settings(tmp_path, capsys):
