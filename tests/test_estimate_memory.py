@@ -183,6 +183,78 @@ def test_weights_gradients_and_optimizer_state_at_the_peak_equal_a_hand_count():
     assert by_label["optimizer state"] == 2 * _bytes(lora, 4) + 512 * len(lora)
 
 
+def test_rkd_peak_weights_and_saved_activations_equal_a_hand_count(tmp_path):
+    """An independent count, from the config and autograd's rules, of the weights and of the activations live at
+    the RKD step's peak, against the fake-tensor estimate.
+
+    Student: Qwen2, hidden H=256, MLP width M=512, 2 layers of 4 heads (head dim 64), vocabulary 32,768 (tied),
+    bf16, LoRA r=8 on every linear layer (float32 adapters, dropout 0: peft's Identity); teacher: hidden 128, MLP
+    256, 2 layers, the same vocabulary (untied), bf16.  Micro-batch 2 x 512 tokens, the last 64 the answer.  The
+    vocabulary makes the loss call's chunk buffers larger than any backward transient, so the peak is inside
+    micro-batch 2's fused loss call: every activation of its student pass is still saved, and micro-batch 1's graph
+    is gone.  Fake tensors allocate nothing: these shapes cost about a second.
+    """
+    student = dict(PRESETS["tiny-qwen2"], hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=4, vocab_size=32768)
+    teacher = dict(PRESETS["tiny-qwen2-teacher"], vocab_size=32768)
+    for name, config in (("student", student), ("teacher", teacher)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+    B, T, A, r = 2, 512, 64, 8
+    plan = StepPlan(student=str(tmp_path / "student"), teacher=str(tmp_path / "teacher"), method="rkd",
+                    batch_size=2 * B, micro_batch_size=B, seq_len=T, answer_len=A, lora_r=r, lora_alpha=16,
+                    lora_dropout=0.0)
+    result = estimate_step(plan)
+    assert "fused_linear_distill_loss" in result["peak_where"] and "micro-batch 2/2" in result["peak_where"]
+
+    def block(nbytes):  # the CUDA caching allocator's 512-byte blocks
+        return -(-nbytes // 512) * 512
+
+    # ---- weights: every parameter in its own block, and the rotary embedding's two buffers (inv_freq and
+    # original_inv_freq, head_dim / 2 float32 each).
+    def base_weights(c, tied):
+        h, i, v, layers = c["hidden_size"], c["intermediate_size"], c["vocab_size"], c["num_hidden_layers"]
+        layer = (3 * (block(2 * h * h) + block(2 * h))  # q, k, v with their biases (Qwen2)
+                 + block(2 * h * h) + 2 * block(2 * i * h) + block(2 * h * i)  # o, gate, up, down
+                 + 2 * block(2 * h))  # the two RMSNorm weights
+        heads = block(2 * v * h) * (1 if tied else 2)
+        return heads + layers * layer + block(2 * h) + 2 * block(4 * (h // c["num_attention_heads"]) // 2)
+
+    H, M, L = student["hidden_size"], student["intermediate_size"], student["num_hidden_layers"]
+    lora_in_out = [(H, H)] * 4 + [(H, M)] * 2 + [(M, H)]  # q k v o, gate up, down: (in, out)
+    lora = L * sum(block(4 * r * fan_in) + block(4 * fan_out * r) for fan_in, fan_out in lora_in_out)
+    weights = base_weights(student, True) + lora + base_weights(teacher, False)
+    assert result["weights_bytes"] == result["peak_by_label"]["weights"] == weights
+
+    # ---- activations saved by the student pass of micro-batch 2 (N = B T tokens), by what saves them:
+    N, heads = B * T, student["num_attention_heads"]
+    head_dim = H // heads
+    per_layer = (
+        6 * N * H * 4 + N * M * 4  # LoRA casts its input to float32 for lora_A, saved for A's weight gradient
+                                   # (q, k, v, o, gate, up read H features, down reads M), one copy per adapter
+        + 7 * N * r * 4            # lora_A's float32 output, saved for lora_B's weight gradient
+        + 3 * N * H * 2            # flash attention saves q and k after RoPE (new tensors) and v (v_proj's output)
+        + N * H * 2                # ... and its output
+        + B * heads * T * 4        # ... and its float32 log-sum-exp, [B, heads, T]
+        + 2 * 512                  # ... and its two RNG-state tensors (one block each)
+        + 2 * (N * H * 4 + N * 4)  # RMSNorm (input, post-attention): its float32 input (pow, mul) and rsqrt
+        + N * M * 2                # SiLU saves the gate projection's output
+        + 2 * N * M * 2            # act(gate) * up saves both factors
+    )
+    # Layer 1's input norm saves nothing: nothing before the first LoRA adapter requires a gradient.
+    first_norm = N * H * 4 + N * 4
+    rope = 2 * T * head_dim * 2            # cos and sin, [1, T, head_dim] bf16, shared by the layers
+    final_norm = N * H * 4 + N * 4         # the final RMSNorm, as the layers' norms
+    gather_input = N * H * 2               # gather (the answer rows) saves its input: the last hidden state
+    rows = B * A * H * 2 + B * A * teacher["hidden_size"] * 2  # the student's and the teacher's answer rows
+    batches = 2 * 2 * B * T * 8            # the step's input ids and attention masks (int64), both micro-batches
+    activations = L * per_layer - first_norm + rope + final_norm + gather_input + rows + batches
+    # Left out of the hand count: the answer positions and labels ([B, A] int64) and the scalars of the step
+    # (token counts, normalisers): a dozen blocks of 512 or 1,024 bytes, under 8 KiB, less than any term above.
+    estimated = result["peak_by_label"]["activations"]
+    assert activations <= estimated <= activations + 8 * 1024, (estimated, activations)
+
+
 @pytest.mark.parametrize("method", ["rkd", "sft", "kid"])
 def test_the_loss_extra_memory_stays_within_the_workspace(method):
     """Each kidkernels loss call's extra memory is its chunk buffers (at most ``workspace_bytes``) plus its O(N)
