@@ -172,6 +172,11 @@ def test_smoke_protocol_survives_failures_and_a_rerun_retries_only_them(tmp_path
 
     def train_run(self, run_dir, method, **kwargs):
         trained.append(method if run_dir.parent.name != "reproduce" else "teacher")
+        if inject and method == "fkd":  # the teacher and SFT are done: the table so far is on disk already
+            partial = json.loads((out / "reproduce_report.json").read_text())
+            assert partial["in_progress"] and not partial["complete"]
+            assert [r["method"] for r in partial["runs"]] == ["teacher", "sft"]
+            assert "In progress: 2 run(s)" in (out / "reproduce_table.md").read_text()
         if inject and method in ("rkd", "fdistill"):
             raise RuntimeError("injected training failure")
         return original_train(self, run_dir, method, **kwargs)
@@ -228,6 +233,7 @@ def test_smoke_protocol_survives_failures_and_a_rerun_retries_only_them(tmp_path
     assert (fdistill["preset"], fdistill["teacher_outputs"]) == ("paper", str(out / "teacher_outputs"))
     report = json.loads((out / "reproduce_report.json").read_text())
     assert report["complete"] is True and report["failed"] == [] and report["stopped"] is None
+    assert report["in_progress"] is False
     assert [r["method"] for r in report["table"]] == ["teacher", *TABLE_METHODS]
     for run in report["runs"]:
         result = run["ex"]["demo-heldout"]
@@ -250,3 +256,84 @@ def test_smoke_protocol_survives_failures_and_a_rerun_retries_only_them(tmp_path
     assert (out / "seed1" / "kid" / "final" / "adapter_config.json").is_file()
     assert (out / "teacher_sft" / "final" / "model.safetensors").is_file()
     assert not list(out.glob("**/checkpoint-*"))  # no end-of-run checkpoints
+
+
+def test_a_copy_without_git_names_the_commit_recorded_when_it_was_prepared(tmp_path, monkeypatch):
+    """The GPU machine gets the source without .git: tools/gpu_reproduce_prepare.sh records the commit in a file
+    that travels, and the reports read it from $KID_SOURCE_COMMIT_FILE."""
+    from kid import run_report
+
+    stamp = tmp_path / "COMMIT.json"
+    stamp.write_text(json.dumps({"commit": "0123abc", "dirty": True, "recorded_at": "2026-12-02T01:00:00"}))
+    monkeypatch.setenv(run_report.SOURCE_COMMIT_FILE_ENV, str(stamp))
+    recorded = run_report.recorded_commit()
+    assert recorded["commit"] == "0123abc" and recorded["dirty"] is True and str(stamp) in recorded["source"]
+    monkeypatch.setenv(run_report.SOURCE_COMMIT_FILE_ENV, str(tmp_path / "missing.json"))
+    assert run_report.recorded_commit() is None
+
+
+def test_a_finished_run_keeps_no_checkpoint_and_nothing_else_is_removed(tmp_path):
+    from kid.reproduce import remove_checkpoints
+
+    run = tmp_path / "seed1" / "kid"
+    for name in ("checkpoint-3", ".checkpoint-4.staging", "checkpoint-notes", "final"):
+        (run / name).mkdir(parents=True)
+    (run / "status.json").write_text("{}")
+    (run / "checkpoint-7").write_text("a file, not a checkpoint")
+    assert remove_checkpoints(tmp_path / "seed1" / "kid") == [".checkpoint-4.staging", "checkpoint-3"]
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint-7", "checkpoint-notes", "final", "status.json"]
+    (run / "final").rmdir()
+    (run / "checkpoint-9").mkdir()
+    assert remove_checkpoints(run) == []  # not final yet: the checkpoint is what a re-run continues from
+
+
+def test_models_are_replaced_only_in_kids_cache_and_a_run_continues_only_with_its_own(tmp_path, monkeypatch):
+    from kid import pretrained
+
+    calls = []
+    monkeypatch.setattr(pretrained, "convert_smollm2", lambda out=None, **kw: tmp_path / "full")
+    monkeypatch.setattr(pretrained, "read_stamp", lambda path: {"kind": "shrink", "layers": str(path)})
+
+    def shrink_model(source, out, layers, *, replace_stale=False, **kw):
+        calls.append(replace_stale)
+        if not replace_stale:
+            raise ValueError(f"{out} holds a different conversion: choose another output directory, or pass "
+                             "--force (force=True) to replace it")
+        return out
+    monkeypatch.setattr(pretrained, "shrink_model", shrink_model)
+    monkeypatch.setenv("KID_CACHE_DIR", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    run.mkdir()
+    protocol = Protocol(run, scale="smoke", progress=False)
+    protocol._save_settings()
+    protocol.prepare_models()
+    assert calls == [True, True]  # kid's own cache: a stale conversion is replaced
+    assert (run / "reproduce_models.json").is_file()
+    mine = Protocol(tmp_path / "run2", scale="smoke", progress=False, models_dir=tmp_path / "my-models")
+    (tmp_path / "run2").mkdir()
+    with pytest.raises(ValueError, match="--models-dir .*holds a different conversion; choose another --models-dir"):
+        mine.prepare_models()  # the user's directory: refused, not overwritten
+    monkeypatch.setattr(pretrained, "read_stamp", lambda path: {"kind": "shrink", "layers": "changed"})
+    with pytest.raises(ValueError, match="was started with other student and teacher models"):
+        Protocol(run, scale="smoke", progress=False).prepare_models()
+
+
+def test_an_interrupted_run_says_how_kid_reproduce_continues(tmp_path, monkeypatch):
+    """kid reproduce has no --resume: while its runs train, the trainer's signal message says to re-run."""
+    import kid.training as training
+    from kid.reproduce import ProtocolInterrupted
+
+    hints = []
+
+    def run_training(config, method, **kwargs):
+        hints.append(training.RESUME_HINT)
+        return {"interrupted": True}
+
+    monkeypatch.setattr(training, "run_training", run_training)
+    protocol = Protocol(tmp_path / "run", scale="smoke", progress=False)
+    protocol.tokenizer = protocol.train_dataset = None
+    with pytest.raises(ProtocolInterrupted, match="re-run the command to continue"):
+        protocol.train_run(tmp_path / "run" / "seed1" / "sft", "sft", student=tmp_path, teacher=None, seed=1,
+                           steps=2, learning_rate=1e-4, lora=True)
+    assert hints == ["re-run the same kid reproduce command to continue"]
+    assert training.RESUME_HINT == "resume with --resume"  # kid train's, restored
