@@ -318,6 +318,8 @@ def load_examples(fmt: str, data_file, db_dir, tables_file, scratch_dir: Path, *
         parts = list(pool.map(_load_chunk, jobs))
     for _, path, _, _ in jobs:
         Path(path).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # the scratch folder too, unless something else is in it
+        scratch_dir.rmdir()
     merged = [row for part in parts for row in part]
     if not merged:
         return load_dataset_by_name(fmt, data_file, db_dir, tables_file)  # the loader's own error or empty set
