@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from .arguments import OneLineParser, output_file_problem
 from .fake_memory import NOT_MODELLED, ROUTES, LiveBytesTracker, cuda_like_execution, fake_causal_lm
 from .gpu_report import package_version
 from .model_presets import PRESETS, UnknownModel, hf_config
@@ -219,14 +220,7 @@ def build_fake_models(plan: StepPlan, fake_mode: FakeTensorMode | None) -> StepM
     if plan.method_config().needs_teacher:
         teacher = fake_causal_lm(hf_config(plan.teacher), dtype=getattr(torch, plan.teacher_dtype),
                                  fake_mode=fake_mode, train=False)
-    vocab = _head_rows(student) if teacher is None else min(_head_rows(student), _head_rows(teacher))
-    return StepModels(student, teacher, vocab)
-
-
-def _head_rows(model) -> int:
-    from kid.models import lm_head_of
-
-    return lm_head_of(model).num_rows
+    return StepModels.of(student, teacher)
 
 
 def _model_tensors(model) -> list[torch.Tensor]:
@@ -462,8 +456,8 @@ def run_paper_table(results_dir: Path, readme: Path | None, *, overwrite: bool, 
 # ---- command line -----------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.estimate_memory", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="python -m benchmarks.estimate_memory", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", default="qwen1.5-7b", help="preset or HF config path (default qwen1.5-7b)")
     parser.add_argument("--student", default="qwen1.5-0.5b", help="preset or HF config path (default qwen1.5-0.5b)")
     parser.add_argument("--method", default="kid", choices=METHODS + ("all",))
@@ -486,7 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
                         help="the student's base weights (ignored by --no-lora: float32 master weights)")
     parser.add_argument("--teacher-dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-    parser.add_argument("--workspace-mb", type=float, help="kidkernels' workspace budget (default its own)")
+    parser.add_argument("--workspace-mb", type=float, help="kidkernels' workspace budget in MiB, > 0 (default its "
+                        "own)")
     parser.add_argument("--implementation", default="both", choices=IMPLEMENTATIONS + ("both",))
     parser.add_argument("--json", type=Path, help="also write the estimate(s) to this JSON file")
     parser.add_argument("--paper-table", action="store_true",
@@ -519,8 +514,28 @@ def _plans(args) -> list[StepPlan]:
                 lora=args.lora, lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                 gradient_checkpointing=args.gradient_checkpointing, dtype=args.dtype,
                 teacher_dtype=args.teacher_dtype, implementation=implementation,
-                workspace_bytes=int(args.workspace_mb * 2 ** 20) if args.workspace_mb else None))
+                workspace_bytes=_workspace_bytes(args.workspace_mb)))
     return plans
+
+
+def _workspace_bytes(workspace_mb: float | None) -> int | None:
+    if workspace_mb is None:
+        return None
+    if not (math.isfinite(workspace_mb) and workspace_mb > 0):
+        raise ValueError(f"--workspace-mb must be a positive number of MiB, got {workspace_mb}")
+    return max(1, int(workspace_mb * 2 ** 20))
+
+
+def _readme_problem(readme: Path) -> str | None:
+    """Why the README's estimate table cannot be rewritten (checked before the slow work), or None."""
+    try:
+        content = readme.read_text()
+    except OSError as error:
+        return f"--readme {readme}: {error.strerror or error}"
+    i, j = content.find(START_MARKER), content.find(END_MARKER)
+    if i < 0 or j < i:
+        return f"--readme {readme} has no {START_MARKER} ... {END_MARKER} block (or pass --no-readme)"
+    return None
 
 
 def main(argv=None) -> int:
@@ -538,19 +553,26 @@ def main(argv=None) -> int:
             parser.error(f"cannot read {args.render_table}: {error}")
         if payload.get("kind") != "estimate" or not payload.get("results"):
             parser.error(f"{args.render_table} holds no estimates")
+        if not args.no_readme and (problem := _readme_problem(args.readme)):
+            parser.error(problem)
         table = paper_table_markdown(payload["results"], source=args.render_table.name)
         print(table)
         if not args.no_readme:
             write_between_markers(args.readme, table)
         return 0
     if args.paper_table:
+        if args.results_dir.exists() and not args.results_dir.is_dir():
+            parser.error(f"--results-dir {args.results_dir} is not a folder")
+        if not args.no_readme and (problem := _readme_problem(args.readme)):
+            parser.error(problem)
         try:
             run_paper_table(args.results_dir, None if args.no_readme else args.readme, overwrite=args.overwrite)
         except FileExistsError as error:
             parser.error(str(error))
         return 0
-    if args.json is not None and args.json.exists() and not args.overwrite:
-        parser.error(f"{args.json} exists; pass --overwrite to replace it")
+    if args.json is not None and (problem := output_file_problem(args.json, overwrite=args.overwrite,
+                                                                   flag="--json")):
+        parser.error(problem)
     try:
         plans = _plans(args)
         for model in {args.student, args.teacher if args.method != "sft" else args.student}:

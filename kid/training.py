@@ -49,6 +49,8 @@ EVALUATIONS_NAME = "evaluations"  # the execution-accuracy reports, one per eval
 
 # Choices of the enum options (the CLI's argparse choices; checked here too).  Kept free of heavy imports so that
 # ``kid --help`` stays fast; tests check them against transformers and kid.data.
+# How to continue after a signal stopped a run, as the signal handler says it (kid reproduce sets its own).
+RESUME_HINT = "resume with --resume"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                  "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay")
@@ -378,7 +380,7 @@ class _StopOnSignal:
             self.signum = signum
             # write_stderr: os.write (print could be holding stdout's lock), and a closed stderr is ignored.
             write_stderr(f"\nkid: {signal.Signals(signum).name}: saving a checkpoint after this step, then stopping "
-                         "(resume with --resume; Ctrl-C again to stop at once)\n")
+                         f"({RESUME_HINT}; Ctrl-C again to stop at once)\n")
 
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):

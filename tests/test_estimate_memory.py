@@ -183,6 +183,78 @@ def test_weights_gradients_and_optimizer_state_at_the_peak_equal_a_hand_count():
     assert by_label["optimizer state"] == 2 * _bytes(lora, 4) + 512 * len(lora)
 
 
+def test_rkd_peak_weights_and_saved_activations_equal_a_hand_count(tmp_path):
+    """An independent count, from the config and autograd's rules, of the weights and of the activations live at
+    the RKD step's peak, against the fake-tensor estimate.
+
+    Student: Qwen2, hidden H=256, MLP width M=512, 2 layers of 4 heads (head dim 64), vocabulary 32,768 (tied),
+    bf16, LoRA r=8 on every linear layer (float32 adapters, dropout 0: peft's Identity); teacher: hidden 128, MLP
+    256, 2 layers, the same vocabulary (untied), bf16.  Micro-batch 2 x 512 tokens, the last 64 the answer.  The
+    vocabulary makes the loss call's chunk buffers larger than any backward transient, so the peak is inside
+    micro-batch 2's fused loss call: every activation of its student pass is still saved, and micro-batch 1's graph
+    is gone.  Fake tensors allocate nothing: these shapes cost about a second.
+    """
+    student = dict(PRESETS["tiny-qwen2"], hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=4, vocab_size=32768)
+    teacher = dict(PRESETS["tiny-qwen2-teacher"], vocab_size=32768)
+    for name, config in (("student", student), ("teacher", teacher)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+    B, T, A, r = 2, 512, 64, 8
+    plan = StepPlan(student=str(tmp_path / "student"), teacher=str(tmp_path / "teacher"), method="rkd",
+                    batch_size=2 * B, micro_batch_size=B, seq_len=T, answer_len=A, lora_r=r, lora_alpha=16,
+                    lora_dropout=0.0)
+    result = estimate_step(plan)
+    assert "fused_linear_distill_loss" in result["peak_where"] and "micro-batch 2/2" in result["peak_where"]
+
+    def block(nbytes):  # the CUDA caching allocator's 512-byte blocks
+        return -(-nbytes // 512) * 512
+
+    # ---- weights: every parameter in its own block, and the rotary embedding's two buffers (inv_freq and
+    # original_inv_freq, head_dim / 2 float32 each).
+    def base_weights(c, tied):
+        h, i, v, layers = c["hidden_size"], c["intermediate_size"], c["vocab_size"], c["num_hidden_layers"]
+        layer = (3 * (block(2 * h * h) + block(2 * h))  # q, k, v with their biases (Qwen2)
+                 + block(2 * h * h) + 2 * block(2 * i * h) + block(2 * h * i)  # o, gate, up, down
+                 + 2 * block(2 * h))  # the two RMSNorm weights
+        heads = block(2 * v * h) * (1 if tied else 2)
+        return heads + layers * layer + block(2 * h) + 2 * block(4 * (h // c["num_attention_heads"]) // 2)
+
+    H, M, L = student["hidden_size"], student["intermediate_size"], student["num_hidden_layers"]
+    lora_in_out = [(H, H)] * 4 + [(H, M)] * 2 + [(M, H)]  # q k v o, gate up, down: (in, out)
+    lora = L * sum(block(4 * r * fan_in) + block(4 * fan_out * r) for fan_in, fan_out in lora_in_out)
+    weights = base_weights(student, True) + lora + base_weights(teacher, False)
+    assert result["weights_bytes"] == result["peak_by_label"]["weights"] == weights
+
+    # ---- activations saved by the student pass of micro-batch 2 (N = B T tokens), by what saves them:
+    N, heads = B * T, student["num_attention_heads"]
+    head_dim = H // heads
+    per_layer = (
+        6 * N * H * 4 + N * M * 4  # LoRA casts its input to float32 for lora_A, saved for A's weight gradient
+                                   # (q, k, v, o, gate, up read H features, down reads M), one copy per adapter
+        + 7 * N * r * 4            # lora_A's float32 output, saved for lora_B's weight gradient
+        + 3 * N * H * 2            # flash attention saves q and k after RoPE (new tensors) and v (v_proj's output)
+        + N * H * 2                # ... and its output
+        + B * heads * T * 4        # ... and its float32 log-sum-exp, [B, heads, T]
+        + 2 * 512                  # ... and its two RNG-state tensors (one block each)
+        + 2 * (N * H * 4 + N * 4)  # RMSNorm (input, post-attention): its float32 input (pow, mul) and rsqrt
+        + N * M * 2                # SiLU saves the gate projection's output
+        + 2 * N * M * 2            # act(gate) * up saves both factors
+    )
+    # Layer 1's input norm saves nothing: nothing before the first LoRA adapter requires a gradient.
+    first_norm = N * H * 4 + N * 4
+    rope = 2 * T * head_dim * 2            # cos and sin, [1, T, head_dim] bf16, shared by the layers
+    final_norm = N * H * 4 + N * 4         # the final RMSNorm, as the layers' norms
+    gather_input = N * H * 2               # gather (the answer rows) saves its input: the last hidden state
+    rows = B * A * H * 2 + B * A * teacher["hidden_size"] * 2  # the student's and the teacher's answer rows
+    batches = 2 * 2 * B * T * 8            # the step's input ids and attention masks (int64), both micro-batches
+    activations = L * per_layer - first_norm + rope + final_norm + gather_input + rows + batches
+    # Left out of the hand count: the answer positions and labels ([B, A] int64) and the scalars of the step
+    # (token counts, normalisers): a dozen blocks of 512 or 1,024 bytes, under 8 KiB, less than any term above.
+    estimated = result["peak_by_label"]["activations"]
+    assert activations <= estimated <= activations + 8 * 1024, (estimated, activations)
+
+
 @pytest.mark.parametrize("method", ["rkd", "sft", "kid"])
 def test_the_loss_extra_memory_stays_within_the_workspace(method):
     """Each kidkernels loss call's extra memory is its chunk buffers (at most ``workspace_bytes``) plus its O(N)
@@ -234,12 +306,30 @@ def test_command_line_prints_both_estimates_and_writes_json(tmp_path, capsys):
     assert refused.value.code == 2
 
 
-@pytest.mark.parametrize("bad", [["--student", "no-such-model"], ["--micro-batch-size", "3"],
-                                 ["--seq-len", "16"]])
-def test_command_line_mistakes_exit_2(bad, capsys):
+@pytest.mark.parametrize("bad, message", [
+    (["--student", "no-such-model"], "no-such-model"), (["--micro-batch-size", "3"], "not a multiple"),
+    (["--seq-len", "16"], "answer_len 16 must be below seq_len 16"), (["--lora-r", "0"], "lora_r must be >= 1"),
+    (["--lora-dropout", "2"], "lora_dropout must be in [0, 1)"), (["--lora-alpha", "0"], "lora_alpha must be > 0"),
+    (["--workspace-mb", "-5"], "--workspace-mb must be a positive"),
+    (["--workspace-mb", "0"], "--workspace-mb must be a positive"),
+    (["--workspace-mb", "inf"], "--workspace-mb must be a positive"),
+    (["--json", "{tmp}/no-such-folder/estimate.json"], "does not exist"),
+    (["--json", "{tmp}"], "is a directory"),
+    (["--paper-table", "--results-dir", "{tmp}/results", "--readme", "{tmp}/no-markers.md"], "has no <!-- estimate"),
+    (["--paper-table", "--results-dir", "{tmp}/no-markers.md", "--no-readme"], "is not a folder"),
+], ids=lambda v: v if isinstance(v, str) else " ".join(v).replace("{tmp}", ""))
+def test_command_line_mistakes_are_one_line_exit_2_before_any_estimate(bad, message, tmp_path, capsys, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a mistake must be found before any estimate runs")
+
+    monkeypatch.setattr(estimate_memory, "estimate_step", refuse)
+    (tmp_path / "no-markers.md").write_text("# a README without the estimate block\n")
     with pytest.raises(SystemExit) as error:
-        main(TINY_ARGS + bad)
+        main(TINY_ARGS + [a.replace("{tmp}", str(tmp_path)) for a in bad])
     assert error.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and message in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["no-markers.md"]  # nothing written
 
 
 def test_paper_table_renders_between_markers(tmp_path):
@@ -299,10 +389,22 @@ def test_generation_runs_once_per_step_in_the_configured_calls():
     assert estimate_step(tiny_plan(method="rkd"))["generate_calls"] == 0
 
 
-@pytest.mark.parametrize("method, options", [
-    ("sft", {}), ("rkd", {}), ("kid", {"mle_input": "gold"}), ("gkd", {"max_new_tokens": 5}),
-    ("imitkd", {"imitkd_gold_probability": 0.5, "max_new_tokens": 5})])
-def test_the_eager_twin_is_the_trainers_step(monkeypatch, method, options):
+def _padded_teacher(tmp_path, rows: int = 520) -> str:
+    """tiny-qwen2-teacher with a padded head (``rows`` > the student's 512, as Qwen1.5-14B's 152,064 against
+    Qwen1.5-0.5B's 151,936), as a config path."""
+    path = tmp_path / "padded-teacher" / "config.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(dict(PRESETS["tiny-qwen2-teacher"], vocab_size=rows)))
+    return str(path.parent)
+
+
+@pytest.mark.parametrize("method, options, padded", [
+    ("sft", {}, False), ("rkd", {}, False), ("kid", {"mle_input": "gold"}, False),
+    ("gkd", {"max_new_tokens": 5}, False),
+    ("imitkd", {"imitkd_gold_probability": 0.5, "max_new_tokens": 5}, False),
+    ("rkd", {}, True), ("kid", {"strategy": "hard"}, True)],
+    ids=["sft", "rkd", "kid-gold", "gkd", "imitkd", "rkd-padded-teacher", "kid-hard-padded-teacher"])
+def test_the_eager_twin_is_the_trainers_step(monkeypatch, tmp_path, method, options, padded):
     """On real CPU tensors (float32, tiny random models), the eager twin of a micro-batch computes the loss and
     the LoRA gradients of the trainer's step: same passes, same data (the same rollout), same normalisers (the
     generated answers shorter than the gold ones: the KD term has its own token count)."""
@@ -320,9 +422,12 @@ def test_the_eager_twin_is_the_trainers_step(monkeypatch, method, options):
 
     monkeypatch.setenv("KIDKERNELS_BACKEND", "torch")
     plan = tiny_plan(method=method, method_options=options, dtype="float32", teacher_dtype="float32",
-                     lora_dropout=0.0, seq_len=24, answer_len=8)
+                     lora_dropout=0.0, seq_len=24, answer_len=8,
+                     **({"teacher": _padded_teacher(tmp_path)} if padded else {}))
     torch.manual_seed(0)
     models = build_models(plan, "cpu")
+    # The trainer's rule (DistillTrainer.__init__): heads of different sizes share their first rows.
+    assert objective_context(plan, models, 0, "cpu").shared_vocab == (512 if padded else None)
     with torch.no_grad():  # LoRA's B starts at zero (A's gradient would be zero): give both a spread
         for param in trainable_parameters(models.student):
             param.normal_(0.0, 0.5)
@@ -350,3 +455,55 @@ def test_the_eager_twin_is_the_trainers_step(monkeypatch, method, options):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
     if rollout is not None:
         assert any(p.kd_batch is not None for p in rollout.plans)  # a generated batch took the two-pass path
+
+
+def test_a_padded_teacher_head_is_estimated_on_the_shared_vocabulary(tmp_path):
+    """Teacher and student heads of different sizes: the step runs on the rows both have, as the trainer runs it
+    (``shared_vocab``); the teacher's whole head is still counted in its weights."""
+    plan = tiny_plan(method="kid", teacher=_padded_teacher(tmp_path, rows=640))
+    models = build_fake_models(plan, FakeTensorMode())
+    assert (models.vocab_size, models.shared_vocab) == (512, 512)
+    equal = estimate_step(tiny_plan(method="kid"))
+    padded = estimate_step(plan)
+    head = PRESETS["tiny-qwen2-teacher"]["hidden_size"]
+    extra = (allocated_bytes(640 * head * 2) - allocated_bytes(512 * head * 2)) * 2  # embedding and lm_head rows
+    assert padded["weights_bytes"] - equal["weights_bytes"] == extra
+    eager = estimate_step(tiny_plan(method="kid", implementation="eager", teacher=plan.teacher))
+    assert padded["peak_bytes"] < eager["peak_bytes"]
+
+
+# ---- SFT holds no teacher -----------------------------------------------------------------------------------------
+
+def test_sft_holds_no_teacher_in_the_estimate_nor_in_the_measurement():
+    """``kid train`` loads no teacher for SFT: the estimate counts the student alone, and the GPU measurement
+    builds no teacher for SFT-only configurations and moves a built one out of device memory for SFT."""
+    from benchmarks.measure_step import build_models, models_for
+
+    sft = tiny_plan(method="sft")
+    result = estimate_step(sft)
+    student = (_bytes(_qwen2_parameter_shapes("tiny-qwen2"), 2) + _bytes(_lora_shapes("tiny-qwen2", sft.lora_r), 4))
+    buffers = sum(allocated_bytes(b.numel() * b.element_size())
+                  for b in build_fake_models(sft, FakeTensorMode()).student.buffers())
+    assert result["weights_bytes"] == result["peak_by_label"]["weights"] == student + buffers
+    only_sft = build_models([sft], "cpu")
+    assert only_sft.teacher is None and only_sft.vocab_size == PRESETS["tiny-qwen2"]["vocab_size"]
+    both = build_models([sft, tiny_plan(method="rkd")], "cpu")
+    assert both.teacher is not None
+    assert models_for(sft, both, "cpu").teacher is None  # on a GPU: moved to host memory meanwhile
+    assert models_for(tiny_plan(method="rkd"), both, "cpu").teacher is both.teacher
+    with pytest.raises(ValueError, match="needs a teacher"):
+        models_for(tiny_plan(method="rkd"), only_sft, "cpu")
+
+
+@pytest.mark.parametrize("bad, message", [(["--configs", "kid-mb4,nope"], "unknown configs"),
+                                          (["--json", "{tmp}/missing/step.json"], "does not exist"),
+                                          (["--json", "{tmp}/step.json"], "pass --overwrite")])
+def test_measure_step_mistakes_are_one_line_exit_2_before_the_gpu_check(bad, message, tmp_path, capsys):
+    from benchmarks import measure_step
+
+    (tmp_path / "step.json").write_text("{}")
+    with pytest.raises(SystemExit) as error:
+        measure_step.main([a.replace("{tmp}", str(tmp_path)) for a in bad])
+    err = capsys.readouterr().err
+    assert error.value.code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+    assert (tmp_path / "step.json").read_text() == "{}"

@@ -44,7 +44,23 @@ def test_parts_come_in_order_of_value_each_with_a_timeout(dry_run):
     assert "kid-reproduce" in names and dry_run[-1][0] == "report"
     limits = [int(row[2]) for row in dry_run if row[0] == "part"]
     assert all(0 < t <= 600 for t in limits)
-    assert sum(limits[:5]) <= 470 - 25  # the parts of value fit the default budget, the report's reserve kept
+
+
+def test_the_budget_arithmetic_fits_the_issue_and_the_device_tool(dry_run):
+    """The whole run ends within the budget (each part within what is left less its kill grace, the report under
+    its reserve); the parts of value fit it with the set-up; the budget fits the issue's 8 minutes and the device
+    tool's 600 s a command, and leaves 4 minutes of the session's 15 for one rerun after a 2-minute machine start
+    and half a minute of transfers."""
+    budget, reserve, grace, setup, min_part = (int(v) for v in next(r for r in dry_run if r[0] == "budget")[1:])
+    limits = [int(row[2]) for row in dry_run if row[0] == "part"]
+    assert sum(limits[:5]) + setup + reserve <= budget
+    assert budget <= 8 * 60 and budget <= 600 - 60
+    assert 15 * 60 - 120 - budget - 30 >= 4 * 60
+    assert 0 < grace < min_part and reserve > 5  # the report's own timeout is the reserve less its 5 s kill grace
+    script = SCRIPT.read_text()
+    assert 'local left=$(( BUDGET - REPORT_RESERVE - KILL_GRACE - $(elapsed) ))' in script
+    assert 'timeout -s INT -k "$KILL_GRACE" "$limit"' in script
+    assert 'timeout -k 5 $(( REPORT_RESERVE - 5 ))' in script
 
 
 def _split_env(argv: list[str]) -> tuple[dict, list[str]]:

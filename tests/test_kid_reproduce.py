@@ -98,13 +98,38 @@ def test_method_table_is_the_papers_configurations(tmp_path):
     (["--spider-dir", "/nonexistent/spider"], "Spider directory not found"),
     (["--spider-dk", "dk.json"], "need --spider-dir"),
     (["--student-steps", "0"], "student_steps must be >= 1"),
+    (["--eval-examples", "0"], "eval_examples must be >= 1"),
+    (["--eval-examples", "-2"], "eval_examples must be >= 1"),
+    (["--train-examples", "0"], "train_examples must be >= 1"),
+    (["--time-limit", "-5"], "--time-limit must be >= 0"),
+    (["--time-limit", "nan"], "--time-limit must be >= 0"),
+    (["--models-dir", "{tmp}/a-file"], "--models-dir"),
+    (["--spider-dir", "{tmp}/spider"], "none of the 1 examples"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
     out = tmp_path / "run"
-    assert main(["reproduce", "--out-dir", str(out), *argv]) == 2
+    (tmp_path / "a-file").write_text("x")
+    spider = tmp_path / "spider"  # every file there, but no example's database
+    (spider / "database").mkdir(parents=True)
+    for name in ("train_spider.json", "dev.json", "tables.json"):
+        (spider / name).write_text(json.dumps([{"db_id": "missing", "question": "q", "query": "SELECT 1"}]))
+    assert main(["reproduce", "--out-dir", str(out), *[a.replace("{tmp}", str(tmp_path)) for a in argv]]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not out.exists()  # nothing made before the check
+
+
+def test_a_mistake_leaves_an_earlier_run_untouched(tmp_path, capsys):
+    """A bad flag on a re-run is refused before anything is written: the settings of the run it would continue
+    stay those of its first run (a later correct command still continues it)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    Protocol(run, scale="smoke", progress=False)._save_settings()
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    assert main(["reproduce", "--out-dir", str(run), "--eval-examples", "0"]) == 2
+    assert "eval_examples must be >= 1" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    Protocol(run, scale="smoke", progress=False)  # the same settings: accepted
 
 
 def test_refuses_a_foreign_directory_and_other_settings(tmp_path, capsys):
@@ -130,7 +155,7 @@ def test_load_examples_in_worker_processes_equals_the_loader(tmp_path):
     parallel = load_examples("spider", paths.heldout_file, paths.db_dir, paths.tables_file, tmp_path / "chunks",
                              chunk=20, workers=2)
     assert parallel.to_list() == serial.to_list()
-    assert not list((tmp_path / "chunks").iterdir())  # the chunk files are removed
+    assert not (tmp_path / "chunks").exists()  # the chunk files and their scratch folder are removed
 
 
 def test_smoke_protocol_survives_failures_and_a_rerun_retries_only_them(tmp_path_factory, tmp_path, monkeypatch,
@@ -147,6 +172,11 @@ def test_smoke_protocol_survives_failures_and_a_rerun_retries_only_them(tmp_path
 
     def train_run(self, run_dir, method, **kwargs):
         trained.append(method if run_dir.parent.name != "reproduce" else "teacher")
+        if inject and method == "fkd":  # the teacher and SFT are done: the table so far is on disk already
+            partial = json.loads((out / "reproduce_report.json").read_text())
+            assert partial["in_progress"] and not partial["complete"]
+            assert [r["method"] for r in partial["runs"]] == ["teacher", "sft"]
+            assert "In progress: 2 run(s)" in (out / "reproduce_table.md").read_text()
         if inject and method in ("rkd", "fdistill"):
             raise RuntimeError("injected training failure")
         return original_train(self, run_dir, method, **kwargs)
@@ -203,6 +233,7 @@ def test_smoke_protocol_survives_failures_and_a_rerun_retries_only_them(tmp_path
     assert (fdistill["preset"], fdistill["teacher_outputs"]) == ("paper", str(out / "teacher_outputs"))
     report = json.loads((out / "reproduce_report.json").read_text())
     assert report["complete"] is True and report["failed"] == [] and report["stopped"] is None
+    assert report["in_progress"] is False
     assert [r["method"] for r in report["table"]] == ["teacher", *TABLE_METHODS]
     for run in report["runs"]:
         result = run["ex"]["demo-heldout"]
@@ -225,3 +256,84 @@ def test_smoke_protocol_survives_failures_and_a_rerun_retries_only_them(tmp_path
     assert (out / "seed1" / "kid" / "final" / "adapter_config.json").is_file()
     assert (out / "teacher_sft" / "final" / "model.safetensors").is_file()
     assert not list(out.glob("**/checkpoint-*"))  # no end-of-run checkpoints
+
+
+def test_a_copy_without_git_names_the_commit_recorded_when_it_was_prepared(tmp_path, monkeypatch):
+    """The GPU machine gets the source without .git: tools/gpu_reproduce_prepare.sh records the commit in a file
+    that travels, and the reports read it from $KID_SOURCE_COMMIT_FILE."""
+    from kid import run_report
+
+    stamp = tmp_path / "COMMIT.json"
+    stamp.write_text(json.dumps({"commit": "0123abc", "dirty": True, "recorded_at": "2026-12-02T01:00:00"}))
+    monkeypatch.setenv(run_report.SOURCE_COMMIT_FILE_ENV, str(stamp))
+    recorded = run_report.recorded_commit()
+    assert recorded["commit"] == "0123abc" and recorded["dirty"] is True and str(stamp) in recorded["source"]
+    monkeypatch.setenv(run_report.SOURCE_COMMIT_FILE_ENV, str(tmp_path / "missing.json"))
+    assert run_report.recorded_commit() is None
+
+
+def test_a_finished_run_keeps_no_checkpoint_and_nothing_else_is_removed(tmp_path):
+    from kid.reproduce import remove_checkpoints
+
+    run = tmp_path / "seed1" / "kid"
+    for name in ("checkpoint-3", ".checkpoint-4.staging", "checkpoint-notes", "final"):
+        (run / name).mkdir(parents=True)
+    (run / "status.json").write_text("{}")
+    (run / "checkpoint-7").write_text("a file, not a checkpoint")
+    assert remove_checkpoints(tmp_path / "seed1" / "kid") == [".checkpoint-4.staging", "checkpoint-3"]
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint-7", "checkpoint-notes", "final", "status.json"]
+    (run / "final").rmdir()
+    (run / "checkpoint-9").mkdir()
+    assert remove_checkpoints(run) == []  # not final yet: the checkpoint is what a re-run continues from
+
+
+def test_models_are_replaced_only_in_kids_cache_and_a_run_continues_only_with_its_own(tmp_path, monkeypatch):
+    from kid import pretrained
+
+    calls = []
+    monkeypatch.setattr(pretrained, "convert_smollm2", lambda out=None, **kw: tmp_path / "full")
+    monkeypatch.setattr(pretrained, "read_stamp", lambda path: {"kind": "shrink", "layers": str(path)})
+
+    def shrink_model(source, out, layers, *, replace_stale=False, **kw):
+        calls.append(replace_stale)
+        if not replace_stale:
+            raise ValueError(f"{out} holds a different conversion: choose another output directory, or pass "
+                             "--force (force=True) to replace it")
+        return out
+    monkeypatch.setattr(pretrained, "shrink_model", shrink_model)
+    monkeypatch.setenv("KID_CACHE_DIR", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    run.mkdir()
+    protocol = Protocol(run, scale="smoke", progress=False)
+    protocol._save_settings()
+    protocol.prepare_models()
+    assert calls == [True, True]  # kid's own cache: a stale conversion is replaced
+    assert (run / "reproduce_models.json").is_file()
+    mine = Protocol(tmp_path / "run2", scale="smoke", progress=False, models_dir=tmp_path / "my-models")
+    (tmp_path / "run2").mkdir()
+    with pytest.raises(ValueError, match="--models-dir .*holds a different conversion; choose another --models-dir"):
+        mine.prepare_models()  # the user's directory: refused, not overwritten
+    monkeypatch.setattr(pretrained, "read_stamp", lambda path: {"kind": "shrink", "layers": "changed"})
+    with pytest.raises(ValueError, match="was started with other student and teacher models"):
+        Protocol(run, scale="smoke", progress=False).prepare_models()
+
+
+def test_an_interrupted_run_says_how_kid_reproduce_continues(tmp_path, monkeypatch):
+    """kid reproduce has no --resume: while its runs train, the trainer's signal message says to re-run."""
+    import kid.training as training
+    from kid.reproduce import ProtocolInterrupted
+
+    hints = []
+
+    def run_training(config, method, **kwargs):
+        hints.append(training.RESUME_HINT)
+        return {"interrupted": True}
+
+    monkeypatch.setattr(training, "run_training", run_training)
+    protocol = Protocol(tmp_path / "run", scale="smoke", progress=False)
+    protocol.tokenizer = protocol.train_dataset = None
+    with pytest.raises(ProtocolInterrupted, match="re-run the command to continue"):
+        protocol.train_run(tmp_path / "run" / "seed1" / "sft", "sft", student=tmp_path, teacher=None, seed=1,
+                           steps=2, learning_rate=1e-4, lora=True)
+    assert hints == ["re-run the same kid reproduce command to continue"]
+    assert training.RESUME_HINT == "resume with --resume"  # kid train's, restored

