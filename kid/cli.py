@@ -138,7 +138,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 # ---- option types and shared options ---------------------------------------------------------------------------
 
 def _number(kind, *, minimum=None, above=None, what=""):
-    """An argparse type: ``kind`` (int or float) >= ``minimum`` or > ``above``."""
+    """An argparse type: ``kind`` (int or float, finite) >= ``minimum`` or > ``above``."""
+    from math import isfinite
+
     rule = f">= {minimum}" if minimum is not None else f"> {above}"
     noun = "an integer" if kind is int else "a number"
 
@@ -149,6 +151,8 @@ def _number(kind, *, minimum=None, above=None, what=""):
             raise argparse.ArgumentTypeError(f"expected {noun} {rule}, got {text!r}") from None
         if (minimum is not None and value < minimum) or (above is not None and not value > above):
             raise argparse.ArgumentTypeError(f"must be {rule}{what}, got {text}")
+        if not isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
         return value
 
     parse.__name__ = kind.__name__

@@ -141,6 +141,8 @@ class TrainConfig:
     def __post_init__(self):
         for name, value in coerce_options(TrainConfig, self.__dict__).items():
             setattr(self, name, value)
+            if isinstance(value, float) and not math.isfinite(value):  # nan fails no ">=" check below as True
+                raise UsageError(f"{name} must be a finite number, got {value}")
         checks = [
             ("batch_size", self.batch_size >= 1, ">= 1"),
             ("micro_batch_size", self.micro_batch_size >= 1, ">= 1"),
