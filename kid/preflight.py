@@ -273,6 +273,15 @@ def check_output_dir(config: TrainConfig) -> str | None:
             raise UsageError(f"--resume {resume}: no such checkpoint directory")
         if not (path / "trainer_state.json").is_file():
             raise UsageError(f"--resume {resume}: not a complete checkpoint (no trainer_state.json)")
+        check_not_finished(path, config)
+        contents = output_dir_contents(out)
+        if contents and not path.resolve().is_relative_to(out.resolve()):
+            # another run's checkpoint: this run's checkpoints (and their rotation), final model and report would
+            # replace what the output directory holds
+            shown = ", ".join(contents[:4]) + (", ..." if len(contents) > 4 else "")
+            raise UsageError(f"--output-dir {out} is not empty ({shown}) and --resume {resume} is a checkpoint of "
+                             "another directory: continuing it here would replace what is there; give an empty "
+                             f"--output-dir, or resume in the checkpoint's own directory ({path.resolve().parent})")
         return str(path.resolve())
     contents = output_dir_contents(out)
     if contents and not config.overwrite_output_dir:
@@ -280,6 +289,27 @@ def check_output_dir(config: TrainConfig) -> str | None:
         raise UsageError(f"--output-dir {out} is not empty ({shown}): continue that run with --resume, or start "
                          "over with --overwrite-output-dir (removes its checkpoints, final model and report)")
     return None
+
+
+def check_not_finished(checkpoint: Path, config: TrainConfig) -> None:
+    """Refuse to resume a checkpoint that has trained every step this run asks for: the Trainer would take one step
+    more than ``max_steps`` and replace the final model.  (A :class:`UsageError`, exit 2: nothing is trained.)"""
+    try:
+        state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+        step, epoch = int(state["global_step"]), float(state.get("epoch") or 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UsageError(f"--resume {checkpoint}: trainer_state.json cannot be read") from None
+    if config.max_steps > 0:
+        finished, target = step >= config.max_steps, f"--max-steps {config.max_steps}"
+    else:  # epochs: the Trainer rounds the last epoch's steps up, so a finished run's epoch is >= epochs
+        finished, target = epoch >= config.epochs - 1e-6, f"epoch {epoch:g}, --epochs {config.epochs:g}"
+    if finished:
+        from .training import FINAL_NAME
+
+        final = checkpoint.resolve().parent / FINAL_NAME
+        model = f"its final model is {final}" if final.is_dir() else "it holds the trained weights"
+        raise UsageError(f"--resume {checkpoint}: that run is finished (step {step}, {target}; {model}): nothing to "
+                         "train; to train longer, give a larger --max-steps")
 
 
 def check_environment(config: TrainConfig) -> None:

@@ -9,7 +9,9 @@ Nothing is lost:
   :class:`kid.errors.UsageError` naming the option.
 * An output directory that already holds files is refused unless ``resume`` (continue it) or
   ``overwrite_output_dir`` (start over: its checkpoints, final model and report are removed, once the new run has
-  loaded its data and models).
+  loaded its data and models).  ``resume`` from a checkpoint of another directory needs an empty output_dir (that
+  run's checkpoints, final model and report would replace what is there); resuming a finished run (its checkpoint
+  has every step of ``max_steps``, or the epochs) is refused, exit 2: nothing is trained, the final model stays.
 * SIGINT / SIGTERM ask the Trainer to finish the current optimizer step, save a checkpoint and stop; the report is
   written and says which signal (``kid train`` then exits 130 / 143).  A second SIGINT interrupts at once.  Console
   writes that fail (a ``| tee`` that died with the same Ctrl-C) never abort the save (:mod:`kid.console`).

@@ -3,6 +3,7 @@ is now one line with exit status 2 before any slow work, or is refused before an
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -10,6 +11,10 @@ from kid.cli import main
 from kid.config import MethodConfig
 from kid.errors import UsageError
 from kid.training import TrainConfig, split_options
+from tests.toy_spider import toy_spider as toy_spider_fixture
+from tests.toy_spider import train_argv
+
+toy_spider = toy_spider_fixture  # the module-scoped fixture
 
 
 @pytest.fixture(autouse=True)
@@ -56,3 +61,55 @@ def test_non_finite_weight_on_the_command_line_is_one_line(capsys, tmp_path):
     with pytest.raises(SystemExit) as exc:  # the shared argparse number type (eval, score, generate-teacher)
         main(["score", "--pred", "p", "--gold", "g", "--db-dir", "d", "--timeout", "inf"])
     assert exc.value.code == 2 and "--timeout: must be a finite number" in capsys.readouterr().err
+
+
+# ---- --resume: another run's directory, a finished run ---------------------------------------------------------
+
+def _snapshot(out: Path) -> dict:
+    """Every file under ``out`` with its bytes (what a refused command must leave as it was)."""
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def test_resume_refuses_another_runs_dir_and_a_finished_run(toy_spider, tmp_path, capsys):
+    run_a, run_b = tmp_path / "runA", tmp_path / "runB"
+    argv_a = train_argv(toy_spider, run_a, "sft", "--save-steps", "1", "--save-total-limit", "1")
+    assert main(argv_a) == 0
+    argv_b = train_argv(toy_spider, run_b, "sft", "--save-steps", "1", "--save-total-limit", "1", "--seed", "7")
+    argv_b[argv_b.index("--max-steps") + 1] = "3"
+    assert main(argv_b) == 0
+    a, b = _snapshot(run_a), _snapshot(run_b)
+    assert "final/adapter_config.json" in b and "checkpoint-3/trainer_state.json" in b
+    # runA's checkpoint continued in runB, which holds a run of its own: refused, nothing touched
+    _one_line_error(capsys, argv_b + ["--resume", str(run_a / "checkpoint-2")], f"--output-dir {run_b} is not empty",
+                    "checkpoint of another directory", "give an empty --output-dir")
+    # a finished run: --resume (its newest checkpoint) and the checkpoint by name, with the same --max-steps
+    for resume in ([], [str(run_a / "checkpoint-2")]):
+        _one_line_error(capsys, argv_a + ["--resume", *resume], "that run is finished", "step 2, --max-steps 2",
+                        f"its final model is {run_a / 'final'}", "give a larger --max-steps")
+    assert _snapshot(run_a) == a and _snapshot(run_b) == b
+
+
+def test_finished_by_epochs_or_steps(tmp_path):
+    import json
+
+    from kid.preflight import check_not_finished
+
+    checkpoint = tmp_path / "run" / "checkpoint-12"
+    checkpoint.mkdir(parents=True)
+
+    def state(step, epoch):
+        (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": step, "epoch": epoch,
+                                                                   "max_steps": 12, "num_train_epochs": 3}))
+
+    state(12, 2.5)  # --epochs 2.5 ran to its end (the Trainer rounds the steps of the last epoch up)
+    with pytest.raises(UsageError, match=r"finished \(step 12, epoch 2.5, --epochs 2.5; it holds the trained"):
+        check_not_finished(checkpoint, TrainConfig(epochs=2.5))
+    check_not_finished(checkpoint, TrainConfig(epochs=3))  # more epochs: continues
+    check_not_finished(checkpoint, TrainConfig(max_steps=13))
+    with pytest.raises(UsageError, match="step 12, --max-steps 10"):
+        check_not_finished(checkpoint, TrainConfig(max_steps=10))
+    state(7, 1.5)  # interrupted half way
+    check_not_finished(checkpoint, TrainConfig(epochs=2.5))
+    (checkpoint / "trainer_state.json").write_text("{")
+    with pytest.raises(UsageError, match="trainer_state.json cannot be read"):
+        check_not_finished(checkpoint, TrainConfig(epochs=2.5))
