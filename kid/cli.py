@@ -286,9 +286,9 @@ def _score(p: argparse.ArgumentParser) -> RunFunction:
                          what=str(args.gold))
         hardness = difficulties = None
         if args.data_file is not None:
-            from .data.loaders import read_json_examples
+            from .preflight import read_examples
 
-            data = read_json_examples(args.data_file)
+            data = read_examples(args.data_file, "data-file")
             if len(data) != len(gold):
                 raise UsageError(f"{args.data_file} has {len(data)} examples but the gold file has {len(gold)}")
             if args.bird:
@@ -345,7 +345,7 @@ def _eval(p: argparse.ArgumentParser) -> RunFunction:
     _add_scoring_options(p)
 
     def run(args: argparse.Namespace) -> int:
-        from .preflight import check_data_format, check_model_source
+        from .preflight import check_data_format, check_model_source, check_tables_file, read_examples
         from .training import load_tokenizer
 
         fmt = args.data_format or ("bird" if args.bird else "spider")
@@ -358,13 +358,9 @@ def _eval(p: argparse.ArgumentParser) -> RunFunction:
             raise UsageError("--check-executable picks among beams: give --num-beams 2 or more")
         _check_output_dir(args.output_dir, args.overwrite_output_dir, "predictions and report")
         _check_scoring_dirs(args)
-        if args.tables_file is not None and not args.tables_file.is_file():
-            raise UsageError(f"--tables-file {args.tables_file}: file not found")
-        from .data.loaders import read_json_examples
-
-        if not args.data_file.is_file():
-            raise UsageError(f"--data-file {args.data_file}: file not found")
-        raw = read_json_examples(args.data_file)
+        if args.tables_file is not None:
+            check_tables_file(args.tables_file)
+        raw = read_examples(args.data_file, "data-file")
         check_data_format(fmt, raw, args.data_file)
         if any("db_id" not in x for x in raw):
             raise UsageError(f"{args.data_file}: every example needs a db_id")

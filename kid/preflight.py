@@ -193,7 +193,6 @@ def check_models(config: TrainConfig, method: MethodConfig, *, student: bool = T
 def data_census(data_format: str, data_file, db_dir) -> dict:
     """Read the data file (no prompts built) and count its examples and those whose database is missing; check
     that the file matches ``data_format``.  Raises :class:`UsageError` when nothing has a database."""
-    from .data.loaders import read_json_examples
     from .evaluation.scoring import database_path
 
     data_file, db_dir = Path(data_file), Path(db_dir)
@@ -201,10 +200,7 @@ def data_census(data_format: str, data_file, db_dir) -> dict:
         raise UsageError(f"data file not found: {data_file}")
     if not db_dir.is_dir():
         raise UsageError(f"database directory not found: {db_dir}")
-    try:
-        raw = read_json_examples(data_file)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{data_file}: not a json list of examples ({str(exc).splitlines()[0]})") from None
+    raw = read_examples(data_file)
     check_data_format(data_format, raw, data_file)
     missing: Counter[str] = Counter()
     for i, example in enumerate(raw):
@@ -219,6 +215,38 @@ def data_census(data_format: str, data_file, db_dir) -> dict:
                          f"{db_dir}/<db_id>/<db_id>.sqlite with db_id {shown}): is --db-dir right?")
     return {"in_file": len(raw), "with_database": with_db, "without_database": sum(missing.values()),
             "missing_databases": dict(sorted(missing.items()))}
+
+
+def read_examples(path, option: str | None = None) -> list[dict]:
+    """The examples of a data file (:func:`kid.data.loaders.read_json_examples`: a json list of objects, or json
+    lines); a missing file, or one that is not such json, is a :class:`UsageError` naming ``--option``."""
+    from .data.loaders import read_json_examples
+
+    path = Path(path)
+    where = f"--{option} {path}" if option else str(path)
+    if not path.is_file():
+        raise UsageError(f"{where}: file not found")
+    try:
+        return read_json_examples(path)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{where}: not a json list of examples ({str(exc).splitlines()[0]})") from None
+
+
+def check_tables_file(path, option: str = "tables-file") -> None:
+    """A Spider/BIRD ``tables.json`` that :func:`kid.data.schema.load_tables_json` reads; else a
+    :class:`UsageError` naming ``--option`` (a missing file, not json, not a list of database entries)."""
+    from .data.schema import load_tables_json
+
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"--{option} {path}: file not found")
+    try:
+        load_tables_json(path)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--{option} {path}: not json ({str(exc).splitlines()[0]})") from None
+    except (KeyError, TypeError, AttributeError):
+        raise UsageError(f"--{option} {path}: not a tables.json (expected a json list of database entries, each "
+                         "with its db_id)") from None
 
 
 def check_data_format(data_format: str, raw: list[dict], path) -> None:
@@ -348,8 +376,8 @@ def preflight(config: TrainConfig, method: MethodConfig, *, student: bool = True
         for name in ("data_file", "db_dir"):
             if not getattr(config, name):
                 raise UsageError(f"--{name.replace('_', '-')} is required")
-    if config.tables_file and not Path(config.tables_file).is_file():
-        raise UsageError(f"--tables-file {config.tables_file}: file not found")
+    if config.tables_file:
+        check_tables_file(config.tables_file)
     resume = check_output_dir(config)
     sft = read_sft_report(config, method) if config.sft_report else None
     census = data_census(config.data_format, config.data_file, config.db_dir) if data else None

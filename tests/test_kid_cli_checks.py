@@ -113,3 +113,37 @@ def test_finished_by_epochs_or_steps(tmp_path):
     (checkpoint / "trainer_state.json").write_text("{")
     with pytest.raises(UsageError, match="trainer_state.json cannot be read"):
         check_not_finished(checkpoint, TrainConfig(epochs=2.5))
+
+
+# ---- json input that is not json -------------------------------------------------------------------------------
+
+def test_malformed_json_inputs_are_one_line(toy_spider, tmp_path, capsys, monkeypatch):
+    import json
+
+    import kid.data.loaders
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the data was built before the inputs were checked")
+
+    monkeypatch.setattr(kid.data.loaders, "load_dataset_by_name", refuse)
+    not_json = tmp_path / "notjson.txt"
+    not_json.write_text("not json\n")
+    not_tables = tmp_path / "tables.json"
+    not_tables.write_text(json.dumps({"db_id": "toy"}))  # json, but not a list of database entries
+    out = tmp_path / "out"
+    for tables, expected in ((not_json, "not json"), (not_tables, "not a tables.json")):
+        _one_line_error(capsys, train_argv(toy_spider, out, "sft", "--tables-file", str(tables)),
+                        f"--tables-file {tables}: {expected}")
+    data, db = str(toy_spider["data"]), str(toy_spider["db_dir"])
+    evaluate = ["eval", "--model", str(tmp_path / "model"), "--db-dir", db, "--output-dir", str(out), "--no-progress"]
+    _one_line_error(capsys, evaluate + ["--data-file", str(not_json)], f"--data-file {not_json}: not a json list of "
+                    "examples", command="eval")
+    _one_line_error(capsys, evaluate + ["--data-file", data, "--tables-file", str(not_json)],
+                    f"--tables-file {not_json}: not json", command="eval")
+    gold, pred = tmp_path / "gold.sql", tmp_path / "pred.sql"
+    gold.write_text("SELECT 1\ttoy\n")
+    pred.write_text("SELECT 1\n")
+    _one_line_error(capsys, ["score", "--pred", str(pred), "--gold", str(gold), "--db-dir", db, "--data-file",
+                             str(not_json), "--no-progress", "--workers", "1"],
+                    f"--data-file {not_json}: not a json list of examples", command="score")
+    assert not out.exists()
