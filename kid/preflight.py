@@ -59,7 +59,10 @@ def check_model_source(name: str, option: str, *, allow_adapter: bool = False) -
     are looked up in the local cache first, and on the Hub only when not cached and HF_HUB_OFFLINE is not set."""
     path = Path(name).expanduser()
     if path.is_dir():
-        if (path / "config.json").is_file() or (allow_adapter and (path / "adapter_config.json").is_file()):
+        if (path / "config.json").is_file():
+            return str(path.resolve())
+        if allow_adapter and (path / "adapter_config.json").is_file():
+            check_adapter_base(path, option)
             return str(path.resolve())
         wanted = "config.json" + (" or adapter_config.json" if allow_adapter else "")
         raise UsageError(f"--{option} {name}: not a model directory (no {wanted} in it)")
@@ -89,6 +92,22 @@ def check_model_source(name: str, option: str, *, allow_adapter: bool = False) -
         raise UsageError(f"--{option} {name}: no such directory, and no model of that name could be loaded "
                          f"from the Hugging Face Hub ({first})") from None
     return name
+
+
+def check_adapter_base(adapter: Path, option: str) -> str:
+    """The base model a LoRA adapter directory names (``base_model_name_or_path``), checked as
+    :func:`check_model_source` checks a model; a :class:`UsageError` naming ``--option`` otherwise."""
+    try:
+        base = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))["base_model_name_or_path"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UsageError(f"--{option} {adapter}: a LoRA adapter without a readable base_model_name_or_path in its "
+                         "adapter_config.json") from None
+    try:
+        return check_model_source(str(base), option)
+    except UsageError as exc:
+        detail = str(exc).split(": ", 1)[-1]
+        raise UsageError(f"--{option} {adapter}: a LoRA adapter whose base model {base} cannot be loaded ({detail}; "
+                         "a relative path is read from the current directory)") from None
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:

@@ -147,3 +147,32 @@ def test_malformed_json_inputs_are_one_line(toy_spider, tmp_path, capsys, monkey
                              str(not_json), "--no-progress", "--workers", "1"],
                     f"--data-file {not_json}: not a json list of examples", command="score")
     assert not out.exists()
+
+
+# ---- a relative --student path in the saved adapter ------------------------------------------------------------
+
+def test_adapter_names_its_base_model_by_absolute_path(toy_spider, tmp_path, capsys, monkeypatch):
+    import json
+    import shutil
+
+    import kid.data.loaders
+
+    monkeypatch.chdir(toy_spider["student"].parent)
+    out = tmp_path / "run"
+    argv = train_argv(toy_spider, out, "sft")
+    argv[argv.index("--student") + 1] = "student"  # relative to the working directory
+    assert main(argv) == 0
+    adapter = json.loads((out / "final" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(toy_spider["student"])
+    # an adapter whose base model cannot be found from here (a relative path written elsewhere): one line, before
+    # the data is built
+    broken = tmp_path / "broken"
+    shutil.copytree(out / "final", broken)
+    adapter["base_model_name_or_path"] = "models/student"
+    (broken / "adapter_config.json").write_text(json.dumps(adapter))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(kid.data.loaders, "load_dataset_by_name", lambda *a, **k: pytest.fail("data built"))
+    _one_line_error(capsys, ["eval", "--model", str(broken), "--data-file", str(toy_spider["data"]), "--db-dir",
+                             str(toy_spider["db_dir"]), "--output-dir", str(tmp_path / "eval"), "--no-progress"],
+                    f"--model {broken}: a LoRA adapter whose base model models/student cannot be loaded",
+                    "no such directory", command="eval")
