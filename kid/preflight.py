@@ -198,15 +198,35 @@ def check_models(config: TrainConfig, method: MethodConfig, *, student: bool = T
             adapter = Path(config.teacher_adapter)
             if not (adapter / "adapter_config.json").is_file():
                 raise UsageError(f"--teacher-adapter {adapter}: not a LoRA adapter directory (no adapter_config.json)")
-    if method.method == "kid" and method.mask_token is not None:
-        from .models import token_id
-
-        try:
-            token_id(tokenizer, method.mask_token)
-        except ValueError:
-            raise UsageError(f"--mask-token {method.mask_token!r} is not a token of the student's tokenizer "
-                             "(give an existing token, e.g. one of its special tokens)") from None
+    if method.method == "kid":
+        check_mask_token(tokenizer, method.mask_token, _vocab_rows(student))
     return tokenizer, notes
+
+
+def check_mask_token(tokenizer, mask_token: str | None, embedding_rows: int | None) -> int:
+    """KID's mask token (``mask_token``, or the tokenizer's default, :func:`kid.models.default_mask_token`): its
+    id, which must be a row of the student's embedding (a tokenizer may add special tokens past the model's
+    vocabulary: Qwen2's ``<|endoftext|>`` unk token for a vocabulary without it)."""
+    from .models import default_mask_token, token_id
+
+    if mask_token is None:
+        try:
+            mask_token = default_mask_token(tokenizer)
+        except ValueError:
+            raise UsageError("KID's mask token: the student's tokenizer has no spare special token (every special "
+                             "token is EOS, BOS or PAD); give --mask-token (an existing token)") from None
+        where = f"KID's default mask token {mask_token!r} (the tokenizer's; choose one with --mask-token)"
+    else:
+        where = f"--mask-token {mask_token!r}"
+    try:
+        mask_id = token_id(tokenizer, mask_token)
+    except ValueError:
+        raise UsageError(f"{where} is not a token of the student's tokenizer (give an existing token, e.g. one of "
+                         "its special tokens)") from None
+    if embedding_rows is not None and mask_id >= embedding_rows:
+        raise UsageError(f"{where} has id {mask_id}, past the student's {embedding_rows} embedding rows: give "
+                         f"--mask-token a token with an id below {embedding_rows}")
+    return mask_id
 
 
 def data_census(data_format: str, data_file, db_dir) -> dict:

@@ -671,7 +671,10 @@ def _run_training(config, method, *, student, teacher, tokenizer, train_dataset,
         teacher = None
     mask_id = None
     if method.method == "kid":
+        from .preflight import check_mask_token
+
         mask_id = _token_id(tokenizer, method.mask_token or default_mask_token(tokenizer))
+        check_mask_token(tokenizer, method.mask_token, student.get_input_embeddings().num_embeddings)  # objects too
 
     collator = DistillCollator(tokenizer.pad_token_id, with_prompts=method.generates)
     stopper, clock = _StopOnSignal(), _RunClock()

@@ -176,3 +176,37 @@ def test_adapter_names_its_base_model_by_absolute_path(toy_spider, tmp_path, cap
                              str(toy_spider["db_dir"]), "--output-dir", str(tmp_path / "eval"), "--no-progress"],
                     f"--model {broken}: a LoRA adapter whose base model models/student cannot be loaded",
                     "no such directory", command="eval")
+
+
+# ---- KID's mask token ------------------------------------------------------------------------------------------
+
+def test_mask_token_past_the_embedding_is_refused_before_the_data(toy_spider, tmp_path, capsys, monkeypatch):
+    import json
+    import shutil
+
+    import kid.data.loaders
+
+    student = tmp_path / "student_nomask"
+    shutil.copytree(toy_spider["student"], student)
+    config = json.loads((student / "tokenizer_config.json").read_text())
+    config.pop("mask_token", None)  # the default is then the unk token, which Qwen2Tokenizer adds past the vocabulary
+    (student / "tokenizer_config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(kid.data.loaders, "load_dataset_by_name", lambda *a, **k: pytest.fail("data built"))
+    argv = train_argv(toy_spider, tmp_path / "out", "kid")
+    argv[argv.index("--student") + 1] = str(student)
+    rows = json.loads((student / "config.json").read_text())["vocab_size"]
+    _one_line_error(capsys, argv, "KID's default mask token '<|endoftext|>'", f"has id {rows}, past the student's "
+                    f"{rows} embedding rows", "--mask-token")
+    _one_line_error(capsys, argv + ["--mask-token", "<|endoftext|>"], "--mask-token '<|endoftext|>' has id")
+    # objects given to run_training are checked too (kid.training, once the models are loaded)
+    from transformers import AutoTokenizer
+
+    from kid.config import MethodConfig
+    from kid.training import run_training
+    from tests.kid_tiny import tiny_dataset, tiny_model, train_config
+
+    tokenizer = AutoTokenizer.from_pretrained(student)
+    token = tokenizer.convert_ids_to_tokens(100)  # a token of the tokenizer past the 64 rows of tiny_model
+    with pytest.raises(UsageError, match="has id 100, past the student's 64 embedding rows"):
+        run_training(train_config(tmp_path / "objects", max_steps=1), MethodConfig(method="kid", mask_token=token),
+                     student=tiny_model(0), teacher=tiny_model(1), tokenizer=tokenizer, train_dataset=tiny_dataset(4))
