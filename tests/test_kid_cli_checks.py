@@ -210,3 +210,48 @@ def test_mask_token_past_the_embedding_is_refused_before_the_data(toy_spider, tm
     with pytest.raises(UsageError, match="has id 100, past the student's 64 embedding rows"):
         run_training(train_config(tmp_path / "objects", max_steps=1), MethodConfig(method="kid", mask_token=token),
                      student=tiny_model(0), teacher=tiny_model(1), tokenizer=tokenizer, train_dataset=tiny_dataset(4))
+
+
+# ---- kid generate-teacher --------------------------------------------------------------------------------------
+
+def test_generate_teacher_mistakes_are_one_line_before_any_model_loads(toy_spider, tmp_path, capsys, monkeypatch):
+    import torch
+
+    import kid.data.loaders
+    import kid.models
+
+    monkeypatch.setattr(kid.data.loaders, "load_dataset_by_name", lambda *a, **k: pytest.fail("data built"))
+    monkeypatch.setattr(kid.models, "load_causal_lm", lambda *a, **k: pytest.fail("model loaded"))
+    out = tmp_path / "outputs"
+    base = ["generate-teacher", "--teacher", str(toy_spider["teacher"]), "--data-file", str(toy_spider["data"]),
+            "--db-dir", str(toy_spider["db_dir"]), "--output-dir", str(out), "--no-progress"]
+
+    def error(argv, *expected):
+        _one_line_error(capsys, argv, *expected, command="generate-teacher")
+
+    def replaced(flag, value):
+        argv = list(base)
+        argv[argv.index(flag) + 1] = value
+        return argv
+
+    error(replaced("--teacher", str(tmp_path / "no_such_dir")), "--teacher", "no such directory")
+    error(replaced("--teacher", str(tmp_path)), "--teacher", "not a model directory")
+    error(base + ["--teacher-adapter", str(tmp_path)], "--teacher-adapter", "not a LoRA adapter directory")
+    error(base + ["--tokenizer", str(tmp_path / "nope" / "tok")], "--tokenizer", "no such directory")
+    if not torch.cuda.is_available():
+        error(base + ["--device", "cuda"], "--device cuda: CUDA is not available")
+    error(base + ["--device", "banana"], "not a torch device")
+    error(base + ["--sample", "--top-p", "1.5"], "--top-p must be in (0, 1]")
+    error(replaced("--db-dir", str(tmp_path)), "none of the 6 examples", "is --db-dir right?")
+    error(base + ["--data-format", "bird"], "looks like Spider data")
+    not_json = tmp_path / "notjson.txt"
+    not_json.write_text("not json")
+    error(replaced("--data-file", str(not_json)), "not a json list of examples")
+    error(base + ["--tables-file", str(not_json)], "--tables-file", "not json")
+    for flag, value in (("--limit", "0"), ("--batch-size", "0"), ("--num-beams", "0"), ("--max-new-tokens", "0"),
+                        ("--max-input-tokens", "-1"), ("--temperature", "0"), ("--temperature", "nan"),
+                        ("--top-k", "-1")):
+        with pytest.raises(SystemExit) as exc:
+            main(base + [flag, value])
+        assert exc.value.code == 2 and f"argument {flag}: must be" in capsys.readouterr().err, (flag, value)
+    assert not out.exists()
