@@ -34,6 +34,22 @@ def check_method(method: MethodConfig) -> None:
         finished_meta(method.teacher_outputs)
 
 
+def check_teacher_outputs(config: TrainConfig, method: MethodConfig) -> None:
+    """Teacher outputs (``--teacher-outputs``) generated with the prompt budget of this run: their prompts are looked
+    up by token ids, which another ``max_input_tokens`` changes (every prompt would be missing, found only once the
+    data is built)."""
+    if method.teacher_outputs is None:
+        return
+    from .teacher_outputs import finished_meta
+
+    recorded = finished_meta(method.teacher_outputs).get("max_input_tokens")
+    if recorded is not None and int(recorded) != config.max_input_tokens:
+        raise UsageError(f"--teacher-outputs {method.teacher_outputs}: generated with --max-input-tokens {recorded}, "
+                         f"this run has {config.max_input_tokens}: the prompts would not match; train with "
+                         f"--max-input-tokens {recorded}, or generate them again with kid generate-teacher "
+                         f"--max-input-tokens {config.max_input_tokens}")
+
+
 @dataclass
 class Preflight:
     """What :func:`preflight` found: the student's tokenizer (when loaded from ``config.student``), the data
@@ -405,6 +421,7 @@ def preflight(config: TrainConfig, method: MethodConfig, *, student: bool = True
     ``config.student`` / ``config.teacher`` (and load the student's tokenizer; False: the caller passes the model
     objects); ``data``: read the data file."""
     check_method(method)
+    check_teacher_outputs(config, method)
     check_environment(config)
     teacher = teacher and method.needs_teacher
     if student and not config.student:

@@ -255,3 +255,75 @@ def test_generate_teacher_mistakes_are_one_line_before_any_model_loads(toy_spide
             main(base + [flag, value])
         assert exc.value.code == 2 and f"argument {flag}: must be" in capsys.readouterr().err, (flag, value)
     assert not out.exists()
+
+
+# ---- teacher outputs: never rewritten, paths compared resolved, the prompt budget checked early -------------
+
+def test_teacher_outputs_are_appended_never_rewritten(tmp_path, monkeypatch):
+    import json
+
+    import kid.teacher_outputs as teacher_outputs
+    from tests.kid_tiny import EOS, PAD, tiny_dataset, tiny_model
+
+    teacher, dataset, out = tiny_model(1).eval(), tiny_dataset(6), tmp_path / "out"
+    outputs, meta_file = out / teacher_outputs.OUTPUTS_NAME, out / teacher_outputs.META_NAME
+
+    def generate(data=dataset):
+        return teacher_outputs.generate_teacher_outputs(teacher, data, out, eos_token_id=EOS, pad_token_id=PAD,
+                                                        max_new_tokens=3, batch_size=2, progress=False)
+
+    generate()
+    written = (outputs.read_bytes(), outputs.stat().st_mtime_ns, meta_file.read_bytes(), meta_file.stat().st_mtime_ns)
+    generate()  # finished: nothing is written
+    assert (outputs.read_bytes(), outputs.stat().st_mtime_ns, meta_file.read_bytes(),
+            meta_file.stat().st_mtime_ns) == written
+    # continued (two more prompts) after a line was cut by an interruption: the kept records are written anew,
+    # atomically; a crash while doing so keeps every answer of the old file
+    with open(outputs, "a") as f:
+        f.write('{"prompt": "abc", "ans')
+
+    class FailingJson:
+        loads, load, dump = json.loads, json.load, json.dump
+
+        @staticmethod
+        def dumps(*args, **kwargs):
+            raise OSError("disk full")
+
+    monkeypatch.setattr(teacher_outputs, "json", FailingJson)
+    with pytest.raises(OSError, match="disk full"):
+        generate(tiny_dataset(8))  # its first 6 examples are those above
+    monkeypatch.setattr(teacher_outputs, "json", json)
+    assert outputs.read_bytes().startswith(written[0]) and len(teacher_outputs._read_outputs(out)) == 6
+    assert generate(tiny_dataset(8))["complete"] and len(teacher_outputs._read_outputs(out)) == 8
+    assert outputs.read_bytes().startswith(written[0]) and outputs.read_text().count("\n") == 8  # the cut line went
+
+
+def test_teacher_named_another_way_is_the_same_and_the_budget_is_checked(toy_spider, tmp_path, capsys, monkeypatch):
+    import json
+
+    import kid.data.loaders
+    import kid.models
+
+    root = toy_spider["student"].parent
+    monkeypatch.chdir(root)
+    out = tmp_path / "outputs"
+    argv = ["generate-teacher", "--teacher", "teacher", "--tokenizer", "student", "--data-file", "train.json",
+            "--db-dir", "database", "--output-dir", str(out), "--max-new-tokens", "4", "--max-input-tokens", "256",
+            "--no-progress"]
+    assert main(argv) == 0
+    meta = json.loads((out / "meta.json").read_text())
+    assert (meta["teacher"], meta["tokenizer"]) == (str(root / "teacher"), str(root / "student"))
+    # the same teacher by its absolute path, or recorded relative (as an older kid wrote it): reused as is
+    monkeypatch.setattr(kid.models, "load_causal_lm", lambda *a, **k: pytest.fail("the teacher was loaded"))
+    for flag, value in (("--teacher", str(root / "teacher")), ("--tokenizer", str(root / "student"))):
+        argv[argv.index(flag) + 1] = value
+    (out / "meta.json").write_text(json.dumps(dict(meta, teacher="teacher")))
+    capsys.readouterr()
+    assert main(argv) == 0 and "already holds the answers to all 6 prompts" in capsys.readouterr().out
+    # kid train with another prompt budget than the outputs': one line before the data is built
+    monkeypatch.setattr(kid.data.loaders, "load_dataset_by_name", lambda *a, **k: pytest.fail("data built"))
+    train = train_argv(toy_spider, tmp_path / "run", "fdistill", "--teacher-outputs", str(out))
+    assert train[train.index("--max-input-tokens") + 1] == "256"
+    train[train.index("--max-input-tokens") + 1] = "128"
+    _one_line_error(capsys, train, f"--teacher-outputs {out}: generated with --max-input-tokens 256, this run has "
+                    "128")
