@@ -399,7 +399,9 @@ class DistillTrainer(Trainer):
         """The run's time split, for the run report (this process; the processes run in lockstep):
         ``generation_time_s`` (answers generated during training, including the merge of LoRA weights),
         ``training_time_s`` (the rest of the training loop: the passes, backward, optimizer, logging, saving) and
-        ``generation_fraction``."""
+        ``generation_fraction``; for this ``train()`` call's training loop.  The run report of
+        :func:`kid.training.run_training` adds up every segment of a resumed run instead, over the interval its
+        ``train_runtime_s`` measures."""
         total = self._train_seconds
         generation = self.generation_seconds
         return {"generation_time_s": round(generation, 3), "training_time_s": round(max(total - generation, 0.0), 3),

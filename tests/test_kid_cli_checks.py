@@ -327,3 +327,37 @@ def test_teacher_named_another_way_is_the_same_and_the_budget_is_checked(toy_spi
     train[train.index("--max-input-tokens") + 1] = "128"
     _one_line_error(capsys, train, f"--teacher-outputs {out}: generated with --max-input-tokens 256, this run has "
                     "128")
+
+
+# ---- the run report's time split ---------------------------------------------------------------------------------
+
+def test_time_split_covers_every_segment_over_the_runtime_interval(tmp_path):
+    import json
+
+    from kid.training import RUN_STATE_NAME, run_training
+    from tests.kid_tiny import tiny_dataset, tiny_model, tiny_teacher, tiny_tokenizer, train_config
+
+    method = MethodConfig(method="gkd", gkd_lambda=1.0, max_new_tokens=4)
+
+    def run(steps, **options):
+        config = train_config(tmp_path / "run", max_steps=steps, save_steps=2, batch_size=2, micro_batch_size=1,
+                              **options)
+        return run_training(config, method, student=tiny_model(0), teacher=tiny_teacher(), tokenizer=tiny_tokenizer(),
+                            train_dataset=tiny_dataset(8), write_final=False)
+
+    def check(report):
+        segments = report["segments"]
+        assert all(s["generation_time_s"] > 0 for s in segments), segments
+        assert report["generation_time_s"] == pytest.approx(sum(s["generation_time_s"] for s in segments), abs=2e-3)
+        # generation + the rest = the training time of the report, the same interval
+        assert report["generation_time_s"] + report["training_time_s"] == pytest.approx(report["train_runtime_s"],
+                                                                                         abs=2e-3)
+        assert report["generation_fraction"] == pytest.approx(
+            report["generation_time_s"] / report["train_runtime_s"], abs=1e-3)
+
+    check(run(2))
+    state = json.loads((tmp_path / "run" / "checkpoint-2" / RUN_STATE_NAME).read_text())
+    assert state["segments"][0]["generation_time_s"] > 0  # the checkpoint carries it to a resumed run
+    resumed = run(3, resume=True)
+    assert len(resumed["segments"]) == 2
+    check(resumed)
