@@ -361,3 +361,11 @@ def test_time_split_covers_every_segment_over_the_runtime_interval(tmp_path):
     resumed = run(3, resume=True)
     assert len(resumed["segments"]) == 2
     check(resumed)
+
+
+def test_runs_with_other_tables_are_not_comparable():
+    from kid.run_report import config_differences
+
+    # tables.json changes every prompt (column comments, foreign keys): another training time
+    assert config_differences({"tables_file": "/data/tables.json"}, {"tables_file": None}) == [
+        "tables_file None there, '/data/tables.json' here"]
