@@ -250,6 +250,17 @@ def _check_device(name: str | None) -> str:
     return name
 
 
+def _save_partial_predictions(path: Path, finished: dict[int, str], data) -> None:
+    """``kid eval`` interrupted: the predictions generated so far (not scored), by example, then say so."""
+    from .files import atomic_write_json
+
+    rows = [{"index": i, "db_id": data[i]["db_id"], "question": data[i]["question"], "prediction": sql}
+            for i, sql in sorted(finished.items())]
+    atomic_write_json(path, {"generated": len(rows), "examples": len(data), "predictions": rows})
+    say(f"\nkid eval: the {len(rows)} of {len(data)} predictions generated so far are in {path} (not scored); run "
+        "again with --overwrite-output-dir to evaluate all", file=sys.stderr)
+
+
 # ---- kid score ---------------------------------------------------------------------------------------------------
 
 @command("score", "score a prediction file by execution accuracy")
@@ -394,20 +405,26 @@ def _eval(p: argparse.ArgumentParser) -> RunFunction:
                     missing[db_id] = missing.get(db_id, 0) + 1
         dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
         model_obj = AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(device)
-        predictions = generate_sql(
-            model_obj,
-            tokenizer,
-            data["prompt"],
-            questions=data["prompt_question"],
-            db_paths=data["db_path"],
-            batch_size=args.batch_size,
-            num_beams=args.num_beams,
-            max_new_tokens=args.max_new_tokens,
-            max_input_tokens=args.max_input_tokens,
-            check_executable=args.check_executable,
-            progress=not args.no_progress,
-        )
         out = args.output_dir
+        finished: dict[int, str] = {}
+        try:
+            predictions = generate_sql(
+                model_obj,
+                tokenizer,
+                data["prompt"],
+                questions=data["prompt_question"],
+                db_paths=data["db_path"],
+                batch_size=args.batch_size,
+                num_beams=args.num_beams,
+                max_new_tokens=args.max_new_tokens,
+                max_input_tokens=args.max_input_tokens,
+                check_executable=args.check_executable,
+                progress=not args.no_progress,
+                finished=finished,
+            )
+        except (KeyboardInterrupt, Terminated):
+            _save_partial_predictions(out / "predictions.partial.json", finished, data)
+            raise
         write_prediction_file(out / "predictions.sql", predictions)
         write_gold_file(out / "gold.sql", list(zip(data["query"], data["db_id"])))
         report = evaluate_predictions(

@@ -369,3 +369,32 @@ def test_runs_with_other_tables_are_not_comparable():
     # tables.json changes every prompt (column comments, foreign keys): another training time
     assert config_differences({"tables_file": "/data/tables.json"}, {"tables_file": None}) == [
         "tables_file None there, '/data/tables.json' here"]
+
+
+# ---- kid eval interrupted ----------------------------------------------------------------------------------------
+
+def test_interrupted_eval_keeps_the_predictions_so_far(toy_spider, tmp_path, capsys, monkeypatch):
+    import json
+
+    import kid.generation
+
+    real, calls = kid.generation.clean_generated_sql, []
+
+    def interrupted(text):  # Ctrl-C while the second batch is decoded
+        calls.append(text)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(text)
+
+    monkeypatch.setattr(kid.generation, "clean_generated_sql", interrupted)
+    out = tmp_path / "eval"
+    code = main(["eval", "--model", str(toy_spider["student"]), "--data-file", str(toy_spider["data"]), "--db-dir",
+                 str(toy_spider["db_dir"]), "--output-dir", str(out), "--batch-size", "2", "--max-new-tokens", "3",
+                 "--no-progress", "--workers", "1"])
+    err = capsys.readouterr().err
+    assert code == 130 and "kid eval: interrupted" in err, err
+    partial = json.loads((out / "predictions.partial.json").read_text())
+    assert partial["generated"] == 2 and partial["examples"] == 6 and len(partial["predictions"]) == 2
+    assert all(p["db_id"] == "toy" and p["question"] for p in partial["predictions"])
+    assert f"the 2 of 6 predictions generated so far are in {out / 'predictions.partial.json'}" in err
+    assert not (out / "predictions.sql").exists() and not (out / "report.json").exists()
