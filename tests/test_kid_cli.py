@@ -213,6 +213,8 @@ def test_same_option_names_across_subcommands():
     assert {"--data-file", "--data", "--tables-file", "--tables", "--db-dir", "--data-format",
             "--format"} <= options["generate-teacher"]
     assert {"--output-dir", "--out-dir"} <= options["reproduce"]
+    if "export" in options:  # kid export (issue 14)
+        assert {"--output-dir", "--out-dir", "--overwrite-output-dir"} <= options["export"]
     args = parser.parse_args(["generate-teacher", "--teacher", "t", "--data", "d.json", "--db-dir", "db", "--out",
                               "o", "--tables", "t.json", "--format", "bird"])
     assert (args.data_file, args.tables_file, args.out, args.data_format) == (
