@@ -148,7 +148,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 # ---- option types and shared options ---------------------------------------------------------------------------
 
 def _number(kind, *, minimum=None, above=None, what=""):
-    """An argparse type: ``kind`` (int or float) >= ``minimum`` or > ``above``."""
+    """An argparse type: ``kind`` (int or float, finite) >= ``minimum`` or > ``above``."""
+    from math import isfinite
+
     rule = f">= {minimum}" if minimum is not None else f"> {above}"
     noun = "an integer" if kind is int else "a number"
 
@@ -159,6 +161,8 @@ def _number(kind, *, minimum=None, above=None, what=""):
             raise argparse.ArgumentTypeError(f"expected {noun} {rule}, got {text!r}") from None
         if (minimum is not None and value < minimum) or (above is not None and not value > above):
             raise argparse.ArgumentTypeError(f"must be {rule}{what}, got {text}")
+        if not isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
         return value
 
     parse.__name__ = kind.__name__
@@ -256,6 +260,17 @@ def _check_device(name: str | None) -> str:
     return name
 
 
+def _save_partial_predictions(path: Path, finished: dict[int, str], data) -> None:
+    """``kid eval`` interrupted: the predictions generated so far (not scored), by example, then say so."""
+    from .files import atomic_write_json
+
+    rows = [{"index": i, "db_id": data[i]["db_id"], "question": data[i]["question"], "prediction": sql}
+            for i, sql in sorted(finished.items())]
+    atomic_write_json(path, {"generated": len(rows), "examples": len(data), "predictions": rows})
+    say(f"\nkid eval: the {len(rows)} of {len(data)} predictions generated so far are in {path} (not scored); run "
+        "again with --overwrite-output-dir to evaluate all", file=sys.stderr)
+
+
 # ---- kid score ---------------------------------------------------------------------------------------------------
 
 @command("score", "score a prediction file by execution accuracy")
@@ -292,9 +307,9 @@ def _score(p: argparse.ArgumentParser) -> RunFunction:
                          what=str(args.gold))
         hardness = difficulties = None
         if args.data_file is not None:
-            from .data.loaders import read_json_examples
+            from .preflight import read_examples
 
-            data = read_json_examples(args.data_file)
+            data = read_examples(args.data_file, "data-file")
             if len(data) != len(gold):
                 raise UsageError(f"{args.data_file} has {len(data)} examples but the gold file has {len(gold)}")
             if args.bird:
@@ -351,7 +366,7 @@ def _eval(p: argparse.ArgumentParser) -> RunFunction:
     _add_scoring_options(p)
 
     def run(args: argparse.Namespace) -> int:
-        from .preflight import check_data_format, check_model_source
+        from .preflight import check_data_format, check_model_source, check_tables_file, read_examples
         from .training import load_tokenizer
 
         fmt = args.data_format or ("bird" if args.bird else "spider")
@@ -364,13 +379,9 @@ def _eval(p: argparse.ArgumentParser) -> RunFunction:
             raise UsageError("--check-executable picks among beams: give --num-beams 2 or more")
         _check_output_dir(args.output_dir, args.overwrite_output_dir, "predictions and report")
         _check_scoring_dirs(args)
-        if args.tables_file is not None and not args.tables_file.is_file():
-            raise UsageError(f"--tables-file {args.tables_file}: file not found")
-        from .data.loaders import read_json_examples
-
-        if not args.data_file.is_file():
-            raise UsageError(f"--data-file {args.data_file}: file not found")
-        raw = read_json_examples(args.data_file)
+        if args.tables_file is not None:
+            check_tables_file(args.tables_file)
+        raw = read_examples(args.data_file, "data-file")
         check_data_format(fmt, raw, args.data_file)
         if any("db_id" not in x for x in raw):
             raise UsageError(f"{args.data_file}: every example needs a db_id")
@@ -404,20 +415,26 @@ def _eval(p: argparse.ArgumentParser) -> RunFunction:
                     missing[db_id] = missing.get(db_id, 0) + 1
         dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
         model_obj = AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(device)
-        predictions = generate_sql(
-            model_obj,
-            tokenizer,
-            data["prompt"],
-            questions=data["prompt_question"],
-            db_paths=data["db_path"],
-            batch_size=args.batch_size,
-            num_beams=args.num_beams,
-            max_new_tokens=args.max_new_tokens,
-            max_input_tokens=args.max_input_tokens,
-            check_executable=args.check_executable,
-            progress=not args.no_progress,
-        )
         out = args.output_dir
+        finished: dict[int, str] = {}
+        try:
+            predictions = generate_sql(
+                model_obj,
+                tokenizer,
+                data["prompt"],
+                questions=data["prompt_question"],
+                db_paths=data["db_path"],
+                batch_size=args.batch_size,
+                num_beams=args.num_beams,
+                max_new_tokens=args.max_new_tokens,
+                max_input_tokens=args.max_input_tokens,
+                check_executable=args.check_executable,
+                progress=not args.no_progress,
+                finished=finished,
+            )
+        except (KeyboardInterrupt, Terminated):
+            _save_partial_predictions(out / "predictions.partial.json", finished, data)
+            raise
         write_prediction_file(out / "predictions.sql", predictions)
         write_gold_file(out / "gold.sql", list(zip(data["query"], data["db_id"])))
         report = evaluate_predictions(
@@ -686,7 +703,7 @@ def _reproduce(p: argparse.ArgumentParser) -> RunFunction:
     p.add_argument("--spider-dk-tables", type=Path, default=None, help="Spider-DK's tables.json")
     p.add_argument("--spider-syn", type=Path, default=None, help="Spider-Syn data file")
     p.add_argument("--spider-realistic", type=Path, default=None, help="Spider-Realistic data file")
-    p.add_argument("--out-dir", type=Path, default=Path("kid_reproduce"),
+    p.add_argument("--output-dir", "--out-dir", dest="out_dir", type=Path, default=Path("kid_reproduce"),
                    help="runs, table, plot and report (default kid_reproduce; re-run to continue)")
     p.add_argument("--models-dir", type=Path, default=None, help="where converted and shrunk models are cached "
                    "(default ~/.cache/kid)")
@@ -732,54 +749,76 @@ def _generate_teacher(p: argparse.ArgumentParser) -> RunFunction:
     p.add_argument("--tokenizer", default=None,
                    help="the training run's tokenizer, i.e. the student's (default: the teacher's); prompts are "
                         "looked up by their token ids")
-    p.add_argument("--data-file", required=True, type=Path, help="training data json")
+    p.add_argument("--data-file", "--data", dest="data_file", required=True, type=Path, help="training data json")
     p.add_argument("--db-dir", required=True, type=Path, help="databases at DIR/<db_id>/<db_id>.sqlite")
-    p.add_argument("--tables-file", type=Path, default=None, help="tables.json (column comments, foreign keys)")
-    p.add_argument("--data-format", choices=sorted(LOADERS), default="spider", help="data format (default spider)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N examples")
-    p.add_argument("--out", required=True, type=Path, help="directory of the outputs (continued if interrupted)")
-    p.add_argument("--max-input-tokens", type=int, default=1024, help="as in kid train (default 1024)")
-    p.add_argument("--max-output-tokens", type=int, default=128, help="as in kid train (default 128)")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="answer budget (default 128)")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (default 8)")
-    p.add_argument("--num-beams", type=int, default=1, help="1: greedy (default); the f-distill reference used 6")
+    p.add_argument("--tables-file", "--tables", dest="tables_file", type=Path, default=None,
+                   help="tables.json (column comments, foreign keys)")
+    p.add_argument("--data-format", "--format", dest="data_format", choices=sorted(LOADERS), default="spider",
+                   help="data format (default spider)")
+    p.add_argument("--limit", type=_number(int, minimum=1), default=None, help="only the first N examples")
+    p.add_argument("--output-dir", "--out-dir", "--out", dest="out", required=True, type=Path,
+                   help="directory of the outputs (continued if interrupted)")
+    p.add_argument("--max-input-tokens", type=_number(int, minimum=1), default=1024,
+                   help="as in kid train (default 1024)")
+    p.add_argument("--max-output-tokens", type=_number(int, minimum=1), default=128,
+                   help="as in kid train (default 128)")
+    p.add_argument("--max-new-tokens", type=_number(int, minimum=1), default=128, help="answer budget (default 128)")
+    p.add_argument("--batch-size", type=_number(int, minimum=1), default=8,
+                   help="prompts per generate call (default 8)")
+    p.add_argument("--num-beams", type=_number(int, minimum=1), default=1,
+                   help="1: greedy (default); the f-distill reference used 6")
     p.add_argument("--sample", action="store_true", help="sample instead (--temperature, --top-k, --top-p)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0, help="0: no top-k truncation")
-    p.add_argument("--top-p", type=float, default=1.0, help="1: no nucleus truncation")
+    p.add_argument("--temperature", type=_number(float, above=0), default=1.0, help="sampling temperature")
+    p.add_argument("--top-k", type=_number(int, minimum=0), default=0, help="0: no top-k truncation")
+    p.add_argument("--top-p", type=_number(float, above=0), default=1.0, help="in (0, 1]; 1: no nucleus truncation")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--overwrite", action="store_true", help="generate again into a directory made otherwise")
+    p.add_argument("--overwrite", "--overwrite-output-dir", dest="overwrite", action="store_true",
+                   help="generate again into a directory made otherwise")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     def run(args: argparse.Namespace) -> int:
-        import torch
-        from transformers import AutoTokenizer
-
         from .data.loaders import load_dataset_by_name
         from .models import load_causal_lm, prepare_teacher
+        from .preflight import check_model_source, check_tables_file, data_census, load_tokenizer
         from .teacher_outputs import check_output_dir, generate_teacher_outputs, missing_prompts, output_settings
         from .training import tokenize_dataset
 
-        for name in ("max_input_tokens", "max_output_tokens", "max_new_tokens", "batch_size", "num_beams"):
-            if getattr(args, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
-        if args.sample and not (args.temperature > 0 and 0 < args.top_p <= 1 and args.top_k >= 0):
-            raise ValueError("--temperature must be > 0, --top-p in (0, 1], --top-k >= 0")
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.teacher)
+        # every check before any slow work (the data, the models)
+        if args.top_p > 1:
+            raise UsageError(f"--top-p must be in (0, 1] (1: no nucleus truncation), got {args.top_p}")
+        teacher = check_model_source(args.teacher, "teacher")
+        adapter = None
+        if args.teacher_adapter is not None:
+            adapter = Path(args.teacher_adapter).expanduser()
+            if not (adapter / "adapter_config.json").is_file():
+                raise UsageError(f"--teacher-adapter {args.teacher_adapter}: not a LoRA adapter directory (no "
+                                 "adapter_config.json)")
+            adapter = str(adapter.resolve())
+        tokenizer_source = teacher
+        if args.tokenizer is not None:  # a tokenizer directory may hold no model (no config.json)
+            path = Path(args.tokenizer).expanduser()
+            tokenizer_source = str(path.resolve()) if path.is_dir() else check_model_source(args.tokenizer,
+                                                                                            "tokenizer")
+        device = _check_device(args.device)
+        if args.tables_file is not None:
+            check_tables_file(args.tables_file)
+        data_census(args.data_format, args.data_file, args.db_dir)
+        tokenizer = load_tokenizer(tokenizer_source, "tokenizer" if args.tokenizer else "teacher")
         if tokenizer.eos_token_id is None:
-            raise ValueError("the tokenizer has no EOS token")
+            raise UsageError(f"the tokenizer of {tokenizer_source} has no EOS token")
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         decoding = dict(do_sample=args.sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                         num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
-        settings = {"teacher": str(args.teacher), "teacher_adapter": args.teacher_adapter,
-                    "tokenizer": str(args.tokenizer or args.teacher), "max_input_tokens": args.max_input_tokens}
+        # absolute paths: the same directory named another way is the same teacher
+        settings = {"teacher": teacher, "teacher_adapter": adapter, "tokenizer": tokenizer_source,
+                    "max_input_tokens": args.max_input_tokens}
         meta = output_settings(eos_token_id=tokenizer.eos_token_id, settings=settings, **decoding)
-        check_output_dir(args.out, meta, overwrite=args.overwrite)  # before any slow work
+        check_output_dir(args.out, meta, overwrite=args.overwrite)
         data = load_dataset_by_name(args.data_format, args.data_file, args.db_dir, args.tables_file,
                                     limit=args.limit)
         if len(data) == 0:
-            raise ValueError(f"no examples with a database in {args.data_file}")
+            raise UsageError(f"no examples with a database in {args.data_file}")
         data = tokenize_dataset(data, tokenizer, max_input_tokens=args.max_input_tokens,
                                 max_output_tokens=args.max_output_tokens, progress=not args.no_progress)
         if not args.overwrite and missing_prompts(args.out, data) == 0 and (args.out / "meta.json").is_file():
@@ -787,9 +826,8 @@ def _generate_teacher(p: argparse.ArgumentParser) -> RunFunction:
                                             pad_token_id=pad, settings=settings, progress=False, **decoding)
             print(f"kid generate-teacher: {args.out} already holds the answers to all {meta['prompts']} prompts")
             return 0
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        teacher = prepare_teacher(load_causal_lm(args.teacher, dtype=args.dtype), adapter=args.teacher_adapter,
-                                  device=device, dtype=args.dtype)
+        teacher = prepare_teacher(load_causal_lm(teacher, dtype=args.dtype), adapter=adapter, device=device,
+                                  dtype=args.dtype)
         try:
             meta = generate_teacher_outputs(teacher, data, args.out, eos_token_id=tokenizer.eos_token_id,
                                             pad_token_id=pad, batch_size=args.batch_size, settings=settings,

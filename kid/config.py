@@ -35,6 +35,7 @@ the KD:MLE ratio does not drift with the length of what the student generates.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -44,6 +45,9 @@ STRATEGIES = ("random", "uniform", "hard", "easy")
 GENERATING_METHODS = ("fdistill", "imitkd", "gkd")
 PRESETS = ("default", "paper")
 NORMALIZATIONS = ("token", "sequence")
+# The options that are numbers (not integers); each must be finite.
+_FLOAT_OPTIONS = ("kd_weight", "mle_weight", "temperature", "alpha", "gkd_lambda", "beta",
+                  "fdistill_teacher_probability", "sampling_temperature", "top_p")
 
 # The options whose value depends on the preset (and the method): None in MethodConfig means "the preset's".
 _PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -138,11 +142,13 @@ class MethodConfig:
             if getattr(self, name) is None:
                 setattr(self, name, value)
         # Values may arrive as strings (YAML, command-line flags whose default is None).
-        for name in ("kd_weight", "mle_weight", "temperature", "alpha", "gkd_lambda", "beta",
-                     "fdistill_teacher_probability", "sampling_temperature", "top_p"):
+        for name in _FLOAT_OPTIONS:
             setattr(self, name, _number(name, getattr(self, name), float))
         for name in ("top_k", "max_new_tokens", "generation_batch_size"):
             setattr(self, name, _number(name, getattr(self, name), int))
+        for name in _FLOAT_OPTIONS:  # nan passes every comparison below as False, inf most of them as True
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         for name in ("kd_weight", "mle_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

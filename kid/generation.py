@@ -35,11 +35,14 @@ def generate_sql(
     max_input_tokens: int = 1024,
     check_executable: bool = False,
     progress: bool = True,
+    finished: dict[int, str] | None = None,
 ) -> list[str]:
     """Generate one SQL query per prompt, in input order (see the module docstring).
 
     ``questions`` are the final parts of the prompts that truncation must keep (default:
     each prompt's last line); ``db_paths`` are needed with ``check_executable``.
+    ``finished``: filled batch by batch (prompt index -> SQL; prompts are batched by length,
+    not in input order), so that a caller keeps what was generated when interrupted.
     """
     import torch
     from transformers import GenerationConfig
@@ -96,6 +99,8 @@ def generate_sql(
             for k, i in enumerate(batch):
                 candidates = texts[k * n_return : (k + 1) * n_return]
                 outputs[i] = _first_executable(candidates, db_paths[i]) if check_executable else candidates[0]
+                if finished is not None:
+                    finished[i] = outputs[i]
             if bar is not None:
                 bar.update(len(batch))
     finally:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -285,9 +286,13 @@ def resolve_dtype(name: str | torch.dtype | None, device: str | torch.device | N
 
 def load_causal_lm(name_or_path, *, dtype=None, attn_implementation: str | None = None):
     """A Hugging Face causal LM from a directory or Hub name (``local_files_only`` when ``HF_HUB_OFFLINE`` is set,
-    as transformers does)."""
+    as transformers does).  A directory is loaded by its absolute path: the model records the name it was loaded
+    by, and a LoRA adapter saved from it names its base model so (``base_model_name_or_path``), which must stay
+    valid from any working directory."""
     from transformers import AutoModelForCausalLM
 
+    if Path(name_or_path).expanduser().is_dir():
+        name_or_path = str(Path(name_or_path).expanduser().resolve())
     return AutoModelForCausalLM.from_pretrained(
         name_or_path, dtype=resolve_dtype(dtype), attn_implementation=attn_implementation or
         default_attn_implementation())

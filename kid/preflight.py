@@ -34,6 +34,22 @@ def check_method(method: MethodConfig) -> None:
         finished_meta(method.teacher_outputs)
 
 
+def check_teacher_outputs(config: TrainConfig, method: MethodConfig) -> None:
+    """Teacher outputs (``--teacher-outputs``) generated with the prompt budget of this run: their prompts are looked
+    up by token ids, which another ``max_input_tokens`` changes (every prompt would be missing, found only once the
+    data is built)."""
+    if method.teacher_outputs is None:
+        return
+    from .teacher_outputs import finished_meta
+
+    recorded = finished_meta(method.teacher_outputs).get("max_input_tokens")
+    if recorded is not None and int(recorded) != config.max_input_tokens:
+        raise UsageError(f"--teacher-outputs {method.teacher_outputs}: generated with --max-input-tokens {recorded}, "
+                         f"this run has {config.max_input_tokens}: the prompts would not match; train with "
+                         f"--max-input-tokens {recorded}, or generate them again with kid generate-teacher "
+                         f"--max-input-tokens {config.max_input_tokens}")
+
+
 @dataclass
 class Preflight:
     """What :func:`preflight` found: the student's tokenizer (when loaded from ``config.student``), the data
@@ -59,7 +75,10 @@ def check_model_source(name: str, option: str, *, allow_adapter: bool = False) -
     are looked up in the local cache first, and on the Hub only when not cached and HF_HUB_OFFLINE is not set."""
     path = Path(name).expanduser()
     if path.is_dir():
-        if (path / "config.json").is_file() or (allow_adapter and (path / "adapter_config.json").is_file()):
+        if (path / "config.json").is_file():
+            return str(path.resolve())
+        if allow_adapter and (path / "adapter_config.json").is_file():
+            check_adapter_base(path, option)
             return str(path.resolve())
         wanted = "config.json" + (" or adapter_config.json" if allow_adapter else "")
         raise UsageError(f"--{option} {name}: not a model directory (no {wanted} in it)")
@@ -89,6 +108,22 @@ def check_model_source(name: str, option: str, *, allow_adapter: bool = False) -
         raise UsageError(f"--{option} {name}: no such directory, and no model of that name could be loaded "
                          f"from the Hugging Face Hub ({first})") from None
     return name
+
+
+def check_adapter_base(adapter: Path, option: str) -> str:
+    """The base model a LoRA adapter directory names (``base_model_name_or_path``), checked as
+    :func:`check_model_source` checks a model; a :class:`UsageError` naming ``--option`` otherwise."""
+    try:
+        base = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))["base_model_name_or_path"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UsageError(f"--{option} {adapter}: a LoRA adapter without a readable base_model_name_or_path in its "
+                         "adapter_config.json") from None
+    try:
+        return check_model_source(str(base), option)
+    except UsageError as exc:
+        detail = str(exc).split(": ", 1)[-1]
+        raise UsageError(f"--{option} {adapter}: a LoRA adapter whose base model {base} cannot be loaded ({detail}; "
+                         "a relative path is read from the current directory)") from None
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -179,21 +214,40 @@ def check_models(config: TrainConfig, method: MethodConfig, *, student: bool = T
             adapter = Path(config.teacher_adapter)
             if not (adapter / "adapter_config.json").is_file():
                 raise UsageError(f"--teacher-adapter {adapter}: not a LoRA adapter directory (no adapter_config.json)")
-    if method.method == "kid" and method.mask_token is not None:
-        from .models import token_id
-
-        try:
-            token_id(tokenizer, method.mask_token)
-        except ValueError:
-            raise UsageError(f"--mask-token {method.mask_token!r} is not a token of the student's tokenizer "
-                             "(give an existing token, e.g. one of its special tokens)") from None
+    if method.method == "kid":
+        check_mask_token(tokenizer, method.mask_token, _vocab_rows(student))
     return tokenizer, notes
+
+
+def check_mask_token(tokenizer, mask_token: str | None, embedding_rows: int | None) -> int:
+    """KID's mask token (``mask_token``, or the tokenizer's default, :func:`kid.models.default_mask_token`): its
+    id, which must be a row of the student's embedding (a tokenizer may add special tokens past the model's
+    vocabulary: Qwen2's ``<|endoftext|>`` unk token for a vocabulary without it)."""
+    from .models import default_mask_token, token_id
+
+    if mask_token is None:
+        try:
+            mask_token = default_mask_token(tokenizer)
+        except ValueError:
+            raise UsageError("KID's mask token: the student's tokenizer has no spare special token (every special "
+                             "token is EOS, BOS or PAD); give --mask-token (an existing token)") from None
+        where = f"KID's default mask token {mask_token!r} (the tokenizer's; choose one with --mask-token)"
+    else:
+        where = f"--mask-token {mask_token!r}"
+    try:
+        mask_id = token_id(tokenizer, mask_token)
+    except ValueError:
+        raise UsageError(f"{where} is not a token of the student's tokenizer (give an existing token, e.g. one of "
+                         "its special tokens)") from None
+    if embedding_rows is not None and mask_id >= embedding_rows:
+        raise UsageError(f"{where} has id {mask_id}, past the student's {embedding_rows} embedding rows: give "
+                         f"--mask-token a token with an id below {embedding_rows}")
+    return mask_id
 
 
 def data_census(data_format: str, data_file, db_dir) -> dict:
     """Read the data file (no prompts built) and count its examples and those whose database is missing; check
     that the file matches ``data_format``.  Raises :class:`UsageError` when nothing has a database."""
-    from .data.loaders import read_json_examples
     from .evaluation.scoring import database_path
 
     data_file, db_dir = Path(data_file), Path(db_dir)
@@ -201,10 +255,7 @@ def data_census(data_format: str, data_file, db_dir) -> dict:
         raise UsageError(f"data file not found: {data_file}")
     if not db_dir.is_dir():
         raise UsageError(f"database directory not found: {db_dir}")
-    try:
-        raw = read_json_examples(data_file)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{data_file}: not a json list of examples ({str(exc).splitlines()[0]})") from None
+    raw = read_examples(data_file)
     check_data_format(data_format, raw, data_file)
     missing: Counter[str] = Counter()
     for i, example in enumerate(raw):
@@ -219,6 +270,38 @@ def data_census(data_format: str, data_file, db_dir) -> dict:
                          f"{db_dir}/<db_id>/<db_id>.sqlite with db_id {shown}): is --db-dir right?")
     return {"in_file": len(raw), "with_database": with_db, "without_database": sum(missing.values()),
             "missing_databases": dict(sorted(missing.items()))}
+
+
+def read_examples(path, option: str | None = None) -> list[dict]:
+    """The examples of a data file (:func:`kid.data.loaders.read_json_examples`: a json list of objects, or json
+    lines); a missing file, or one that is not such json, is a :class:`UsageError` naming ``--option``."""
+    from .data.loaders import read_json_examples
+
+    path = Path(path)
+    where = f"--{option} {path}" if option else str(path)
+    if not path.is_file():
+        raise UsageError(f"{where}: file not found")
+    try:
+        return read_json_examples(path)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{where}: not a json list of examples ({str(exc).splitlines()[0]})") from None
+
+
+def check_tables_file(path, option: str = "tables-file") -> None:
+    """A Spider/BIRD ``tables.json`` that :func:`kid.data.schema.load_tables_json` reads; else a
+    :class:`UsageError` naming ``--option`` (a missing file, not json, not a list of database entries)."""
+    from .data.schema import load_tables_json
+
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"--{option} {path}: file not found")
+    try:
+        load_tables_json(path)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--{option} {path}: not json ({str(exc).splitlines()[0]})") from None
+    except (KeyError, TypeError, AttributeError):
+        raise UsageError(f"--{option} {path}: not a tables.json (expected a json list of database entries, each "
+                         "with its db_id)") from None
 
 
 def check_data_format(data_format: str, raw: list[dict], path) -> None:
@@ -273,6 +356,15 @@ def check_output_dir(config: TrainConfig) -> str | None:
             raise UsageError(f"--resume {resume}: no such checkpoint directory")
         if not (path / "trainer_state.json").is_file():
             raise UsageError(f"--resume {resume}: not a complete checkpoint (no trainer_state.json)")
+        check_not_finished(path, config)
+        contents = output_dir_contents(out)
+        if contents and not path.resolve().is_relative_to(out.resolve()):
+            # another run's checkpoint: this run's checkpoints (and their rotation), final model and report would
+            # replace what the output directory holds
+            shown = ", ".join(contents[:4]) + (", ..." if len(contents) > 4 else "")
+            raise UsageError(f"--output-dir {out} is not empty ({shown}) and --resume {resume} is a checkpoint of "
+                             "another directory: continuing it here would replace what is there; give an empty "
+                             f"--output-dir, or resume in the checkpoint's own directory ({path.resolve().parent})")
         return str(path.resolve())
     contents = output_dir_contents(out)
     if contents and not config.overwrite_output_dir:
@@ -280,6 +372,27 @@ def check_output_dir(config: TrainConfig) -> str | None:
         raise UsageError(f"--output-dir {out} is not empty ({shown}): continue that run with --resume, or start "
                          "over with --overwrite-output-dir (removes its checkpoints, final model and report)")
     return None
+
+
+def check_not_finished(checkpoint: Path, config: TrainConfig) -> None:
+    """Refuse to resume a checkpoint that has trained every step this run asks for: the Trainer would take one step
+    more than ``max_steps`` and replace the final model.  (A :class:`UsageError`, exit 2: nothing is trained.)"""
+    try:
+        state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+        step, epoch = int(state["global_step"]), float(state.get("epoch") or 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UsageError(f"--resume {checkpoint}: trainer_state.json cannot be read") from None
+    if config.max_steps > 0:
+        finished, target = step >= config.max_steps, f"--max-steps {config.max_steps}"
+    else:  # epochs: the Trainer rounds the last epoch's steps up, so a finished run's epoch is >= epochs
+        finished, target = epoch >= config.epochs - 1e-6, f"epoch {epoch:g}, --epochs {config.epochs:g}"
+    if finished:
+        from .training import FINAL_NAME
+
+        final = checkpoint.resolve().parent / FINAL_NAME
+        model = f"its final model is {final}" if final.is_dir() else "it holds the trained weights"
+        raise UsageError(f"--resume {checkpoint}: that run is finished (step {step}, {target}; {model}): nothing to "
+                         "train; to train longer, give a larger --max-steps")
 
 
 def check_environment(config: TrainConfig) -> None:
@@ -308,6 +421,7 @@ def preflight(config: TrainConfig, method: MethodConfig, *, student: bool = True
     ``config.student`` / ``config.teacher`` (and load the student's tokenizer; False: the caller passes the model
     objects); ``data``: read the data file."""
     check_method(method)
+    check_teacher_outputs(config, method)
     check_environment(config)
     teacher = teacher and method.needs_teacher
     if student and not config.student:
@@ -318,8 +432,8 @@ def preflight(config: TrainConfig, method: MethodConfig, *, student: bool = True
         for name in ("data_file", "db_dir"):
             if not getattr(config, name):
                 raise UsageError(f"--{name.replace('_', '-')} is required")
-    if config.tables_file and not Path(config.tables_file).is_file():
-        raise UsageError(f"--tables-file {config.tables_file}: file not found")
+    if config.tables_file:
+        check_tables_file(config.tables_file)
     resume = check_output_dir(config)
     sft = read_sft_report(config, method) if config.sft_report else None
     census = data_census(config.data_format, config.data_file, config.db_dir) if data else None

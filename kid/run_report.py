@@ -25,7 +25,8 @@ if TYPE_CHECKING:
     from .training import TrainConfig, _RunClock
 
 # Settings that must agree for a training-time ratio to mean anything.
-COMPARABLE_SETTINGS = ("student", "data_file", "db_dir", "data_format", "limit", "batch_size", "micro_batch_size",
+COMPARABLE_SETTINGS = ("student", "data_file", "tables_file", "db_dir", "data_format", "limit", "batch_size",
+                       "micro_batch_size",
                        "epochs", "max_steps", "max_input_tokens", "max_output_tokens", "lora", "lora_r", "dtype",
                        "gradient_checkpointing", "fsdp", "attn_implementation", "group_by_length", "eval_data_file",
                        "eval_limit")

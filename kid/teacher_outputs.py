@@ -21,6 +21,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from .batching import IGNORE_INDEX
+from .files import atomic_open
 from .rollout import TEACHER_ANSWER_KEY, generate_grouped
 
 META_NAME = "meta.json"
@@ -49,10 +50,17 @@ def _read_meta(directory: Path) -> dict | None:
 
 
 def _write_meta(directory: Path, meta: dict) -> None:
-    tmp = directory / (META_NAME + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_open(directory / META_NAME) as f:
         json.dump(meta, f, indent=2, sort_keys=True)
-    os.replace(tmp, directory / META_NAME)
+
+
+def _ends_with_a_complete_line(path: Path) -> bool:
+    """``path`` is missing, empty, or ends with a newline (no line cut by an interruption)."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return True
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
 
 
 def _read_outputs(directory: Path) -> dict[str, list[int]]:
@@ -98,10 +106,23 @@ def check_output_dir(out_dir, meta: Mapping[str, Any], *, overwrite: bool = Fals
             raise ValueError(f"{directory} exists and is not a teacher-output directory; choose another or pass "
                              "--overwrite")
         return
-    differing = sorted(k for k in meta if existing.get(k) != meta[k])
+    differing = sorted(k for k in meta if not _same_setting(k, existing.get(k), meta[k]))
     if differing:
         raise ValueError(f"{directory} holds teacher outputs made with other settings ({', '.join(differing)}); "
                          "pass --overwrite to generate them again, or choose another directory")
+
+
+# Settings that name a directory: the same directory named another way (relative, absolute) is the same setting.
+_PATH_SETTINGS = ("teacher", "teacher_adapter", "tokenizer")
+
+
+def _same_setting(key: str, recorded, given) -> bool:
+    if recorded == given:
+        return True
+    if key not in _PATH_SETTINGS or not isinstance(recorded, str) or not isinstance(given, str):
+        return False
+    a, b = Path(recorded).expanduser(), Path(given).expanduser()
+    return a.exists() and b.exists() and a.resolve() == b.resolve()
 
 
 @torch.no_grad()
@@ -136,11 +157,16 @@ def generate_teacher_outputs(teacher, dataset, out_dir, *, eos_token_id: int, pa
         prompts.setdefault(prompt_key(ids), ids)
     todo = [key for key in prompts if key not in done]
     meta.update(prompts=len(prompts), complete=False)
+    if not todo and not overwrite and _read_meta(directory) == dict(meta, complete=True):
+        return dict(meta, complete=True)  # finished with these settings: nothing is written
     _write_meta(directory, meta)
-    # Rewrite the kept records first: a line cut by an interruption must not stay in the file.
-    with open(directory / OUTPUTS_NAME, "w", encoding="utf-8") as f:
-        for key, answer in done.items():
-            f.write(json.dumps({"prompt": key, "answer": answer}) + "\n")
+    outputs = directory / OUTPUTS_NAME
+    if overwrite or not _ends_with_a_complete_line(outputs):
+        # Starting over, or a line cut by an interruption (it must not stay in the file): the kept records are
+        # written anew, atomically, so a crash here leaves the previous file.  Otherwise answers are only appended.
+        with atomic_open(outputs) as f:
+            for key, answer in done.items():
+                f.write(json.dumps({"prompt": key, "answer": answer}) + "\n")
     order = sorted(todo, key=lambda k: len(prompts[k]))
     if order and teacher is None:
         raise ValueError(f"{len(order)} prompts still need the teacher's answers, and no teacher was given")

@@ -29,7 +29,8 @@ step around it:
   next.  ``generate`` samples from the global
   RNG, which checkpoints save and resume restores: a resumed run draws what an uninterrupted run would.
 * Vocabularies: checkpoints of one family may pad their lm_heads to different sizes (Qwen1.5: 151,936 rows for
-  0.5B-7B, 152,064 for 14B+); both heads are cut to the smaller size, which must cover the tokenizer.
+  0.5B-7B, 152,064 for 14B+); the loss reads the first rows of each head, as many as the smaller has
+  (``shared_vocab``: views, no copy; they must cover the tokenizer), and KID draws its predictions from them.
 * Metrics (added to each log line): ``kd``, ``mle`` (the parts, averaged over the logging window), ``tokens_per_s``
   (attended input tokens of every student pass that trains -- the KD pass over the generated batch and the MLE
   pass over the gold one for the generating methods -- per second of wall time) and ``step_time_s`` (seconds per
@@ -520,7 +521,9 @@ class DistillTrainer(Trainer):
         """The run's time split, for the run report (this process; the processes run in lockstep):
         ``generation_time_s`` (answers generated during training, including the merge of LoRA weights),
         ``training_time_s`` (the rest of the training loop: the passes, backward, optimizer, logging, saving) and
-        ``generation_fraction``."""
+        ``generation_fraction``; for this ``train()`` call's training loop.  The run report of
+        :func:`kid.training.run_training` adds up every segment of a resumed run instead, over the interval its
+        ``train_runtime_s`` measures."""
         total = self._train_seconds
         generation = self.generation_seconds
         return {"generation_time_s": round(generation, 3), "training_time_s": round(max(total - generation, 0.0), 3),

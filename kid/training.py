@@ -9,7 +9,9 @@ Nothing is lost:
   :class:`kid.errors.UsageError` naming the option.
 * An output directory that already holds files is refused unless ``resume`` (continue it) or
   ``overwrite_output_dir`` (start over: its checkpoints, final model and report are removed, once the new run has
-  loaded its data and models).
+  loaded its data and models).  ``resume`` from a checkpoint of another directory needs an empty output_dir (that
+  run's checkpoints, final model and report would replace what is there); resuming a finished run (its checkpoint
+  has every step of ``max_steps``, or the epochs) is refused, exit 2: nothing is trained, the final model stays.
 * SIGINT / SIGTERM ask the Trainer to finish the current optimizer step, save a checkpoint and stop; the report is
   written and says which signal (``kid train`` then exits 130 / 143).  A second SIGINT interrupts at once.  Console
   writes that fail (a ``| tee`` that died with the same Ctrl-C) never abort the save (:mod:`kid.console`).
@@ -33,7 +35,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from .config import MethodConfig
 from .console import say, write_stderr
@@ -203,6 +205,8 @@ class TrainConfig:
     def __post_init__(self):
         for name, value in coerce_options(TrainConfig, self.__dict__).items():
             setattr(self, name, value)
+            if isinstance(value, float) and not math.isfinite(value):  # nan fails no ">=" check below as True
+                raise UsageError(f"{name} must be a finite number, got {value}")
         checks = [
             ("batch_size", self.batch_size >= 1, ">= 1"),
             ("micro_batch_size", self.micro_batch_size >= 1, ">= 1"),
@@ -451,6 +455,8 @@ class _RunClock:
         self.steps_cpu: list[float] = []
         self._step = None
         self.ended = None
+        # () -> seconds this segment spent generating (the trainer's count), recorded with the segment
+        self.generation_seconds: Callable[[], float] | None = None
 
     def callback(self):
         from transformers import TrainerCallback
@@ -484,7 +490,8 @@ class _RunClock:
         return {"started_at": self.started_at, "first_step": self.first_step, "last_step": global_step,
                 "train_time_s": round(wall_end - self.t0, 3), "cpu_time_s": round(cpu_end - self.c0, 3),
                 "step_time_s": _quantiles(self.steps_wall), "step_cpu_time_s": _quantiles(self.steps_cpu),
-                "host": platform.node(), "device": device.get("name")}
+                "host": platform.node(), "device": device.get("name"),
+                "generation_time_s": round(self.generation_seconds(), 3) if self.generation_seconds else None}
 
 
 def _run_state_before(checkpoint: str | None) -> tuple[list[dict], bool]:
@@ -497,6 +504,19 @@ def _run_state_before(checkpoint: str | None) -> tuple[list[dict], bool]:
         return list(segments), True
     except (OSError, ValueError, KeyError, TypeError):
         return [], False  # a checkpoint from elsewhere: its earlier time is unknown
+
+
+def _time_split(segments: list[dict], generates: bool) -> dict:
+    """Generation vs the rest of training over every segment, over the interval of ``train_runtime_s`` (each
+    segment's clock): ``generation_time_s + training_time_s`` is the run's training time.  None where a segment
+    before a resume did not record its generation time (a checkpoint of an older kid)."""
+    total = sum(s.get("train_time_s") or 0 for s in segments)
+    times = [s.get("generation_time_s") for s in segments]
+    if any(t is None for t in times) and generates:
+        return {"generation_time_s": None, "training_time_s": None, "generation_fraction": None}
+    generation = sum(t or 0 for t in times)
+    return {"generation_time_s": round(generation, 3), "training_time_s": round(max(total - generation, 0.0), 3),
+            "generation_fraction": round(generation / total, 4) if total > 0 else None}
 
 
 def _atomic_checkpoint_trainer(base):
@@ -557,6 +577,13 @@ def _atomic_checkpoint_trainer(base):
         def _kid_barrier(self):
             if self.args.world_size > 1:
                 self.accelerator.wait_for_everyone()
+
+        def report_fields(self):
+            # the time split of the whole run, over the interval train_runtime_s measures (the segments' clocks)
+            if self.kid_clock is None or self.kid_clock.t0 is None:
+                return super().report_fields()
+            segment = self.kid_clock.segment(self.state.global_step, self.kid_device)
+            return _time_split(list(self.kid_segments_before) + [segment], self.method_config.generates)
 
     RunTrainer.__name__ = RunTrainer.__qualname__ = base.__name__
     return RunTrainer
@@ -760,7 +787,10 @@ def _run_training(config, method, *, student, teacher, tokenizer, train_dataset,
         teacher = None
     mask_id = None
     if method.method == "kid":
+        from .preflight import check_mask_token
+
         mask_id = _token_id(tokenizer, method.mask_token or default_mask_token(tokenizer))
+        check_mask_token(tokenizer, method.mask_token, student.get_input_embeddings().num_embeddings)  # objects too
 
     collator = DistillCollator(tokenizer.pad_token_id, with_prompts=method.generates)
     stopper, clock = _StopOnSignal(), _RunClock()
@@ -773,6 +803,7 @@ def _run_training(config, method, *, student, teacher, tokenizer, train_dataset,
     before, complete = _run_state_before(resume)
     info = device_info(device)
     trainer.kid_segments_before, trainer.kid_clock, trainer.kid_device = before, clock, info
+    clock.generation_seconds = lambda: trainer.generation_seconds  # this segment's (the trainer resets it)
     if config.overwrite_output_dir and trainer.is_world_process_zero():
         _remove_previous_run(out_dir)  # only now: the new run's data and models have loaded
     if torch.cuda.is_available():

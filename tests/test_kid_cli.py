@@ -212,9 +212,18 @@ def test_same_option_names_across_subcommands():
         # one set of names, the others kept as aliases
         assert {"--data-file", "--data", "--tables-file", "--tables", "--db-dir", "--data-format",
                 "--format"} <= options[name], name
-    for name in ("train", "eval", "demo"):
+    for name in ("train", "eval", "demo", "generate-teacher"):
         assert {"--output-dir", "--out-dir", "--overwrite-output-dir"} <= options[name], name
     assert {"--data-file", "--data"} <= options["score"]
+    assert {"--data-file", "--data", "--tables-file", "--tables", "--db-dir", "--data-format",
+            "--format"} <= options["generate-teacher"]
+    assert {"--output-dir", "--out-dir"} <= options["reproduce"]
+    if "export" in options:  # kid export (issue 14)
+        assert {"--output-dir", "--out-dir", "--overwrite-output-dir"} <= options["export"]
+    args = parser.parse_args(["generate-teacher", "--teacher", "t", "--data", "d.json", "--db-dir", "db", "--out",
+                              "o", "--tables", "t.json", "--format", "bird"])
+    assert (args.data_file, args.tables_file, args.out, args.data_format) == (
+        Path("d.json"), Path("t.json"), Path("o"), "bird")
     args = parser.parse_args(["eval", "--model", "m", "--data", "d.json", "--tables", "t.json", "--out-dir", "o",
                               "--db-dir", "db", "--format", "bird"])
     assert (args.data_file, args.tables_file, args.output_dir, args.data_format) == (
