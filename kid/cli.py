@@ -731,7 +731,9 @@ def _reproduce(p: argparse.ArgumentParser) -> RunFunction:
                   file=sys.stderr)
             return 1
         if report["stopped"]:
-            return 130 if report["stopped"].startswith("interrupted") else 0
+            if report["stopped"].startswith("interrupted"):
+                return 128 + int(signal.Signals[report.get("signal") or "SIGINT"])
+            return 0
         return 0
 
     return run

@@ -186,12 +186,33 @@ def kid_options() -> list[KidOption]:
 def help_text(option: KidOption) -> str:
     """The option's help with its default, as ``kid train --help`` shows it."""
     text = option.help
-    if "default" not in text:
+    preset_dependent = _preset_dependent_defaults().get(option.name)
+    if preset_dependent is not None and "default" not in text:
+        text += f" (default: {preset_dependent})"
+    elif "default" not in text:
         if option.kind == "bool":
             text += f" (default: {'on' if option.default else 'off'})"
         elif option.default not in (None, ""):
             text += f" (default: {option.default})"
     return text
+
+
+@lru_cache(maxsize=1)
+def _preset_dependent_defaults() -> dict[str, str]:
+    """``name: "x (preset default), y (preset paper; gkd z, ...)"`` for the options whose default is the preset's."""
+    from .config import METHODS, preset_defaults
+
+    texts = {}
+    for name in preset_defaults("default", "sft"):
+        per_preset = []
+        for preset in ("default", "paper"):
+            common = preset_defaults(preset, "sft")[name]
+            exceptions = [f"{method} {preset_defaults(preset, method)[name]}" for method in METHODS
+                          if preset_defaults(preset, method)[name] != common]
+            extra = f" ({', '.join(exceptions)})" if exceptions else ""
+            per_preset.append(f"{common} with --preset {preset}{extra}")
+        texts[name] = "; ".join(per_preset)
+    return texts
 
 
 # ---- the Trainer's options, from transformers' source --------------------------------------------------------

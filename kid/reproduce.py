@@ -155,7 +155,12 @@ class Benchmark:
 
 
 class ProtocolInterrupted(Exception):
-    """A run was interrupted (SIGINT / SIGTERM): its checkpoint is saved; re-run the command to continue."""
+    """A run was interrupted (SIGINT / SIGTERM): its checkpoint is saved; re-run the command to continue.
+    ``signal_name``: the signal that stopped it ("SIGINT" or "SIGTERM"), for the command's exit status."""
+
+    def __init__(self, message: str, signal_name: str = "SIGINT"):
+        super().__init__(message)
+        self.signal_name = signal_name
 
 
 def method_config(method: str, scale: ReproduceScale, *, teacher_outputs: str | os.PathLike = TEACHER_OUTPUTS_DIR):
@@ -644,7 +649,8 @@ class Protocol:
         report.pop("_trainer", None)
         if report["interrupted"]:
             _write_status(run_dir, state="interrupted")
-            raise ProtocolInterrupted(f"{run_dir} interrupted: checkpoint saved; re-run the command to continue")
+            raise ProtocolInterrupted(f"{run_dir} interrupted: checkpoint saved; re-run the command to continue",
+                                      signal_name=report.get("signal") or "SIGINT")
         _write_status(run_dir, state="trained", trained=True, train_runtime_s=report["train_runtime_s"],
                       global_steps=report["global_steps"])
         removed = remove_checkpoints(run_dir)
@@ -874,7 +880,10 @@ class Protocol:
                     break
         except (ProtocolInterrupted, KeyboardInterrupt) as exc:
             stopped = f"interrupted ({exc or 'Ctrl-C'})"
+            stop_signal = getattr(exc, "signal_name", "SIGINT")
         report = self.write_outputs(records, stopped)
+        if stopped and stopped.startswith("interrupted"):
+            report["signal"] = stop_signal  # kid reproduce exits 128 + its number (130 SIGINT, 143 SIGTERM)
         if stopped:
             self._log(f"stopped: {stopped}; re-run the same command to continue")
         return report

@@ -327,13 +327,14 @@ def test_an_interrupted_run_says_how_kid_reproduce_continues(tmp_path, monkeypat
 
     def run_training(config, method, **kwargs):
         hints.append(training.RESUME_HINT)
-        return {"interrupted": True}
+        return {"interrupted": True, "signal": "SIGTERM"}
 
     monkeypatch.setattr(training, "run_training", run_training)
     protocol = Protocol(tmp_path / "run", scale="smoke", progress=False)
     protocol.tokenizer = protocol.train_dataset = None
-    with pytest.raises(ProtocolInterrupted, match="re-run the command to continue"):
+    with pytest.raises(ProtocolInterrupted, match="re-run the command to continue") as stopped:
         protocol.train_run(tmp_path / "run" / "seed1" / "sft", "sft", student=tmp_path, teacher=None, seed=1,
                            steps=2, learning_rate=1e-4, lora=True)
+    assert stopped.value.signal_name == "SIGTERM"  # kid reproduce exits 143 for it, as kid train does
     assert hints == ["re-run the same kid reproduce command to continue"]
     assert training.RESUME_HINT == "resume with --resume"  # kid train's, restored
