@@ -113,7 +113,9 @@ class DistillTrainer(Trainer):
         ``args.teacher_dtype``, with ``args.teacher_adapter`` merged in when given); None: ``args.teacher``.  Frozen
         (eval mode, no gradients) and moved to ``args.device``.
     args: a :class:`~kid.kid_config.KIDConfig` (default: ``KIDConfig()``) or any ``TrainingArguments``
-        (``remove_unused_columns`` is then turned off: the collator reads every column).
+        (``remove_unused_columns`` is then turned off: the collator reads every column).  ``args.disable_dropout``
+        (a KIDConfig's; default off): every dropout of the student and the teacher off for training (in place), LoRA's
+        included (TRL's ``disable_dropout``, :func:`kid.models.disable_dropout`).
     method_config: :class:`kid.config.MethodConfig` (default: ``args.method_config()`` for a KIDConfig, else
         ``MethodConfig()``).  With ``teacher_outputs`` (f-distill), the teacher's answers are read from that directory
         (``kid generate-teacher``) and attached to ``train_dataset``.
@@ -198,6 +200,12 @@ class DistillTrainer(Trainer):
             raise ValueError(f"one process sees {self.args.n_gpu} GPUs (torch.nn.DataParallel is not supported): "
                              "launch one process per GPU with torchrun or accelerate")
         self.teacher = teacher.to(self.args.device) if teacher is not None else None
+        if _kid_option(args, "disable_dropout", False):  # TRL's disable_dropout: every dropout p = 0, LoRA's too
+            from .models import disable_dropout
+
+            for module in (self.model, self.teacher):
+                if module is not None:
+                    disable_dropout(module)
         s_vocab = lm_head_of(self.model).num_rows
         self.vocab_size = s_vocab
         # Heads of different sizes (one padded, the same tokenizer): the fused loss uses their first shared rows.

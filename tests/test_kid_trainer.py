@@ -407,3 +407,35 @@ def test_kid_changed_and_chosen_are_logged_from_the_stage_counts(tmp_path, monke
     rkd = _trainer(tmp_path / "rkd", MethodConfig(method="rkd"), steps=1, logging_steps=1)
     rkd.train()
     assert not any(k.startswith("kid_") for h in rkd.state.log_history for k in h)
+
+
+@pytest.mark.parametrize("disable", [True, False], ids=["disable_dropout", "dropout"])
+def test_disable_dropout_makes_the_train_mode_passes_identical(tmp_path, disable):
+    # KIDConfig.disable_dropout (TrainConfig's, kid train --disable-dropout): the student's LoRA dropout and the
+    # teacher's attention dropout off; without it two train-mode passes of the student draw different masks.
+    from kid.models import LoraOptions, apply_lora
+    from kid.trainer import DistillTrainer
+
+    student = apply_lora(tiny_model(0), LoraOptions(4, 8, 0.5))
+    with torch.no_grad():  # LoRA B starts at zero: the adapters (and their dropout) would add nothing
+        for name, p in student.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    teacher = tiny_teacher()
+    for m in teacher.modules():
+        if isinstance(getattr(m, "attention_dropout", None), float):
+            m.attention_dropout = 0.3
+    args = training_arguments(train_config(tmp_path, lora=True, lora_dropout=0.5, disable_dropout=disable))
+    assert args.disable_dropout is disable
+    trainer = DistillTrainer(model=student, args=args, train_dataset=tiny_dataset(4), processing_class=tiny_tokenizer(),
+                             method_config=MethodConfig(method="kid"), teacher=teacher, mask_token_id=MASK)
+    batch = DistillCollator(PAD)(tiny_examples(2, seed=3))
+    trainer.model.train()
+    with torch.no_grad():
+        first, second = (trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                       output_hidden_states=True).hidden_states[-1] for _ in range(2))
+    assert torch.equal(first, second) is disable
+    rates = {m.p for m in trainer.model.modules() if isinstance(m, torch.nn.Dropout)}
+    assert rates == ({0.0} if disable else {0.5})
+    attention = {m.attention_dropout for m in trainer.teacher.modules() if hasattr(m, "attention_dropout")}
+    assert attention == ({0.0} if disable else {0.3})
