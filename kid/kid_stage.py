@@ -10,6 +10,10 @@
    sample from it at ``sampling_temperature`` with ``kid_predictions="sample"``.
 4. Write the predictions into y: y-hat.  The "masking only" ablation keeps the mask tokens instead (no step 3).
 
+A chosen slot whose prediction is the gold token itself leaves y unchanged there: ``ImperfectBatch.changed`` marks
+the chosen slots whose token did change.  For a student that already fits y, far fewer than ``alpha`` of the
+tokens change (the trainer logs the fraction as ``kid_changed``).
+
 Everything runs on the device with static shapes: no host synchronisation.
 """
 from __future__ import annotations
@@ -35,10 +39,13 @@ class ImperfectBatch:
     input_ids: ``[B, T]`` the sequence with y-hat in the answer span (x unchanged).
     answer_tokens: ``[B, A]`` y-hat at the answer slots.
     chosen: bool ``[B, A]``, the slots that were masked.
+    changed: bool ``[B, A]``, the chosen slots whose y-hat token differs from the gold token (a prediction, or the
+        mask token for "masking only"); a subset of ``chosen``.
     """
     input_ids: torch.Tensor
     answer_tokens: torch.Tensor
     chosen: torch.Tensor
+    changed: torch.Tensor
 
 
 def selectable_positions(answer_labels: torch.Tensor, eos_token_id: int | None, *, mask_eos: bool = False
@@ -98,7 +105,7 @@ def make_imperfect(student, batch, head: LMHead, *, alpha: float, strategy: str,
     masked_answer = torch.where(chosen, torch.full_like(answer, mask_token_id), answer)
     masked_ids = with_answer_tokens(batch["input_ids"], batch["answer_index"], masked_answer, gold)
     if masking_only:
-        return ImperfectBatch(masked_ids, masked_answer, chosen)
+        return ImperfectBatch(masked_ids, masked_answer, chosen, chosen & (masked_answer != answer))
     hidden = answer_hidden_states(student, batch, input_ids=masked_ids, dtype=head.dtype)
     if predictions == "argmax":
         predicted = kidkernels.fused_linear_argmax(hidden, head.weight, head.bias)
@@ -108,4 +115,4 @@ def make_imperfect(student, batch, head: LMHead, *, alpha: float, strategy: str,
         raise ValueError(f"predictions must be 'argmax' or 'sample', got {predictions!r}")
     answer_hat = torch.where(chosen, predicted, answer)
     return ImperfectBatch(with_answer_tokens(batch["input_ids"], batch["answer_index"], answer_hat, gold),
-                          answer_hat, chosen)
+                          answer_hat, chosen, chosen & (answer_hat != answer))

@@ -318,6 +318,31 @@ def apply_lora(model, options: LoraOptions):
     return get_peft_model(model, config)
 
 
+_DROPOUT_MODULES = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d,
+                    torch.nn.AlphaDropout, torch.nn.FeatureAlphaDropout)
+
+
+def disable_dropout(model: torch.nn.Module) -> int:
+    """Turn every dropout of ``model`` off, in place, and return how many were on.
+
+    TRL's ``disable_dropout`` (``disable_dropout_in_model``): ``p = 0`` on every dropout module, peft's
+    ``lora_dropout`` modules included (so ``lora_dropout`` no longer applies).  Also 0.0 for the float attributes
+    ending in ``dropout`` that modules read at forward instead of holding a dropout module (transformers' Llama /
+    Qwen2 / Mistral attention passes ``attention_dropout`` to SDPA in train mode), which TRL leaves on.  The model's
+    config is not changed: a saved model or adapter keeps its dropout settings.
+    """
+    turned_off = 0
+    for module in model.modules():
+        if isinstance(module, _DROPOUT_MODULES):
+            turned_off += module.p > 0
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if name.endswith("dropout") and isinstance(value, float):
+                turned_off += value > 0
+                setattr(module, name, 0.0)
+    return int(turned_off)
+
+
 def prepare_teacher(teacher, *, adapter: str | None = None, device=None, dtype=None):
     """Freeze a teacher for distillation: optional LoRA adapter of an earlier ``sft`` run merged in, eval mode, no
     gradients, on ``device`` in ``dtype`` (default bfloat16 on a GPU, float32 on CPU)."""

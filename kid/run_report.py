@@ -167,7 +167,8 @@ def build_report(trainer, config: TrainConfig, method: MethodConfig, metrics: di
                  device: Mapping | None = None, resumed_from: str | None = None, signum: int | None = None,
                  sft: Mapping | None = None) -> dict:
     """The run report: status, settings (absolute paths), training time over every segment (and relative to the SFT
-    run when comparable), throughput, peak memory, versions, commit, example counts, device, the log history."""
+    run when comparable), throughput, peak memory, versions, commit, example counts, device, the log history; for KID
+    ``kid_chosen`` and ``kid_changed``, the means of the log lines' values (:mod:`kid.trainer`), None without any."""
     import torch
 
     history = [dict(h) for h in trainer.state.log_history]
@@ -206,6 +207,9 @@ def build_report(trainer, config: TrainConfig, method: MethodConfig, metrics: di
         "log_history": history,
     }
     report.update(trainer.report_fields() if hasattr(trainer, "report_fields") else {})  # generation vs training
+    if method.method == "kid":  # the KID stage's diagnostics (kid.trainer): their means over the log lines
+        for key in ("kid_chosen", "kid_changed"):
+            report[key] = _mean([h[key] for h in steps if key in h])
     report.update(evaluation_fields(trainer, history))
     if sft is None and config.sft_report:
         with open(config.sft_report, encoding="utf-8") as f:

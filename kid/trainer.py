@@ -36,8 +36,12 @@ step around it:
   pass over the gold one for the generating methods -- per second of wall time) and ``step_time_s`` (seconds per
   optimizer step over the logging window: the host waits for the device at logging time anyway, so no extra
   synchronisation); for the generating methods also ``generation_s`` (seconds per optimizer step spent generating)
-  and ``gen_len`` (mean generated answer length, tokens).  :meth:`DistillTrainer.report_fields` gives the run's time
-  split (generation vs the rest) for the run report.
+  and ``gen_len`` (mean generated answer length, tokens); for KID also ``kid_chosen`` (the slots the stage chose,
+  per target token: about ``alpha``, less the EOS and padding it never chooses) and ``kid_changed`` (the fraction
+  of the chosen slots whose token actually changed, the prediction differing from the gold token: far below 1 for
+  a student that already fits y, so fewer than ``alpha`` of the tokens are imperfect; absent from a window without
+  a chosen slot), both over the window's micro-batches and processes, counted on the device.
+  :meth:`DistillTrainer.report_fields` gives the run's time split (generation vs the rest) for the run report.
 """
 from __future__ import annotations
 
@@ -54,7 +58,8 @@ from transformers import Trainer
 
 from .batching import IGNORE_INDEX
 from .config import MethodConfig
-from .methods import DistillContext, LossParts, compute_objective, plan_objective
+from .kid_stage import ImperfectBatch
+from .methods import DistillContext, LossParts, compute_objective, plan_objective, run_terms
 from .models import lm_head_of
 from .rollout import StepRollout, rollout_step
 
@@ -108,7 +113,9 @@ class DistillTrainer(Trainer):
         ``args.teacher_dtype``, with ``args.teacher_adapter`` merged in when given); None: ``args.teacher``.  Frozen
         (eval mode, no gradients) and moved to ``args.device``.
     args: a :class:`~kid.kid_config.KIDConfig` (default: ``KIDConfig()``) or any ``TrainingArguments``
-        (``remove_unused_columns`` is then turned off: the collator reads every column).
+        (``remove_unused_columns`` is then turned off: the collator reads every column).  ``args.disable_dropout``
+        (a KIDConfig's; default off): every dropout of the student and the teacher off for training (in place), LoRA's
+        included (TRL's ``disable_dropout``, :func:`kid.models.disable_dropout`).
     method_config: :class:`kid.config.MethodConfig` (default: ``args.method_config()`` for a KIDConfig, else
         ``MethodConfig()``).  With ``teacher_outputs`` (f-distill), the teacher's answers are read from that directory
         (``kid generate-teacher``) and attached to ``train_dataset``.
@@ -193,6 +200,12 @@ class DistillTrainer(Trainer):
             raise ValueError(f"one process sees {self.args.n_gpu} GPUs (torch.nn.DataParallel is not supported): "
                              "launch one process per GPU with torchrun or accelerate")
         self.teacher = teacher.to(self.args.device) if teacher is not None else None
+        if _kid_option(args, "disable_dropout", False):  # TRL's disable_dropout: every dropout p = 0, LoRA's too
+            from .models import disable_dropout
+
+            for module in (self.model, self.teacher):
+                if module is not None:
+                    disable_dropout(module)
         s_vocab = lm_head_of(self.model).num_rows
         self.vocab_size = s_vocab
         # Heads of different sizes (one padded, the same tokenizer): the fused loss uses their first shared rows.
@@ -368,7 +381,8 @@ class DistillTrainer(Trainer):
             parts = LossParts(loss.detach(), parts.kd, parts.mle, parts.tokens)
             total = parts if total is None else LossParts(total.loss + parts.loss, total.kd + parts.kd,
                                                           total.mle + parts.mle, total.tokens + parts.tokens)
-        self._record(total, step.scale, plan.kd_plan, step.rollout if index == 0 else None)
+        self._record(total, step.scale, plan.kd_plan, step.rollout if index == 0 else None, plan.imperfect,
+                     step.device_batches[index]["answer_labels"])
         if index == len(step.device_batches) - 1:
             step.batches = []  # the micro-batches refer to their step: no reference cycle once it is done
         empty_cache_steps = getattr(self.args, "torch_empty_cache_steps", None)
@@ -383,11 +397,13 @@ class DistillTrainer(Trainer):
             step, index = self._micro_batch(model, inputs)
             batch = step.device_batches[index]
             ctx = self._train_context(model, batch["answer_labels"].device, step.global_step, index)
-            parts = compute_objective(
+            plan = plan_objective(
                 ctx, batch, step.normalizer, kd_normalizer=step.kd_normalizer, num_sequences=step.num_sequences,
                 kd_plan=step.rollout.plans[index] if step.rollout is not None else None)
+            parts = run_terms(plan.terms)
             loss = parts.loss * step.scale if step.scale != 1.0 else parts.loss
-            self._record(parts, step.scale, None, step.rollout if index == 0 else None)
+            self._record(parts, step.scale, None, step.rollout if index == 0 else None, plan.imperfect,
+                         batch["answer_labels"])
         else:
             # Evaluation: this batch's own token mean, with seeds that leave training's streams alone.
             self._eval_calls += 1
@@ -458,12 +474,16 @@ class DistillTrainer(Trainer):
 
     # ---- metrics -----------------------------------------------------------------------------------------------
 
-    def _record(self, parts: LossParts, scale: float, kd_plan, rollout: StepRollout | None) -> None:
+    def _record(self, parts: LossParts, scale: float, kd_plan, rollout: StepRollout | None,
+                imperfect: ImperfectBatch | None = None, answer_labels: torch.Tensor | None = None) -> None:
         # Device tensors accumulated without .item(): read once per logging window.  The parts get the loss's
         # process-count scale, so that their mean over processes (at logging time) is the batch's value.
         if self._window_start is None:
             self._window_start = (time.perf_counter(), self.state.global_step)
         values = {"kd": parts.kd * scale, "mle": parts.mle * scale, "tokens": parts.tokens}
+        if imperfect is not None:  # KID's stage: slots chosen, chosen slots whose token changed, target tokens
+            values.update(kid_chosen=imperfect.chosen.sum(), kid_changed=imperfect.changed.sum(),
+                          kid_targets=(answer_labels != IGNORE_INDEX).sum())
         for name, value in values.items():
             value = value.detach().to(torch.float64)
             self._metric_sums[name] = self._metric_sums[name] + value if name in self._metric_sums else value
@@ -479,15 +499,21 @@ class DistillTrainer(Trainer):
             # Every process logs here together (the Trainer has just gathered the loss the same way): each
             # process's kd / mle are its share of the batch's, so average them over processes; add up the tokens
             # and generated rows / tokens; average the generation time.
-            host = self._window_host
+            # KID's stage counts are added up too: one gather either way, the same length on every process (every
+            # process runs the same method).
+            host, device = self._window_host, self._metric_sums["kd"].device
+            kid_counts = ("kid_chosen", "kid_changed", "kid_targets") if self.method_config.method == "kid" else ()
+            zero = torch.zeros((), dtype=torch.float64, device=device)
             local = torch.stack([self._metric_sums[k] for k in ("kd", "mle", "tokens")] + [
-                torch.tensor(float(host[k]), dtype=torch.float64, device=self._metric_sums["kd"].device)
-                for k in ("gen_rows", "gen_tokens", "generation_s")])
+                torch.tensor(float(host[k]), dtype=torch.float64, device=device)
+                for k in ("gen_rows", "gen_tokens", "generation_s")] + [
+                self._metric_sums.get(k, zero) for k in kid_counts])
             if self.args.world_size > 1:
                 gathered = self.accelerator.gather(local.unsqueeze(0)).reshape(-1, local.shape[0])
                 mean, total = gathered.mean(0), gathered.sum(0)
-                local = torch.stack([mean[0], mean[1], total[2], total[3], total[4], mean[5]])
-            kd, mle, tokens, gen_rows, gen_tokens, generation_s = local.tolist()
+                local = torch.cat([torch.stack([mean[0], mean[1], total[2], total[3], total[4], mean[5]]),
+                                   total[6:]])
+            kd, mle, tokens, gen_rows, gen_tokens, generation_s, *kid_values = local.tolist()
             # Each micro-batch's parts are already divided by its step's token count: their sum over the window
             # divided by the window's optimizer steps is the mean per step (also when the last step is short).
             now, step = time.perf_counter(), self.state.global_step
@@ -502,6 +528,11 @@ class DistillTrainer(Trainer):
             if self.method_config.generates:
                 logs["generation_s"] = round(generation_s / steps, 4)
                 logs["gen_len"] = round(gen_tokens / gen_rows, 2) if gen_rows else 0.0
+            if kid_values:
+                chosen, changed, targets = kid_values
+                logs["kid_chosen"] = round(chosen / targets, 4) if targets else 0.0
+                if chosen:
+                    logs["kid_changed"] = round(changed / chosen, 4)
             self._window_start = (now, step)
             self._metric_sums, self._metric_count = {}, 0
             self._window_host = {"generation_s": 0.0, "gen_rows": 0, "gen_tokens": 0}

@@ -116,6 +116,10 @@ class TrainConfig:
     resume: continue from the newest checkpoint in output_dir (True) or from the given checkpoint directory.
     lora: train LoRA adapters (rank lora_r, alpha lora_alpha; paper: 64 / 32) instead of every weight.
     lora_r, lora_alpha, lora_dropout: LoRA rank, scaling numerator and dropout.
+    disable_dropout: turn every dropout of the student and the teacher off for training (TRL's disable_dropout:
+        every dropout module's p set to 0, the LoRA adapters' lora_dropout included, and the attention dropout
+        too; see kid.models.disable_dropout); off: the models' own dropout (KID's stage and generation run in eval
+        mode either way).
     batch_size: sequences per optimizer step over all micro-batches and processes (paper: 16).
     micro_batch_size: sequences per process and forward pass; batch_size must be a multiple of micro_batch_size x
         processes (the rest is gradient accumulation).
@@ -170,6 +174,7 @@ class TrainConfig:
     lora_r: int = 64
     lora_alpha: int = 32
     lora_dropout: float = 0.05
+    disable_dropout: bool = False
     batch_size: int = 16
     micro_batch_size: int = 4
     epochs: float = 8.0

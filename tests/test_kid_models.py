@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kid.batching import DistillCollator
-from kid.models import LoraOptions, apply_lora, answer_hidden_states, check_no_logits
+from kid.models import LoraOptions, answer_hidden_states, apply_lora, check_no_logits
 from kid.rollout import generate_answers, merged_lora_weights
 from tests.kid_tiny import EOS, PAD, tiny_examples, tiny_model
 
@@ -119,3 +119,44 @@ def test_generate_grouped_sorts_by_length_and_makes_the_calls_asked_for(monkeypa
     assert len(calls) == 2
     with pytest.raises(ValueError, match="need 3 generate calls"):
         kid.rollout.generate_grouped(model, prompts, batch_size=2, num_calls=2, **options)
+
+
+def _train_mode_passes(model, batch) -> list[torch.Tensor]:
+    model.train()
+    with torch.no_grad():
+        return [model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      output_hidden_states=True).hidden_states[-1] for _ in range(2)]
+
+
+def test_disable_dropout_turns_off_dropout_modules_lora_and_attention_dropout():
+    from kid.models import disable_dropout
+
+    batch = DistillCollator(PAD)(tiny_examples(3, seed=2))
+    # the attention dropout transformers' Qwen2 attention reads at forward (a float, no dropout module)
+    plain = tiny_model(0)
+    attention = [m for m in plain.modules() if isinstance(getattr(m, "attention_dropout", None), float)]
+    assert attention
+    for m in attention:
+        m.attention_dropout = 0.4
+    first, second = _train_mode_passes(plain, batch)
+    assert not torch.equal(first, second)
+    assert disable_dropout(plain) == len(attention)
+    first, second = _train_mode_passes(plain, batch)
+    assert torch.equal(first, second)
+    assert plain.config.attention_dropout == 0.0 and disable_dropout(plain) == 0  # config untouched; idempotent
+    # peft's lora_dropout modules (TRL's disable_dropout_in_model turns them off too), and a plain nn.Dropout
+    lora = apply_lora(tiny_model(0), LoraOptions(4, 8, 0.5))
+    with torch.no_grad():  # LoRA B starts at zero: the adapters (and their dropout) would add nothing
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    dropouts = [m for m in lora.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts and all(m.p == 0.5 for m in dropouts)
+    first, second = _train_mode_passes(lora, batch)
+    assert not torch.equal(first, second)
+    assert disable_dropout(lora) == len(dropouts) and all(m.p == 0 for m in dropouts)
+    first, second = _train_mode_passes(lora, batch)
+    assert torch.equal(first, second)
+    assert lora.peft_config["default"].lora_dropout == 0.5  # the saved adapter keeps its setting
+    extra = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.3), torch.nn.Dropout2d(0.2))
+    assert disable_dropout(extra) == 2 and extra[1].p == 0 and extra[2].p == 0

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from kid.batching import IGNORE_INDEX, DistillCollator
+from kid.batching import IGNORE_INDEX, DistillCollator, with_answer_tokens
 from kid.kid_stage import make_imperfect, sample_next_tokens, selectable_positions
 from kid.models import lm_head_of
 from tests.kid_tiny import EOS, MASK, PAD, VOCAB, tiny_examples, tiny_model
@@ -174,6 +174,30 @@ def test_masking_only_leaves_mask_tokens(student):
     _check_untouched_outside_chosen(batch, out)
     # the same seed chooses the same slots with and without predictions
     assert torch.equal(_run(student, batch, 0.5, "random").chosen, out.chosen)
+
+
+def test_changed_marks_the_chosen_slots_whose_token_changed(student):
+    # A student that already fits y at some chosen slots: its predictions written into the gold answer there.  The
+    # masked sequence is the same (those slots hold the mask token) and "random" selection reads only which slots
+    # are selectable, so the chosen slots and the predictions are the same; exactly those slots no longer change.
+    batch = _batch(seed=5, n=8)
+    first = _run(student, batch, 0.6, "random", seed=4)
+    gold = batch["answer_labels"]
+    assert first.changed.dtype == torch.bool and first.changed.shape == first.chosen.shape
+    assert torch.equal(first.changed, first.chosen & (first.answer_tokens != gold))
+    fit = first.changed & (first.answer_tokens != EOS)
+    fit &= torch.rand(fit.shape, generator=torch.Generator().manual_seed(1)) < 0.5
+    assert fit.any() and (first.changed & ~fit).any()
+    fitted_gold = torch.where(fit, first.answer_tokens, gold)
+    fitted = dict(batch, answer_labels=fitted_gold, input_ids=with_answer_tokens(
+        batch["input_ids"], batch["answer_index"], fitted_gold, gold))
+    second = _run(student, fitted, 0.6, "random", seed=4)
+    assert torch.equal(second.chosen, first.chosen) and torch.equal(second.answer_tokens, first.answer_tokens)
+    assert torch.equal(second.changed, first.changed & ~fit)
+    assert int(second.changed.sum()) < int(second.chosen.sum())
+    # masking only: every chosen slot holds the mask token, which no gold token is here
+    masked = _run(student, batch, 0.6, "random", seed=4, masking_only=True)
+    assert (gold != MASK).all() and torch.equal(masked.changed, masked.chosen)
 
 
 def test_random_selection_is_reproducible_with_the_generator(student):

@@ -369,3 +369,25 @@ def test_execution_accuracy_under_ddp(toy_spider, tmp_path):
     assert report["best_global_step"] == 1 and report["best_model_checkpoint"] == str(out / "checkpoint-1")
     best, final = _adapter_weights(out / "checkpoint-1"), _adapter_weights(out / "final")
     assert all(torch.equal(best[k], final[k]) for k in best)
+
+
+def test_disable_dropout_from_flags_yaml_and_the_dataclasses(tmp_path):
+    from kid.training import KIDConfig, TrainConfig, training_arguments
+
+    out = str(tmp_path / "o")
+    assert TrainConfig().disable_dropout is False and KIDConfig(output_dir=out).disable_dropout is False
+    args = parse_kid_config(["--output-dir", out, "--disable-dropout"])
+    assert args.disable_dropout is True and args.train_config().disable_dropout is True
+    config = tmp_path / "run.yaml"
+    config.write_text("disable-dropout: true\n")
+    assert parse_kid_config(["--config", str(config), "--output-dir", out]).disable_dropout is True
+    assert parse_kid_config(["--config", str(config), "--output-dir", out, "--no-disable-dropout"]).disable_dropout \
+        is False
+    assert training_arguments(TrainConfig(output_dir=out, disable_dropout=True)).disable_dropout is True
+
+
+def test_disable_dropout_is_in_kid_train_help(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--help"])
+    assert exit_info.value.code == 0
+    assert "--disable-dropout" in capsys.readouterr().out

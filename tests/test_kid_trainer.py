@@ -158,11 +158,18 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, method):
     # the resumed log history starts with the checkpoint's (steps 1-2), then the steps trained after resuming
     resumed_logs = {h["step"]: h for h in step_logs(resumed) if h["step"] > 2}
     assert sorted(resumed_logs) == [3, 4, 5, 6]
+    kid_keys = ("kid_changed", "kid_chosen") if method.method == "kid" else ()
     for step, h in resumed_logs.items():
-        for key in ("loss", "kd", "mle"):
+        for key in ("loss", "kd", "mle") + kid_keys:
             assert h[key] == pytest.approx(full_logs[step][key], rel=1e-5, abs=1e-7), (step, key)
     # the losses changed from step to step: the comparison is not of constants
     assert len({round(h["loss"], 6) for h in resumed_logs.values()}) == 4
+    # KID's diagnostics in the report: the means over every log line, the checkpoint's included
+    for key in kid_keys:
+        assert resumed[key] == pytest.approx(sum(h[key] for h in step_logs(resumed)) / 6, abs=1e-4)
+        assert 0 < resumed[key] <= 1
+    if not kid_keys:
+        assert "kid_changed" not in resumed and "kid_chosen" not in resumed
 
 
 # ---- c. DDP on two CPU processes -----------------------------------------------------------------------------------
@@ -235,7 +242,7 @@ def test_ddp_two_cpu_processes(tmp_path):
         assert all_finite([h["loss"] for h in step_logs(report)])
         # both ranks logged the same (process-averaged) values
         r0, r1 = (json.loads((tmp_path / f"{name}_report{r}.json").read_text()) for r in (0, 1))
-        for key in ("loss", "kd", "mle"):
+        for key in ("loss", "kd", "mle") + (("kid_changed", "kid_chosen") if name == "kid" else ()):
             assert [h[key] for h in step_logs(r0)] == pytest.approx([h[key] for h in step_logs(r1)], rel=1e-6)
 
 
@@ -370,3 +377,65 @@ def test_tokens_per_s_counts_the_passes_that_train(tmp_path):
     expected = int(kd_batch["attention_mask"].sum() + batch["attention_mask"].sum())
     assert int(kd_batch["attention_mask"].sum()) != int(batch["attention_mask"].sum())
     assert int(trainer._metric_sums["tokens"]) == expected
+
+
+def test_kid_changed_and_chosen_are_logged_from_the_stage_counts(tmp_path, monkeypatch):
+    # kid_changed: the chosen slots whose token changed over the chosen slots; kid_chosen: the chosen slots per
+    # target token; both over the logging window's micro-batches, recounted here from what the stage returned.
+    import kid.methods
+
+    seen = []
+    real = kid.methods.make_imperfect
+
+    def recording(student, batch, *args, **kwargs):
+        out = real(student, batch, *args, **kwargs)
+        seen.append((int(out.chosen.sum()), int(out.changed.sum()),
+                     int((batch["answer_labels"] != IGNORE_INDEX).sum())))
+        return out
+
+    monkeypatch.setattr(kid.methods, "make_imperfect", recording)
+    trainer = _trainer(tmp_path / "kid", MethodConfig(method="kid", alpha=0.5), steps=3, logging_steps=1)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 3 and len(seen) == 6  # two micro-batches per optimizer step
+    for h, (a, b) in zip(logs, zip(seen[0::2], seen[1::2])):
+        chosen, changed, targets = (x + y for x, y in zip(a, b))
+        assert chosen > 0
+        assert h["kid_changed"] == pytest.approx(changed / chosen, abs=1e-4)
+        assert h["kid_chosen"] == pytest.approx(chosen / targets, abs=1e-4)
+    # the other methods log neither
+    rkd = _trainer(tmp_path / "rkd", MethodConfig(method="rkd"), steps=1, logging_steps=1)
+    rkd.train()
+    assert not any(k.startswith("kid_") for h in rkd.state.log_history for k in h)
+
+
+@pytest.mark.parametrize("disable", [True, False], ids=["disable_dropout", "dropout"])
+def test_disable_dropout_makes_the_train_mode_passes_identical(tmp_path, disable):
+    # KIDConfig.disable_dropout (TrainConfig's, kid train --disable-dropout): the student's LoRA dropout and the
+    # teacher's attention dropout off; without it two train-mode passes of the student draw different masks.
+    from kid.models import LoraOptions, apply_lora
+    from kid.trainer import DistillTrainer
+
+    student = apply_lora(tiny_model(0), LoraOptions(4, 8, 0.5))
+    with torch.no_grad():  # LoRA B starts at zero: the adapters (and their dropout) would add nothing
+        for name, p in student.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    teacher = tiny_teacher()
+    for m in teacher.modules():
+        if isinstance(getattr(m, "attention_dropout", None), float):
+            m.attention_dropout = 0.3
+    args = training_arguments(train_config(tmp_path, lora=True, lora_dropout=0.5, disable_dropout=disable))
+    assert args.disable_dropout is disable
+    trainer = DistillTrainer(model=student, args=args, train_dataset=tiny_dataset(4), processing_class=tiny_tokenizer(),
+                             method_config=MethodConfig(method="kid"), teacher=teacher, mask_token_id=MASK)
+    batch = DistillCollator(PAD)(tiny_examples(2, seed=3))
+    trainer.model.train()
+    with torch.no_grad():
+        first, second = (trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                       output_hidden_states=True).hidden_states[-1] for _ in range(2))
+    assert torch.equal(first, second) is disable
+    rates = {m.p for m in trainer.model.modules() if isinstance(m, torch.nn.Dropout)}
+    assert rates == ({0.0} if disable else {0.5})
+    attention = {m.attention_dropout for m in trainer.teacher.modules() if hasattr(m, "attention_dropout")}
+    assert attention == ({0.0} if disable else {0.3})
