@@ -49,6 +49,20 @@ def test_train_help_lists_the_options(capsys):
     assert "--overwrite-output-dir" in text and "--version" not in text
 
 
+def test_train_help_names_each_presets_default(capsys):
+    """The options left to the preset say what each preset gives them, from kid.config's own table."""
+    from kid.config import preset_defaults
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    paper_gkd, paper_fdistill = preset_defaults("paper", "gkd"), preset_defaults("paper", "fdistill")
+    assert (f"(default: {preset_defaults('default', 'gkd')['gkd_lambda']} with --preset default; "
+            f"{paper_gkd['gkd_lambda']} with --preset paper)") in text
+    assert f"fdistill {paper_fdistill['top_p']}" in text and f"fdistill {paper_fdistill['mle_weight']}" in text
+    assert f"imitkd {preset_defaults('paper', 'imitkd')['top_k']}" in text
+
+
 def test_flags_override_yaml(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text(
