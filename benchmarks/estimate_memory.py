@@ -458,28 +458,33 @@ def run_paper_table(results_dir: Path, readme: Path | None, *, overwrite: bool, 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="python -m benchmarks.estimate_memory", description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--teacher", default="qwen1.5-7b", help="preset or HF config path (default qwen1.5-7b)")
-    parser.add_argument("--student", default="qwen1.5-0.5b", help="preset or HF config path (default qwen1.5-0.5b)")
-    parser.add_argument("--method", default="kid", choices=METHODS + ("all",))
+    parser.add_argument("--teacher", default=StepPlan.teacher, help="preset or HF config path (default %(default)s)")
+    parser.add_argument("--student", default=StepPlan.student, help="preset or HF config path (default %(default)s)")
+    parser.add_argument("--method", default=StepPlan.method, choices=METHODS + ("all",))
     parser.add_argument("--strategy", choices=("random", "uniform", "hard", "easy"), help="KID's selection")
     parser.add_argument("--alpha", type=float, help="KID's masked fraction (default 0.2)")
     parser.add_argument("--mle-input", choices=("imperfect", "gold"), help="KID's MLE input (default imperfect)")
     parser.add_argument("--generation-batch-size", type=int,
                         help="gkd / imitkd / fdistill: at most this many prompts per generate call (default 0: all "
                              "the step's prompts in one call, as kid train does)")
-    parser.add_argument("--batch-size", type=int, default=16, help="sequences per optimizer step (default 16)")
-    parser.add_argument("--micro-batch-size", type=int, default=4, help="sequences per micro-batch (default 4)")
-    parser.add_argument("--seq-len", type=int, default=1152, help="tokens per sequence (default 1,024 + 128)")
-    parser.add_argument("--answer-len", type=int, default=128, help="answer tokens per sequence (default 128)")
-    parser.add_argument("--lora", action=argparse.BooleanOptionalAction, default=True,
+    parser.add_argument("--batch-size", type=int, default=StepPlan.batch_size,
+                        help="sequences per optimizer step (default %(default)s)")
+    parser.add_argument("--micro-batch-size", type=int, default=StepPlan.micro_batch_size,
+                        help="sequences per micro-batch (default %(default)s)")
+    parser.add_argument("--seq-len", type=int, default=StepPlan.seq_len,
+                        help="tokens per sequence (default 1,024 + 128)")
+    parser.add_argument("--answer-len", type=int, default=StepPlan.answer_len,
+                        help="answer tokens per sequence (default %(default)s)")
+    parser.add_argument("--lora", action=argparse.BooleanOptionalAction, default=StepPlan.lora,
                         help="LoRA adapters (default) or every weight (--no-lora)")
-    parser.add_argument("--lora-r", type=int, default=64)
-    parser.add_argument("--lora-alpha", type=int, default=32)
-    parser.add_argument("--lora-dropout", type=float, default=0.05)
-    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False)
-    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
+    parser.add_argument("--lora-r", type=int, default=StepPlan.lora_r)
+    parser.add_argument("--lora-alpha", type=int, default=StepPlan.lora_alpha)
+    parser.add_argument("--lora-dropout", type=float, default=StepPlan.lora_dropout)
+    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
+                        default=StepPlan.gradient_checkpointing)
+    parser.add_argument("--dtype", default=StepPlan.dtype, choices=("bfloat16", "float16", "float32"),
                         help="the student's base weights (ignored by --no-lora: float32 master weights)")
-    parser.add_argument("--teacher-dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    parser.add_argument("--teacher-dtype", default=StepPlan.teacher_dtype, choices=("bfloat16", "float16", "float32"))
     parser.add_argument("--workspace-mb", type=float, help="kidkernels' workspace budget in MiB, > 0 (default its "
                         "own)")
     parser.add_argument("--implementation", default="both", choices=IMPLEMENTATIONS + ("both",))

@@ -36,6 +36,7 @@ from kid.kid_stage import selectable_positions
 from kid.methods import DistillContext, LossParts, Term, plan_objective, run_terms
 from kid.models import LoraOptions, eval_mode, lm_head_of
 from kid.rollout import GOLD, KDPlan, StepRollout, rollout_step
+from kid.training import TrainConfig
 from kidkernels.reference import reference_distill_loss_from_logits, reference_entropy
 
 METHODS = ("sft", "fkd", "rkd", "kid", "gkd", "imitkd", "fdistill")
@@ -45,8 +46,10 @@ IMPLEMENTATIONS = ("kidkernels", "eager")
 WORST_CASE_OPTIONS = {"gkd": {"gkd_lambda": 1.0}, "imitkd": {"imitkd_gold_probability": 0.0},
                       "fdistill": {"fdistill_teacher_probability": 1.0}}
 ROLLOUT_SEED = 0  # the host seed of the step's source draws (the worst-case draws above do not depend on it)
-LEARNING_RATE = 2e-4  # the paper's; the optimizer state does not depend on it
-MAX_GRAD_NORM = 1.0  # transformers.TrainingArguments' default
+# ``kid train``'s defaults (the paper's settings): the step's shapes, LoRA and optimizer settings below follow them.
+TRAIN_DEFAULTS = TrainConfig()
+LEARNING_RATE = TRAIN_DEFAULTS.learning_rate  # the optimizer state does not depend on it
+MAX_GRAD_NORM = TRAIN_DEFAULTS.max_grad_norm
 
 
 @dataclass
@@ -66,15 +69,15 @@ class StepPlan:
     teacher: str | None = "qwen1.5-7b"
     method: str = "kid"
     method_options: dict = field(default_factory=dict)
-    batch_size: int = 16
-    micro_batch_size: int = 4
-    seq_len: int = 1152
-    answer_len: int = 128
-    lora: bool = True
-    lora_r: int = 64
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    gradient_checkpointing: bool = False
+    batch_size: int = TRAIN_DEFAULTS.batch_size
+    micro_batch_size: int = TRAIN_DEFAULTS.micro_batch_size
+    seq_len: int = TRAIN_DEFAULTS.max_input_tokens + TRAIN_DEFAULTS.max_output_tokens
+    answer_len: int = TRAIN_DEFAULTS.max_output_tokens
+    lora: bool = TRAIN_DEFAULTS.lora
+    lora_r: int = TRAIN_DEFAULTS.lora_r
+    lora_alpha: int = TRAIN_DEFAULTS.lora_alpha
+    lora_dropout: float = TRAIN_DEFAULTS.lora_dropout
+    gradient_checkpointing: bool = TRAIN_DEFAULTS.gradient_checkpointing
     dtype: str = "bfloat16"
     teacher_dtype: str = "bfloat16"
     implementation: str = "kidkernels"
