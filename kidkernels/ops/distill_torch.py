@@ -11,7 +11,17 @@ import torch
 import torch.nn.functional as F
 
 from .config import (
-    CE, CENTER, CENTER_2, KD, LOGZ_STUDENT, LOGZ_TEACHER, LSE_CE, MAX_STUDENT, MAX_TEACHER, TOP, DistillConfig,
+    CE,
+    CENTER,
+    CENTER_2,
+    KD,
+    LOGZ_STUDENT,
+    LOGZ_TEACHER,
+    LSE_CE,
+    MAX_STUDENT,
+    MAX_TEACHER,
+    TOP,
+    DistillConfig,
 )
 from .gemm import compute_dtype
 
