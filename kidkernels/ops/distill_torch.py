@@ -135,7 +135,7 @@ def _forward(student, teacher, target, stats, cfg: DistillConfig):
         s_tgt = s.gather(1, target.clamp(0, s.shape[1] - 1)[:, None]).squeeze(1)
         # An out-of-range target is caught by validation; should one reach here, the row is NaN, not 0.
         stats[CE] = torch.where(in_range, stats[LSE_CE] - s_tgt, float("nan"))
-        stats.copy_(torch.where(counted[None, :], stats, 0.0))  # ignored rows: every statistic 0, as the kernels
+        stats.masked_fill_(~counted[None, :], 0.0)  # ignored rows: every statistic 0, as the kernels
     return terms
 
 
