@@ -104,8 +104,8 @@ def linear_distill(
         xs, ws, bs, xt, wt, bt, target, cfg, opts, vocab=vocab, grad_input=eager and grad_input,
         grad_weight=eager and grad_weight, grad_bias=eager and grad_bias and bs is not None, row_weight=row_weight)
     loss, kd, ce = reduce_rows(stats, cfg, reduction, denom)
-    return (loss, kd, ce, _or_empty(dx, xs, xs.dtype), _or_empty(dw, ws, weight_grad_dtype(ws.dtype, opts)),
-            _or_empty(db, ws, cdt))
+    dw = _or_empty(dw, ws, weight_grad_dtype(ws.dtype, weight_grad_fp32))
+    return loss, kd, ce, _or_empty(dx, xs, xs.dtype), dw, _or_empty(db, ws, cdt)
 
 
 @linear_distill.register_fake
@@ -115,7 +115,7 @@ def _(xs, ws, bs, xt, wt, bt, target, normalizer, normalizer_value, divergence, 
     cdt = compute_dtype(xs.dtype)
     shape = (xs.shape[0],) if reduction == "none" else ()
     eager = reduction != "none"
-    wdt = weight_grad_dtype(ws.dtype, DispatchOptions(reduction, backend, workspace_bytes, weight_grad_fp32))
+    wdt = weight_grad_dtype(ws.dtype, weight_grad_fp32)
     dx = torch.empty_like(xs) if eager and grad_input else xs.new_empty(0)
     dw = ws.new_empty(ws.shape, dtype=wdt) if eager and grad_weight else ws.new_empty(0, dtype=wdt)
     db = ws.new_empty(ws.shape[0], dtype=cdt) if eager and grad_bias and bs is not None else ws.new_empty(0, dtype=cdt)
