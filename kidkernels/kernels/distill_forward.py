@@ -20,7 +20,12 @@ import triton.language as tl
 from . import stats_layout as layout
 from .divergence import FKL, RKL, TVD, divergence_terms
 from .online_softmax import (
-    finish_kl, finish_lse, kl_offset, online_argmax_update, online_kl_update, online_lse_update,
+    finish_kl,
+    finish_lse,
+    kl_offset,
+    online_argmax_update,
+    online_kl_update,
+    online_lse_update,
 )
 
 MAX_STUDENT = tl.constexpr(layout.MAX_STUDENT)

@@ -9,7 +9,18 @@ from dataclasses import dataclass
 
 # Rows of the per-row statistics array shared by the backends: defined once, in kernels/stats_layout.py.
 from ..kernels.stats_layout import (  # noqa: F401
-    CE, CENTER, CENTER_2, KD, LOGZ_STUDENT, LOGZ_TEACHER, LSE_CE, MAX_STUDENT, MAX_TEACHER, MAX_VOCAB, NUM_STATS, TOP,
+    CE,
+    CENTER,
+    CENTER_2,
+    KD,
+    LOGZ_STUDENT,
+    LOGZ_TEACHER,
+    LSE_CE,
+    MAX_STUDENT,
+    MAX_TEACHER,
+    MAX_VOCAB,
+    NUM_STATS,
+    TOP,
 )
 
 DIVERGENCES = ("fkl", "rkl", "jsd", "tvd")

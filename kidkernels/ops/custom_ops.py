@@ -77,6 +77,24 @@ def _or_empty(tensor: Tensor | None, like: Tensor, dtype: torch.dtype) -> Tensor
     return tensor if tensor is not None else like.new_empty(0, dtype=dtype)
 
 
+def _normalizer(normalizer: Tensor | None, normalizer_value: float | None):
+    """The normaliser the public API was given (a tensor, a Python float or None) from the op's two arguments."""
+    return normalizer if normalizer is not None else normalizer_value
+
+
+def _backward_row_weight(ctx, grad_loss: Tensor, target, normalizer, n: int, dtype: torch.dtype,
+                         has_teacher: bool) -> Tensor:
+    """A backward's row weight ``[n]`` in ``dtype``: each row's upstream gradient for "none"; for "mean" and "sum" the
+    upstream scalar over the forward's denominator (none for "sum"), broadcast over the rows (stride 0)."""
+    scale = grad_loss.to(dtype)
+    if ctx.reduction == "none":
+        return scale.contiguous()
+    cfg = _distill_config(*ctx.options[:6], target is not None, has_teacher)
+    denom = mean_denominator(cfg, ctx.reduction, target, _normalizer(normalizer, ctx.normalizer_value), n, dtype,
+                             scale.device)
+    return (scale if denom is None else scale / denom).expand(n)
+
+
 # ---- hidden states and lm_heads ---------------------------------------------------------------------------------
 
 @_custom_op("kidkernels::linear_distill")
@@ -97,15 +115,14 @@ def linear_distill(
         check_target_range(target, vocab, ignore_index)
     n, cdt = xs.shape[0], compute_dtype(xs.dtype)
     eager = reduction != "none"
-    denom = mean_denominator(cfg, reduction, target, normalizer if normalizer is not None else normalizer_value, n,
-                             cdt, xs.device)
+    denom = mean_denominator(cfg, reduction, target, _normalizer(normalizer, normalizer_value), n, cdt, xs.device)
     row_weight = dispatch.eager_row_weight(denom, n, cdt, xs.device) if eager else None
     stats, dx, dw, db = dispatch.linear_distill_chunks(
         xs, ws, bs, xt, wt, bt, target, cfg, opts, vocab=vocab, grad_input=eager and grad_input,
         grad_weight=eager and grad_weight, grad_bias=eager and grad_bias and bs is not None, row_weight=row_weight)
     loss, kd, ce = reduce_rows(stats, cfg, reduction, denom)
-    return (loss, kd, ce, _or_empty(dx, xs, xs.dtype), _or_empty(dw, ws, weight_grad_dtype(ws.dtype, opts)),
-            _or_empty(db, ws, cdt))
+    dw = _or_empty(dw, ws, weight_grad_dtype(ws.dtype, weight_grad_fp32))
+    return loss, kd, ce, _or_empty(dx, xs, xs.dtype), dw, _or_empty(db, ws, cdt)
 
 
 @linear_distill.register_fake
@@ -115,7 +132,7 @@ def _(xs, ws, bs, xt, wt, bt, target, normalizer, normalizer_value, divergence, 
     cdt = compute_dtype(xs.dtype)
     shape = (xs.shape[0],) if reduction == "none" else ()
     eager = reduction != "none"
-    wdt = weight_grad_dtype(ws.dtype, DispatchOptions(reduction, backend, workspace_bytes, weight_grad_fp32))
+    wdt = weight_grad_dtype(ws.dtype, weight_grad_fp32)
     dx = torch.empty_like(xs) if eager and grad_input else xs.new_empty(0)
     dw = ws.new_empty(ws.shape, dtype=wdt) if eager and grad_weight else ws.new_empty(0, dtype=wdt)
     db = ws.new_empty(ws.shape[0], dtype=cdt) if eager and grad_bias and bs is not None else ws.new_empty(0, dtype=cdt)
@@ -234,12 +251,8 @@ def _backward_linear(ctx, grad_loss, *_):
         buffers = (dx if grad_input else None, dw if grad_weight else None, db if grad_bias else None)
         return tuple(_hand_out(buffers, (x_dtype, w_dtype, b_dtype), scale)) + tail
     xs, ws, bs, xt, wt, bt, target, normalizer = ctx.saved_tensors
-    row_weight = grad_loss
-    if eager:  # a second backward of "mean"/"sum": the upstream scalar over the forward's denominator, per row
-        cfg = _distill_config(*ctx.options[:6], target is not None, xt is not None)
-        denom = mean_denominator(cfg, ctx.reduction, target, normalizer if normalizer is not None else
-                                 ctx.normalizer_value, xs.shape[0], scale.dtype, xs.device)
-        row_weight = (scale if denom is None else scale / denom).reshape(()).expand(xs.shape[0])
+    # "none", or a second backward of "mean"/"sum": recomputed with the upstream gradient as row weight
+    row_weight = _backward_row_weight(ctx, grad_loss, target, normalizer, xs.shape[0], scale.dtype, xt is not None)
     gx, gw, gb = torch.ops.kidkernels.linear_distill_backward(
         xs, ws, bs, xt, wt, bt, target, row_weight, *ctx.options, grad_input, grad_weight, grad_bias)
     return (gx if grad_input else None, gw if grad_weight else None, gb if grad_bias else None) + tail
@@ -263,8 +276,8 @@ def distill_logits(
     if target is not None:
         check_target_range(target, vocab, ignore_index)
     stats = dispatch.logits_distill_chunks(student, teacher, target, cfg, opts, vocab=vocab)
-    denom = mean_denominator(cfg, reduction, target, normalizer if normalizer is not None else normalizer_value,
-                             student.shape[0], stats.dtype, student.device)
+    denom = mean_denominator(cfg, reduction, target, _normalizer(normalizer, normalizer_value), student.shape[0],
+                             stats.dtype, student.device)
     loss, kd, ce = reduce_rows(stats, cfg, reduction, denom)
     return loss, kd, ce, stats
 
@@ -316,16 +329,7 @@ def _backward_logits(ctx, grad_loss, *_):
     if grad_loss is None:
         return (None,) + tail
     student, teacher, target, stats, normalizer = ctx.saved_tensors
-    divergence, beta, temperature, kd_weight, mle_weight, ignore_index = ctx.options[:6]
-    cfg = _distill_config(divergence, beta, temperature, kd_weight, mle_weight, ignore_index, target is not None,
-                          True)
-    n = student.shape[0]
-    scale = grad_loss.to(stats.dtype)
-    denom = mean_denominator(cfg, ctx.reduction, target, normalizer if normalizer is not None else
-                             ctx.normalizer_value, n, stats.dtype, student.device)
-    if denom is not None:
-        scale = scale / denom
-    row_weight = scale.expand(n) if scale.dim() == 0 else scale.contiguous()
+    row_weight = _backward_row_weight(ctx, grad_loss, target, normalizer, student.shape[0], stats.dtype, True)
     grad = torch.ops.kidkernels.distill_logits_backward(student, teacher, target, stats, row_weight, *ctx.options)
     return (grad,) + tail
 

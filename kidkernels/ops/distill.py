@@ -38,11 +38,11 @@ class DispatchOptions:
     weight_grad_fp32: bool = True
 
 
-def weight_grad_dtype(weight_dtype: torch.dtype, opts: DispatchOptions) -> torch.dtype:
+def weight_grad_dtype(weight_dtype: torch.dtype, weight_grad_fp32: bool) -> torch.dtype:
     """The dtype the weight gradient accumulates in across chunks: float32 for bfloat16/float16 weights unless
-    ``opts.weight_grad_fp32`` is off, else the weight's own dtype."""
+    ``weight_grad_fp32`` (:attr:`DispatchOptions.weight_grad_fp32`) is off, else the weight's own dtype."""
     low = weight_dtype in (torch.bfloat16, torch.float16)
-    return torch.float32 if low and opts.weight_grad_fp32 else weight_dtype
+    return torch.float32 if low and weight_grad_fp32 else weight_dtype
 
 
 def mean_denominator(cfg: DistillConfig, reduction: str, target, normalizer, n: int, dtype, device):
@@ -108,7 +108,8 @@ def linear_distill_chunks(
     with_grad = grad_input or grad_weight or grad_bias
     stats = torch.empty(NUM_STATS, n, device=xs.device, dtype=cdt)
     dx = torch.empty_like(xs) if grad_input else None
-    dw = torch.zeros(ws.shape, device=ws.device, dtype=weight_grad_dtype(ws.dtype, opts)) if grad_weight else None
+    dw = torch.zeros(ws.shape, device=ws.device, dtype=weight_grad_dtype(ws.dtype, opts.weight_grad_fp32)) \
+        if grad_weight else None
     db = torch.zeros(ws.shape[0], device=ws.device, dtype=cdt) if grad_bias else None
     if (xt is None) == cfg.has_teacher:
         raise ValueError("the teacher tensors must be given exactly when cfg.has_teacher is True")

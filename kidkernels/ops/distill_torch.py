@@ -11,7 +11,17 @@ import torch
 import torch.nn.functional as F
 
 from .config import (
-    CE, CENTER, CENTER_2, KD, LOGZ_STUDENT, LOGZ_TEACHER, LSE_CE, MAX_STUDENT, MAX_TEACHER, TOP, DistillConfig,
+    CE,
+    CENTER,
+    CENTER_2,
+    KD,
+    LOGZ_STUDENT,
+    LOGZ_TEACHER,
+    LSE_CE,
+    MAX_STUDENT,
+    MAX_TEACHER,
+    TOP,
+    DistillConfig,
 )
 from .gemm import compute_dtype
 
@@ -46,9 +56,8 @@ def _fill_lse(x, stats, max_row: int, logz_row: int) -> None:
     stats[logz_row] = (x - m[:, None]).exp_().sum(-1).log_()
 
 
-def _log_probs(student, teacher, stats, cfg: DistillConfig):
-    """``(a, b, logq, logp, q)`` of the tempered logits from the statistics."""
-    a, b = _tempered(student, cfg), _tempered(teacher, cfg)
+def _log_probs(a, b, stats):
+    """``(a, b, logq, logp, q)`` of the tempered logits ``a`` (student) and ``b`` (teacher) from the statistics."""
     logq = _log_softmax(a, stats, MAX_STUDENT, LOGZ_STUDENT)
     logp = _log_softmax(b, stats, MAX_TEACHER, LOGZ_TEACHER)
     return a, b, logq, logp, logq.exp()
@@ -107,7 +116,7 @@ def _forward(student, teacher, target, stats, cfg: DistillConfig):
     then KD and the centers are 0 and the teacher's rows are not written, as in the kernels)."""
     dtype = compute_dtype(student.dtype)
     s = student.to(dtype)
-    a = s if cfg.temperature == 1.0 else s * cfg.inv_temp
+    a = _tempered(s, cfg)
     _fill_lse(a, stats, MAX_STUDENT, LOGZ_STUDENT)
     stats[LSE_CE] = torch.logsumexp(s, dim=-1) if cfg.separate_ce_lse else stats[MAX_STUDENT] + stats[LOGZ_STUDENT]
     stats[TOP] = s.argmax(dim=-1).to(dtype)
@@ -115,11 +124,8 @@ def _forward(student, teacher, target, stats, cfg: DistillConfig):
     if cfg.has_teacher:
         b = _tempered(teacher, cfg)
         _fill_lse(b, stats, MAX_TEACHER, LOGZ_TEACHER)
-        logq = _log_softmax(a, stats, MAX_STUDENT, LOGZ_STUDENT)
-        logp = _log_softmax(b, stats, MAX_TEACHER, LOGZ_TEACHER)
-        q = logq.exp()
-        stats[KD], stats[CENTER], stats[CENTER_2] = _divergence(a, b, logq, logp, q, stats, cfg)
-        terms = (a, b, logq, logp, q)
+        terms = _log_probs(a, b, stats)
+        stats[KD], stats[CENTER], stats[CENTER_2] = _divergence(*terms, stats, cfg)
     else:
         stats[KD] = stats[CENTER] = stats[CENTER_2] = 0.0
     stats[CE] = 0.0
@@ -129,7 +135,7 @@ def _forward(student, teacher, target, stats, cfg: DistillConfig):
         s_tgt = s.gather(1, target.clamp(0, s.shape[1] - 1)[:, None]).squeeze(1)
         # An out-of-range target is caught by validation; should one reach here, the row is NaN, not 0.
         stats[CE] = torch.where(in_range, stats[LSE_CE] - s_tgt, float("nan"))
-        stats.copy_(torch.where(counted[None, :], stats, 0.0))  # ignored rows: every statistic 0, as the kernels
+        stats.masked_fill_(~counted[None, :], 0.0)  # ignored rows: every statistic 0, as the kernels
     return terms
 
 
@@ -188,7 +194,7 @@ def fill_stats(student, teacher, target, stats, cfg: DistillConfig) -> None:
 
 def write_grad(student, teacher, target, stats, cfg: DistillConfig, row_weight, grad_out) -> None:
     """Write d(row loss)/d(student logits), times ``row_weight`` (``[rows]`` or None for 1), into ``grad_out``."""
-    terms = _log_probs(student, teacher, stats, cfg) if cfg.has_teacher else None
+    terms = _log_probs(_tempered(student, cfg), _tempered(teacher, cfg), stats) if cfg.has_teacher else None
     _write_grad_from(terms, student, target, stats, cfg, row_weight, grad_out)
 
 
