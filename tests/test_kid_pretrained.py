@@ -14,7 +14,6 @@ import torch
 from kid import pretrained
 from kid.cli import main
 from kid.pretrained import select_layers
-
 from tests.smollm2_models import require_smollm2, session_models_dir
 
 # Written for this test: plain English, no code.
