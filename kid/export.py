@@ -78,11 +78,12 @@ def _stored_dtype(name: str):
     return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 
-def check_output_dir(out: Path, overwrite: bool) -> None:
+def check_output_dir(out: Path, overwrite: bool, what: str = "it") -> None:
+    """``--output-dir``: a directory, empty unless ``overwrite`` (``what``: what --overwrite-output-dir replaces)."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output-dir {out} is a file, not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UsageError(f"--output-dir {out} is not empty: choose another directory, or replace it with "
+        raise UsageError(f"--output-dir {out} is not empty: choose another directory, or replace {what} with "
                          "--overwrite-output-dir")
 
 
