@@ -487,14 +487,13 @@ class _BoolFlag(argparse.Action):
 
 
 def _train_help_formatter():
-    from .options import hidden_underscore_spellings
+    from .options import hidden_underscore_spellings, shown_spellings
 
     class Formatter(hidden_underscore_spellings(argparse.HelpFormatter)):
         def _format_action_invocation(self, action):
             if not isinstance(action, _BoolFlag):
                 return super()._format_action_invocation(action)
-            strings = [s for s in action.option_strings
-                       if not ("_" in s and s.replace("_", "-") in action.option_strings)]
+            strings = shown_spellings(action.option_strings)
             return ", ".join([f"{s} [BOOL]" for s in strings if not s.startswith("--no-")]
                              + [s for s in strings if s.startswith("--no-")])
 
