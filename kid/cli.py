@@ -38,7 +38,7 @@ import traceback
 from pathlib import Path
 from typing import Callable, Sequence
 
-from . import __version__
+from . import __version__, export
 from .console import protect_console, say
 from .errors import UsageError
 from .options import OneLineErrors
@@ -233,14 +233,6 @@ def _check_databases(db_ids: Sequence[str], db_dir: Path, *, require_all: bool, 
     return missing
 
 
-def _check_output_dir(out: Path, overwrite: bool, what: str) -> None:
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--output-dir {out} is a file, not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UsageError(f"--output-dir {out} is not empty: choose another directory, or replace its {what} with "
-                         "--overwrite-output-dir")
-
-
 def _check_device(name: str | None) -> str:
     import torch
 
@@ -377,7 +369,7 @@ def _eval(p: argparse.ArgumentParser) -> RunFunction:
         bird = fmt.startswith("bird")
         if args.check_executable and args.num_beams < 2:
             raise UsageError("--check-executable picks among beams: give --num-beams 2 or more")
-        _check_output_dir(args.output_dir, args.overwrite_output_dir, "predictions and report")
+        export.check_output_dir(args.output_dir, args.overwrite_output_dir, "its predictions and report")
         _check_scoring_dirs(args)
         if args.tables_file is not None:
             check_tables_file(args.tables_file)
@@ -495,14 +487,13 @@ class _BoolFlag(argparse.Action):
 
 
 def _train_help_formatter():
-    from .options import hidden_underscore_spellings
+    from .options import hidden_underscore_spellings, shown_spellings
 
     class Formatter(hidden_underscore_spellings(argparse.HelpFormatter)):
         def _format_action_invocation(self, action):
             if not isinstance(action, _BoolFlag):
                 return super()._format_action_invocation(action)
-            strings = [s for s in action.option_strings
-                       if not ("_" in s and s.replace("_", "-") in action.option_strings)]
+            strings = shown_spellings(action.option_strings)
             return ", ".join([f"{s} [BOOL]" for s in strings if not s.startswith("--no-")]
                              + [s for s in strings if s.startswith("--no-")])
 
@@ -620,7 +611,7 @@ def _demo(p: argparse.ArgumentParser) -> RunFunction:
         if unknown or not methods:
             raise UsageError(f"--methods: expected a comma-separated list of {', '.join(METHODS)}; got "
                              f"{args.methods!r}")
-        _check_output_dir(args.output_dir, args.overwrite_output_dir, "reports")
+        export.check_output_dir(args.output_dir, args.overwrite_output_dir, "its reports")
         from .demo.run import run_demo
 
         report = run_demo(args.output_dir, scale=args.scale, methods=methods, seed=args.seed,

@@ -51,11 +51,6 @@ def _is_training_state(name: str) -> bool:
     return name in TRAINING_STATE or name.startswith("rng_state")
 
 
-def _has_tokenizer(path: Path) -> bool:
-    return any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
-                                              "vocab.json"))
-
-
 def _base_of(source: Path, base_model: str | None) -> str:
     from .preflight import check_model_source
 
@@ -83,11 +78,12 @@ def _stored_dtype(name: str):
     return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 
-def check_output_dir(out: Path, overwrite: bool) -> None:
+def check_output_dir(out: Path, overwrite: bool, what: str = "it") -> None:
+    """``--output-dir``: a directory, empty unless ``overwrite`` (``what``: what --overwrite-output-dir replaces)."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output-dir {out} is a file, not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UsageError(f"--output-dir {out} is not empty: choose another directory, or replace it with "
+        raise UsageError(f"--output-dir {out} is not empty: choose another directory, or replace {what} with "
                          "--overwrite-output-dir")
 
 
@@ -139,10 +135,11 @@ def _write_copy(source: Path, staging: Path, *, base: str | None) -> tuple[str, 
         config = json.loads(config_path.read_text(encoding="utf-8"))
         config["base_model_name_or_path"] = base  # absolute for a local directory (check_model_source)
         atomic_write_json(config_path, config)
-    if not _has_tokenizer(source) and base is not None:
-        from .preflight import load_tokenizer
+    if base is not None:
+        from .preflight import _has_tokenizer_files, load_tokenizer
 
-        load_tokenizer(base, "base-model").save_pretrained(str(staging))
+        if not _has_tokenizer_files(str(source), strict=True):
+            load_tokenizer(base, "base-model").save_pretrained(str(staging))
     return ("adapter" if base is not None else "model"), None
 
 
@@ -151,7 +148,7 @@ def _write_loaded(source: Path, staging: Path, *, base: str | None, dtype: str, 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .preflight import load_tokenizer
+    from .preflight import _has_tokenizer_files, load_tokenizer
 
     if base is not None:
         from peft import PeftModel
@@ -166,6 +163,6 @@ def _write_loaded(source: Path, staging: Path, *, base: str | None, dtype: str, 
         kind = "model"
     model = model.to(target)
     model.save_pretrained(str(staging), safe_serialization=True)
-    tokenizer = load_tokenizer(str(source) if _has_tokenizer(source) else base, "model")
+    tokenizer = load_tokenizer(str(source) if _has_tokenizer_files(str(source), strict=True) else base, "model")
     tokenizer.save_pretrained(str(staging))
     return kind, str(target).replace("torch.", "")

@@ -181,11 +181,6 @@ def loss_term(ctx: DistillContext, batch, *, kd: bool, mle_weight: float, kd_nor
     return LossParts(loss, kd_value, mle_value * ratio if ratio != 1.0 else mle_value, tokens)
 
 
-def cross_entropy_term(ctx: DistillContext, batch, normalizer) -> torch.Tensor:
-    """The MLE term (sum over the batch's target tokens / normalizer) on a student pass over ``batch``."""
-    return loss_term(ctx, batch, kd=False, mle_weight=1.0, mle_normalizer=normalizer).loss
-
-
 # ---- objectives ------------------------------------------------------------------------------------------------
 
 def _sft(ctx, batch, normalizer, kd_normalizer, num_sequences, kd_plan) -> ObjectivePlan:

@@ -407,13 +407,18 @@ class OneLineErrors:
         self.exit(2, f"{self.prog}: error: {text} (see {self.prog} --help)\n")
 
 
+def shown_spellings(option_strings) -> list[str]:
+    """``option_strings`` without each ``--a_b`` whose twin ``--a-b`` is there too (the one help shows)."""
+    return [s for s in option_strings if not ("_" in s and s.replace("_", "-") in option_strings)]
+
+
 def hidden_underscore_spellings(formatter_class):
     """A help formatter that shows ``--a-b`` and leaves out its twin ``--a_b`` (both are accepted)."""
 
     class Formatter(formatter_class):
         def _format_action_invocation(self, action):
             strings = action.option_strings
-            shown = [s for s in strings if not ("_" in s and s.replace("_", "-") in strings)]
+            shown = shown_spellings(strings)
             if shown == strings or not strings:
                 return super()._format_action_invocation(action)
             original = action.option_strings

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -248,7 +247,7 @@ def check_mask_token(tokenizer, mask_token: str | None, embedding_rows: int | No
 def data_census(data_format: str, data_file, db_dir) -> dict:
     """Read the data file (no prompts built) and count its examples and those whose database is missing; check
     that the file matches ``data_format``.  Raises :class:`UsageError` when nothing has a database."""
-    from .evaluation.scoring import database_path
+    from .evaluation.scoring import missing_database_counts
 
     data_file, db_dir = Path(data_file), Path(db_dir)
     if not data_file.is_file():
@@ -257,19 +256,17 @@ def data_census(data_format: str, data_file, db_dir) -> dict:
         raise UsageError(f"database directory not found: {db_dir}")
     raw = read_examples(data_file)
     check_data_format(data_format, raw, data_file)
-    missing: Counter[str] = Counter()
     for i, example in enumerate(raw):
         if "db_id" not in example:
             raise UsageError(f"{data_file}: example {i} has no db_id")
-        if not database_path(db_dir, str(example["db_id"])).is_file():
-            missing[str(example["db_id"])] += 1
+    missing = missing_database_counts([str(example["db_id"]) for example in raw], db_dir)
     with_db = len(raw) - sum(missing.values())
     if with_db == 0:
         shown = ", ".join(sorted(missing)[:5]) + (", ..." if len(missing) > 5 else "")
         raise UsageError(f"none of the {len(raw)} examples of {data_file} has its database in {db_dir} (looked for "
                          f"{db_dir}/<db_id>/<db_id>.sqlite with db_id {shown}): is --db-dir right?")
     return {"in_file": len(raw), "with_database": with_db, "without_database": sum(missing.values()),
-            "missing_databases": dict(sorted(missing.items()))}
+            "missing_databases": missing}
 
 
 def read_examples(path, option: str | None = None) -> list[dict]:
