@@ -57,8 +57,9 @@ _OPTIONS_DOC = """
         Both are softmaxed over those entries only, so the teacher is renormalised over them (padding rows carry
         almost no probability).  Views, no copies; the student's gradient is 0 beyond them.  Without it,
         vocabularies of different sizes are an error.
-    backend: "triton", "torch" or "auto" (default: ``KIDKERNELS_BACKEND``, else auto: Triton on CUDA, and on CPU
-        under ``TRITON_INTERPRET=1``; PyTorch otherwise and for float64).
+    backend: "triton", "triton_rows", "torch" or "auto" (default: ``KIDKERNELS_BACKEND``, else auto: Triton on CUDA,
+        and on CPU under ``TRITON_INTERPRET=1``; PyTorch otherwise and for float64).  "triton_rows" is the previous
+        Triton path (cuBLAS logits, then row-per-program passes), kept as a reference for the benchmarks.
     workspace_bytes: bound on the chunk buffers of logits (default 512 MiB or ``KIDKERNELS_WORKSPACE_MB``).
 """
 

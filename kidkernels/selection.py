@@ -27,8 +27,9 @@ from .ops.workspace import workspace_budget
 __all__ = ["fused_linear_entropy", "fused_linear_argmax", "select_positions", "fused_linear_select", "STRATEGIES"]
 
 _BACKEND_DOC = """
-    backend: "triton", "torch" or "auto" (default: ``KIDKERNELS_BACKEND``, else auto: Triton on CUDA, and on CPU
-        under ``TRITON_INTERPRET=1``; PyTorch otherwise and for float64).
+    backend: "triton", "triton_rows", "torch" or "auto" (default: ``KIDKERNELS_BACKEND``, else auto: Triton on CUDA,
+        and on CPU under ``TRITON_INTERPRET=1``; PyTorch otherwise and for float64).  "triton_rows" is the previous
+        Triton path (cuBLAS logits, then row-per-program passes), kept as a reference for the benchmarks.
     workspace_bytes: bound on the chunk of logits held at once (default 512 MiB or ``KIDKERNELS_WORKSPACE_MB``);
         memory is this plus the O(N) outputs, whatever N is.
 """

@@ -923,3 +923,18 @@ def test_weight_grad_accumulates_in_float32_by_default(backend, device):
     # (most of the error left is the bfloat16 rounding of each chunk's logits gradient, the gradient matmul's input)
     assert rel_l2(grads[None], ref_grad) < 0.75 * rel_l2(grads[False], ref_grad)
     assert rel_l2(grads[None], ref_grad) <= 1e-2
+
+
+def test_triton_rows_backend_is_chosen_by_name_only(monkeypatch):
+    """"triton_rows" (the previous cuBLAS + row-pass path) has the requirements of "triton" and is never "auto"."""
+    from kidkernels import _backend
+
+    monkeypatch.delenv("KIDKERNELS_BACKEND", raising=False)
+    assert _backend.resolve_backend("auto", torch.device("cpu"), torch.float32) in ("torch", "triton")
+    with pytest.raises(ValueError, match="'triton_rows' computes in float32"):
+        _backend.resolve_backend("triton_rows", torch.device("cpu"), torch.float64)
+    monkeypatch.setenv("KIDKERNELS_BACKEND", "TRITON_ROWS")
+    if _backend.triton_available() and _backend.triton_interpreter_enabled():
+        assert _backend.resolve_backend(None, torch.device("cpu"), torch.float32) == "triton_rows"
+    with pytest.raises(ValueError, match="must be one of"):
+        _backend.resolve_backend("triton-rows", torch.device("cpu"), torch.float32)

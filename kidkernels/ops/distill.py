@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .._backend import TRITON_BACKENDS
 from .config import CE, KD, NUM_STATS, DistillConfig
 from .gemm import accumulate_weight_grad, compute_dtype, linear_logits, without_autocast
 from .registry import backend_impl
@@ -172,7 +173,7 @@ def logits_distill_chunks(student, teacher, target, cfg: DistillConfig, opts: Di
     if grad_out is not None and grad_out.shape[1] > vocab:
         grad_out[:, vocab:].zero_()
         grad_out = grad_out[:, :vocab]
-    step = max(n, 1) if opts.backend == "triton" else chunk_rows(
+    step = max(n, 1) if opts.backend in TRITON_BACKENDS else chunk_rows(
         vocab, student.dtype, opts.workspace_bytes, logit_buffers=0, temporaries=impl.TEMPORARIES_PER_ELEMENT)
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)

@@ -11,8 +11,10 @@ import importlib
 
 _MODULES = {
     ("distill", "triton"): "distill_triton",
+    ("distill", "triton_rows"): "distill_triton",
     ("distill", "torch"): "distill_torch",
     ("selection", "triton"): "selection_triton",
+    ("selection", "triton_rows"): "selection_triton",
     ("selection", "torch"): "selection_torch",
 }
 
