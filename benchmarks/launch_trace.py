@@ -121,7 +121,8 @@ class LaunchTrace(TorchDispatchMode):
         return StorageWeakRef(t.untyped_storage())
 
     def flush(self) -> None:
-        """Move the Triton launches recorded since the last aten op into :attr:`launches` (in order)."""
+        """Move the Triton launches recorded since the last aten op into :attr:`launches` (in order).  A Triton
+        launch's products (``tl.dot``) are priced at the bf16 rate: the roofline's inputs are bf16."""
         for record in self._triton_records[self._seen:]:
             self.launches.append(Launch(record.kernel, "triton", record.flops, record.hbm_bytes,
                                         "bf16" if record.flops else None))
