@@ -72,6 +72,22 @@ _FORMULAS = {
 }
 
 
+def matmul_operands(func, args) -> tuple | None:
+    """The two matrix operands among the positional ``args`` of aten overload ``func`` (None: not a product)."""
+    entry = _FORMULAS.get(func.overloadpacket)
+    if entry is None:
+        return None
+    first = entry[1]
+    return tuple(args[first:first + 2])
+
+
+def matmul_flops(func, args) -> int | None:
+    """FLOPs of one call of aten overload ``func`` on positional ``args``: 2 x its multiply-adds, or None for an op
+    that is not a matrix product."""
+    operands = matmul_operands(func, args)
+    return None if operands is None else _FORMULAS[func.overloadpacket][0](*operands)
+
+
 class MatmulFlopCounter(TorchDispatchMode):
     """``with MatmulFlopCounter() as counter: ...``; then ``counter.total`` (FLOPs) and ``counter.by_op``
     (``Counter`` of FLOPs per overload name, e.g. ``"aten.addmm_.default"``) and ``counter.calls``."""
@@ -88,10 +104,8 @@ class MatmulFlopCounter(TorchDispatchMode):
             # A kidkernels op registered with torch.library: count the products inside it.
             with self:
                 return inner(*args, **(kwargs or {}))
-        entry = _FORMULAS.get(func.overloadpacket)
-        if entry is not None:
-            formula, first = entry
-            flops = formula(*args[first:first + 2])
+        flops = matmul_flops(func, args)
+        if flops is not None:
             self.total += flops
             self.by_op[str(func)] += flops
             self.calls[str(func)] += 1

@@ -48,8 +48,12 @@ def _probe(device_type: str, dtype: torch.dtype, op: str) -> bool:
     float32 ``c`` (a bias row broadcast, or an accumulator updated in place through ``out=c``).  These exist for CUDA
     in recent PyTorch (2.13 has them, not for CPU tensors; older versions require ``c`` in the operands' dtype), so
     each is tried once on a tiny tensor.
+
+    ``meta`` tensors are probed too, and so take CUDA's branch wherever this PyTorch has the overload (its meta kernel
+    comes with the CUDA one): the roofline (``benchmarks/roofline.py``) runs the dispatch code on meta tensors in a
+    dry run of :mod:`.launches` to record the launch sequence a GPU would run.
     """
-    if device_type != "cuda":
+    if device_type not in ("cuda", "meta"):
         return False
     try:
         a = torch.zeros(16, 16, device=device_type, dtype=dtype)

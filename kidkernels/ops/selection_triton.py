@@ -1,11 +1,20 @@
 """Launchers of the Triton entropy and argmax kernels for one chunk of logits (the Triton twin of
-``selection_torch``).  Each kernel is launched from exactly one place here."""
+``selection_torch``).  Each kernel is launched from exactly one place here, through :func:`.launches.launch` with the
+HBM bytes it moves (no matrix product: 0 FLOPs): one read of the logits chunk in its dtype and one write of the
+``[rows]`` output (``tests/test_roofline.py`` checks them against the addresses the kernels touch)."""
 from __future__ import annotations
 
 import torch
 
 from ..kernels.entropy_argmax import row_argmax_kernel, row_entropy_kernel
 from . import tiles
+from .launches import launch
+
+
+def _row_pass_bytes(logits: torch.Tensor, out: torch.Tensor) -> int:
+    """Every logit of the chunk read once, one output element written per row."""
+    rows, vocab = logits.shape
+    return rows * vocab * logits.element_size() + rows * out.element_size()
 
 # The kernels allocate nothing besides their outputs.
 TEMPORARIES_PER_ELEMENT = 0
@@ -18,8 +27,8 @@ def entropy(logits: torch.Tensor, inv_temp: float, out: torch.Tensor) -> None:
     if rows == 0:
         return
     block = tiles.block_v(vocab)
-    row_entropy_kernel[(rows,)](logits, logits.stride(0), out, vocab, inv_temp, BLOCK_V=block,
-                                num_warps=tiles.num_warps(block))
+    launch(row_entropy_kernel, (rows,), logits, logits.stride(0), out, vocab, inv_temp,
+           hbm_bytes=_row_pass_bytes(logits, out), BLOCK_V=block, num_warps=tiles.num_warps(block))
 
 
 def argmax(logits: torch.Tensor, out: torch.Tensor) -> None:
@@ -29,4 +38,5 @@ def argmax(logits: torch.Tensor, out: torch.Tensor) -> None:
     if rows == 0:
         return
     block = tiles.block_v(vocab)
-    row_argmax_kernel[(rows,)](logits, logits.stride(0), out, vocab, BLOCK_V=block, num_warps=tiles.num_warps(block))
+    launch(row_argmax_kernel, (rows,), logits, logits.stride(0), out, vocab, hbm_bytes=_row_pass_bytes(logits, out),
+           BLOCK_V=block, num_warps=tiles.num_warps(block))
