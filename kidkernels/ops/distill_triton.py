@@ -26,6 +26,14 @@ def _teacher_args(student, teacher):
     return (teacher, teacher.stride(0)) if teacher is not None else (student, 0)
 
 
+def _transform_args(cfg: DistillConfig) -> dict:
+    """The logit-transform arguments every kernel takes (see ``kernels/logit_transform.py``), by keyword."""
+    s, t = cfg.student_transform, cfg.teacher_transform
+    return dict(s_scale=s.scale, s_softcap=s.softcap_value, t_scale=t.scale, t_softcap=t.softcap_value,
+                S_HAS_SCALE=s.has_scale, S_HAS_SOFTCAP=s.has_softcap, T_HAS_SCALE=t.has_scale,
+                T_HAS_SOFTCAP=t.has_softcap)
+
+
 def fill_stats(student, teacher, target, stats, cfg: DistillConfig) -> None:
     """Fill every statistics row (see ``kernels/stats_layout.py``) for logits ``[rows, V]`` (unit stride along V).
     ``teacher`` is None exactly when ``cfg.has_teacher`` is False."""
@@ -37,7 +45,7 @@ def fill_stats(student, teacher, target, stats, cfg: DistillConfig) -> None:
         student, student.stride(0), *_teacher_args(student, teacher), _or(target, stats), stats, stats.stride(0),
         vocab, cfg.inv_temp, cfg.ignore_index,
         DIVERGENCE=cfg.code, HAS_TEACHER=cfg.has_teacher, HAS_TARGET=cfg.has_target,
-        SEPARATE_CE_LSE=cfg.separate_ce_lse, BLOCK_V=block, num_warps=tiles.num_warps(block),
+        SEPARATE_CE_LSE=cfg.separate_ce_lse, BLOCK_V=block, num_warps=tiles.num_warps(block), **_transform_args(cfg),
     )
     if cfg.one_pass:
         return
@@ -45,6 +53,7 @@ def fill_stats(student, teacher, target, stats, cfg: DistillConfig) -> None:
         student, student.stride(0), *_teacher_args(student, teacher), _or(target, stats), stats, stats.stride(0),
         vocab, cfg.inv_temp, cfg.beta, cfg.log_beta, cfg.log_one_minus_beta, cfg.ignore_index,
         DIVERGENCE=cfg.code, HAS_TARGET=cfg.has_target, BLOCK_V=block, num_warps=tiles.num_warps(block, heavy=True),
+        **_transform_args(cfg),
     )
 
 
@@ -63,7 +72,7 @@ def write_grad(student, teacher, target, stats, cfg: DistillConfig, row_weight, 
         cfg.kd_weight * cfg.inv_temp, cfg.mle_weight, cfg.ignore_index,
         DIVERGENCE=cfg.code, HAS_TARGET=cfg.has_target, HAS_MLE=cfg.ce_in_grad,
         HAS_ROW_WEIGHT=row_weight is not None, HAS_TEACHER=cfg.has_teacher, SEPARATE_CE_LSE=cfg.separate_ce_lse,
-        BLOCK_V=block, num_warps=tiles.num_warps(block),
+        BLOCK_V=block, num_warps=tiles.num_warps(block), **_transform_args(cfg),
     )
 
 
