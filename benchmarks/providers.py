@@ -14,6 +14,12 @@ the zero-argument step the harness times (forward, plus ``.backward()`` for ``fw
 - ``liger``: Liger-Kernel's Triton ``LigerFusedLinearJSD`` (FKL, RKL, JSD; no MLE term: it times the divergence
   alone); ``liger_chunked``: its chunked ``LigerFusedLinearJSDLoss`` (divergence + cross-entropy, torch.compile per
   chunk).  Both need CUDA and ``pip install liger-kernel``; otherwise recorded as skipped with the reason.
+- ``trl``: TRL's own ``trl.trainer.distillation_trainer._chunked_divergence_loss`` (trl 1.16, what its
+  ``DistillationTrainer`` runs: FKL at beta 0, RKL at beta 1, generalized JSD between), on the same tensors as one
+  ``[1, N]`` completion, every position counted; its chunked PyTorch tiles on CPU, its Triton tiles on CUDA.  No MLE
+  term (``includes_mle`` false), and it also returns the student's entropy sum, as the trainer needs; the
+  ``kidkernels_trl`` provider is the same function patched by :mod:`kidkernels.integrations.trl` (the loss, plus the
+  entropy from a second pass), the like-for-like comparison.  Needs ``pip install trl``.
 
 The MLE-only path (``cross_entropy``: :func:`kidkernels.fused_linear_cross_entropy`, SFT) has its own peers, each
 recorded as skipped with the reason where it is missing:
@@ -197,6 +203,34 @@ def _liger_chunked_distill(p: DistillProblem) -> Call:
     return loss, p.tensors, {}
 
 
+def _trl_beta(p: DistillProblem) -> float:
+    return LIGER_BETA[p.divergence](p.options["beta"])  # TRL's beta: the same convention as Liger's and kidkernels'
+
+
+def _trl_call(function, p: DistillProblem) -> Call:
+    """One call of a function with TRL's ``_chunked_divergence_loss`` signature on the problem's tensors, as a single
+    completion ``[1, N]`` with every position counted; the step differentiates the loss (the first result)."""
+    xs, ws, xt, wt, _target = p.tensors
+    mask = torch.ones(1, xs.shape[0], device=xs.device)
+
+    def loss(xs, ws, xt, wt):
+        return function(xs[None], xt[None], ws, wt, mask, _trl_beta(p), temperature=p.options["temperature"])[0]
+
+    return loss, (xs, ws, xt, wt), {}
+
+
+def _trl_distill(p: DistillProblem) -> Call:
+    from trl.trainer.distillation_trainer import _chunked_divergence_loss
+
+    return _trl_call(_chunked_divergence_loss, p)
+
+
+def _kidkernels_trl_distill(p: DistillProblem) -> Call:
+    from kidkernels.integrations.trl import chunked_divergence_loss
+
+    return _trl_call(chunked_divergence_loss, p)
+
+
 def _kidkernels_cross_entropy(p: CrossEntropyProblem) -> Call:
     return kidkernels.fused_linear_cross_entropy, (p.input, p.weight, p.target), {}
 
@@ -297,6 +331,15 @@ def _liger_compiled_available(device: torch.device) -> None:
         raise ProviderUnavailable("KIDKERNELS_BENCH_NO_COMPILE=1 (Liger's chunked loss compiles each chunk)")
 
 
+def _trl_available(device: torch.device) -> None:
+    if importlib.util.find_spec("trl") is None:
+        raise ProviderUnavailable("trl is not installed (pip install 'trl>=1.16')")
+    from trl.trainer import distillation_trainer
+
+    if not hasattr(distillation_trainer, "_chunked_divergence_loss"):
+        raise ProviderUnavailable("this trl has no DistillationTrainer._chunked_divergence_loss (trl 1.16+)")
+
+
 def _torch_lce_available(device: torch.device) -> None:
     if not (hasattr(torch.nn.functional, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions")):
         raise ProviderUnavailable(f"torch {torch.__version__} has no torch.nn.functional.linear_cross_entropy "
@@ -364,6 +407,10 @@ PROVIDERS: dict[str, Provider] = {p.name: p for p in (
              includes_mle=False),
     Provider("liger_chunked", {"distill": _liger_chunked_distill}, check=_liger_compiled_available,
              divergences=("fkl", "rkl", "jsd"), compiled=True),
+    Provider("trl", {"distill": _trl_distill}, check=_trl_available, divergences=("fkl", "rkl", "jsd"),
+             includes_mle=False),
+    Provider("kidkernels_trl", {"distill": _kidkernels_trl_distill}, check=_trl_available,
+             divergences=("fkl", "rkl", "jsd"), includes_mle=False),
 )}
 
 

@@ -2,8 +2,9 @@
 
 :func:`answer_hidden_states` runs a Hugging Face causal LM *through its outermost wrapper* (DDP, peft, ...), so
 that distributed data parallelism sees every forward, but with ``logits_to_keep`` set to an empty index: the
-lm_head multiplies zero rows.  A forward hook on the decoder (the model's ``base_model_prefix`` module, whose
-output is the final-norm hidden state) captures ``[B, T, H]``; the ``[B, A]`` answer rows are gathered from it and
+lm_head multiplies zero rows (:func:`kidkernels.integrations.hf.last_hidden_states`, public for any script).  A
+forward hook on the decoder (the model's ``base_model_prefix`` module, whose output is the final-norm hidden state)
+captures ``[B, T, H]``; the ``[B, A]`` answer rows are gathered from it and
 handed to kidkernels together with the lm_head weight (:func:`lm_head_of`), read after the forward, when FSDP2
 holds it whole (:class:`LMHead`, :func:`gather_fsdp_root`).
 """
@@ -16,26 +17,9 @@ from pathlib import Path
 
 import torch
 
-
-def unwrap(model):
-    """The ``PreTrainedModel`` causal LM inside DDP / accelerate / peft wrappers."""
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-        model = model.module
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
-    return model
-
-
-def decoder_of(model) -> torch.nn.Module:
-    """The causal LM's decoder stack (``Qwen2Model`` in ``Qwen2ForCausalLM``), whose output is the final-norm
-    hidden state the lm_head reads."""
-    causal_lm = unwrap(model)
-    decoder = getattr(causal_lm, getattr(causal_lm, "base_model_prefix", "model"), None)
-    if not isinstance(decoder, torch.nn.Module) and hasattr(causal_lm, "get_decoder"):
-        decoder = causal_lm.get_decoder()
-    if not isinstance(decoder, torch.nn.Module):
-        raise TypeError(f"cannot find the decoder of {type(causal_lm).__name__}; expected a Hugging Face causal LM")
-    return decoder
+# The Hugging Face pieces live in kidkernels (public there, for any distillation script), used here under these names.
+from kidkernels.integrations.hf import check_no_logits, decoder_of, last_hidden_states  # noqa: F401
+from kidkernels.integrations.hf import unwrap_causal_lm as unwrap
 
 
 class LMHead:
@@ -208,23 +192,6 @@ def _fsdp_owner(model: torch.nn.Module, head: torch.nn.Module):
     return owner
 
 
-def check_no_logits(model, output) -> None:
-    """Fail loudly if a forward asked for no logits (``logits_to_keep`` empty) returned some anyway.
-
-    transformers 4.46-4.48 accept ``logits_to_keep`` and ignore it, and a custom model may too: every forward would
-    then build the full ``[B, T, V]`` logits.  Only the shape is read (no host synchronisation).
-    """
-    logits = output[0] if isinstance(output, (tuple, list)) and output else getattr(output, "logits", None)
-    if torch.is_tensor(logits) and logits.dim() >= 2 and logits.shape[-2] != 0:
-        import transformers
-
-        raise RuntimeError(
-            f"{type(unwrap(model)).__name__} returned logits for {logits.shape[-2]} positions although "
-            "logits_to_keep asked for none: it ignores logits_to_keep and builds the full [batch, tokens, vocab] "
-            f"logits (transformers {transformers.__version__}; kid needs transformers>=4.56 and a causal LM whose "
-            "forward honours logits_to_keep)")
-
-
 def answer_hidden_states(model, batch, *, input_ids: torch.Tensor | None = None,
                          dtype: torch.dtype | None = None) -> torch.Tensor:
     """``[B, A, H]`` final hidden states at the rows that predict the answer tokens (``answer_index - 1``).
@@ -232,29 +199,13 @@ def answer_hidden_states(model, batch, *, input_ids: torch.Tensor | None = None,
     batch: a mapping with ``input_ids``, ``attention_mask``, ``answer_index`` and optionally ``position_ids``
     (see :mod:`kid.batching`).  input_ids: run on these ids instead of ``batch["input_ids"]`` (same shape).
     dtype: cast the rows to this dtype (the lm_head's: under mixed precision the decoder's output may differ).
-    Runs under the caller's grad mode.  Raises RuntimeError if the model returns logits anyway
-    (:func:`check_no_logits`).
+    Runs under the caller's grad mode, through the outermost wrapper with no logits
+    (:func:`kidkernels.integrations.hf.last_hidden_states`; RuntimeError if the model returns logits anyway).
     """
     ids = batch["input_ids"] if input_ids is None else input_ids
-    captured: list[torch.Tensor] = []
-
-    def hook(_module, _args, output):
-        captured.append(output[0] if isinstance(output, tuple) else output.last_hidden_state)
-
-    handle = decoder_of(model).register_forward_hook(hook)
-    try:
-        kwargs = dict(input_ids=ids, attention_mask=batch["attention_mask"], use_cache=False,
-                      logits_to_keep=torch.empty(0, dtype=torch.long, device=ids.device))
-        if batch.get("position_ids") is not None:
-            kwargs["position_ids"] = batch["position_ids"]
-        check_no_logits(model, model(**kwargs))
-    finally:
-        handle.remove()
+    hidden = last_hidden_states(model, ids, batch["attention_mask"], position_ids=batch.get("position_ids"))
     if torch.is_grad_enabled():
         gather_fsdp_root(model)
-    if len(captured) != 1:
-        raise RuntimeError(f"expected one decoder call per forward, saw {len(captured)}")
-    hidden = captured[0]
     rows = (batch["answer_index"] - 1).clamp(min=0)
     rows = hidden.gather(1, rows.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
     return rows if dtype is None else rows.to(dtype)

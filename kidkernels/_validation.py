@@ -55,6 +55,15 @@ def check_options(divergence, beta, temperature, kd_weight, mle_weight, ignore_i
     return beta, temperature, kd_weight, mle_weight, check_ignore_index(ignore_index)
 
 
+def check_logit_transform(scale_name: str, scale, softcap_name: str, softcap) -> tuple[float, float | None]:
+    """A model's logit scale (a finite number > 0) and final-logit softcap (a finite number > 0, or None: off), as
+    floats (see ``ops.config.LogitTransform``)."""
+    scale = check_number(scale_name, scale, low=0.0)
+    if softcap is not None:
+        softcap = check_number(softcap_name, softcap, low=0.0)
+    return scale, softcap
+
+
 def check_float_tensor(name: str, t) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")

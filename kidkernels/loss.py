@@ -2,12 +2,13 @@
 
 Definitions (T the temperature, rows whose target equals ``ignore_index`` count nowhere)::
 
-    p = softmax(teacher_logits / T)          q = softmax(student_logits / T)
+    p = softmax(z_teacher / T)               q = softmax(z_student / T)
+    z = softcap * tanh(logit_scale * logits / softcap)  (each model's own; z = logits by default)
     "fkl"  KL(p || q)                        "rkl"  KL(q || p)
     "jsd"  beta KL(p || m) + (1 - beta) KL(q || m),  m = beta p + (1 - beta) q  (formed in log space);
            beta = 0 is KL(p || q) and beta = 1 is KL(q || p), TRL's convention (beta weights the teacher)
     "tvd"  0.5 sum |p - q|                   (zero subgradient where p == q)
-    MLE    cross-entropy of the *untempered* student logits against ``target``
+    MLE    cross-entropy of the *untempered* student z against ``target``
     row loss = kd_weight * divergence + mle_weight * MLE
 
 Columns whose weighting probability is 0 (``-inf`` logits, e.g. a masked vocabulary) contribute exactly 0 (0 log 0 =
@@ -61,18 +62,36 @@ _OPTIONS_DOC = """
         and on CPU under ``TRITON_INTERPRET=1``; PyTorch otherwise and for float64).  "triton_rows" is the previous
         Triton path (cuBLAS logits, then row-per-program passes), kept as a reference for the benchmarks.
     workspace_bytes: bound on the chunk buffers of logits (default 512 MiB or ``KIDKERNELS_WORKSPACE_MB``).
+    student_logit_scale, teacher_logit_scale: a model's multiplier of its logits (Cohere's ``logit_scale``; TRL and
+        Hugging Face configs also call it ``output_multiplier``, ``lm_head_multiplier`` or ``1 / logits_scaling``),
+        a finite number > 0.  Default 1.
+    student_softcap, teacher_softcap: a model's final-logit softcapping (Gemma 2/3's ``final_logit_softcapping``):
+        its logits become ``softcap * tanh(logits / softcap)``, after the scale and before the temperature (TRL's
+        order), in float32, with gradients through the tanh.  A finite number > 0, or None (default): off.
 """
 
 
 def _validated_config(divergence, beta, temperature, kd_weight, mle_weight, ignore_index, reduction,
-                      has_target: bool) -> DistillConfig:
+                      has_target: bool, student_logit_scale=1.0, student_softcap=None, teacher_logit_scale=1.0,
+                      teacher_softcap=None) -> DistillConfig:
     """Check the public options (a ``ValueError``/``TypeError`` naming the bad one) and return them as the
     dispatch layer's :class:`DistillConfig`; ``reduction`` is checked but not part of it."""
     beta, temperature, kd_weight, mle_weight, ignore_index = check.check_options(
         divergence, beta, temperature, kd_weight, mle_weight, ignore_index, reduction)
     if not has_target and mle_weight != 0.0:
         raise ValueError(f"mle_weight={mle_weight} needs a target; pass target= or set mle_weight=0")
-    return DistillConfig(divergence, beta, temperature, kd_weight, mle_weight, ignore_index, has_target)
+    s_scale, s_softcap = check.check_logit_transform("student_logit_scale", student_logit_scale, "student_softcap",
+                                                     student_softcap)
+    t_scale, t_softcap = check.check_logit_transform("teacher_logit_scale", teacher_logit_scale, "teacher_softcap",
+                                                     teacher_softcap)
+    return DistillConfig(divergence, beta, temperature, kd_weight, mle_weight, ignore_index, has_target,
+                         student_logit_scale=s_scale, student_softcap=s_softcap, teacher_logit_scale=t_scale,
+                         teacher_softcap=t_softcap)
+
+
+def _transform_args(cfg: DistillConfig) -> tuple:
+    """The four logit-transform arguments of the registered ops."""
+    return cfg.student_logit_scale, cfg.student_softcap, cfg.teacher_logit_scale, cfg.teacher_softcap
 
 
 def _finish(outputs, leading_shape, reduction, return_parts):
@@ -124,7 +143,7 @@ def _linear_loss(xs, ws, bs, xt, wt, bt, target, normalizer, cfg: DistillConfig,
         xs, ws, bs, xt, wt, bt, target, norm_tensor, norm_value,
         cfg.divergence, cfg.beta, cfg.temperature, cfg.kd_weight, cfg.mle_weight, cfg.ignore_index, vocab,
         reduction, resolve_backend(backend, device, xs.dtype), workspace_budget(workspace_bytes),
-        _weight_grad_fp32(weight_grad_fp32), _needs_grad(xs), _needs_grad(ws), _needs_grad(bs))
+        _weight_grad_fp32(weight_grad_fp32), _needs_grad(xs), _needs_grad(ws), _needs_grad(bs), *_transform_args(cfg))
     return loss, kd, ce
 
 
@@ -150,6 +169,10 @@ def fused_linear_distill_loss(
     backend: str | None = None,
     workspace_bytes: int | None = None,
     weight_grad_fp32: bool | None = None,
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
 ):
     """Divergence between teacher and student next-token distributions plus the student's MLE term, computed from
     hidden states and lm_head weights without ever holding the ``[N, V]`` logits.
@@ -166,7 +189,8 @@ def fused_linear_distill_loss(
     Options:
     """
     cfg = _validated_config(divergence, beta, temperature, kd_weight, mle_weight, ignore_index, reduction,
-                            target is not None)
+                            target is not None, student_logit_scale, student_softcap, teacher_logit_scale,
+                            teacher_softcap)
     xs = _hidden_rows("student_input", student_input, "student_weight", student_weight)
     leading_shape = tuple(student_input.shape[:-1])
     xt = _hidden_rows("teacher_input", teacher_input, "teacher_weight", teacher_weight)
@@ -205,16 +229,23 @@ def distill_loss(
     shared_vocab: int | None = None,
     backend: str | None = None,
     workspace_bytes: int | None = None,
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
 ):
     """The same loss for callers that already hold logits, computed by the same kernels on the logits in place.
 
     student_logits, teacher_logits: ``[..., V]`` of any float dtype (each read in its own dtype, math in float32);
     the gradient reaches ``student_logits`` only, in its dtype.  With ``shared_vocab`` the last dimensions may differ.
+    The logit scales and softcaps apply to the logits given: leave them at their defaults for logits a model already
+    scaled and capped (a Hugging Face Gemma's ``outputs.logits``).
     Returns as :func:`fused_linear_distill_loss`.
     Options:
     """
     cfg = _validated_config(divergence, beta, temperature, kd_weight, mle_weight, ignore_index, reduction,
-                            target is not None)
+                            target is not None, student_logit_scale, student_softcap, teacher_logit_scale,
+                            teacher_softcap)
     check.check_float_tensor("student_logits", student_logits)
     check.check_float_tensor("teacher_logits", teacher_logits)
     leading_shape = tuple(student_logits.shape[:-1])
@@ -234,7 +265,7 @@ def distill_loss(
     loss, kd, ce, _stats = torch.ops.kidkernels.distill_logits(
         s, t, target, norm_tensor, norm_value, cfg.divergence, cfg.beta, cfg.temperature, cfg.kd_weight,
         cfg.mle_weight, cfg.ignore_index, vocab, reduction, resolve_backend(backend, device, dtype),
-        workspace_budget(workspace_bytes))
+        workspace_budget(workspace_bytes), *_transform_args(cfg))
     return _finish((loss, kd, ce), leading_shape, reduction, return_parts)
 
 
@@ -250,6 +281,8 @@ def fused_linear_cross_entropy(
     backend: str | None = None,
     workspace_bytes: int | None = None,
     weight_grad_fp32: bool | None = None,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
 ):
     """Cross-entropy of ``input @ weight.T + bias`` against ``target`` (supervised fine-tuning), computed from hidden
     states and an lm_head weight without ever holding the ``[N, V]`` logits.
@@ -268,11 +301,15 @@ def fused_linear_cross_entropy(
     normalizer: number or 0-d tensor dividing the sum for "mean", e.g. the count of target tokens over all
         micro-batches of a gradient-accumulation step.
     backend, workspace_bytes, weight_grad_fp32: as for :func:`fused_linear_distill_loss`.
+    logit_scale, softcap: the model's logit scale and final-logit softcapping, as ``student_logit_scale`` and
+        ``student_softcap`` of :func:`fused_linear_distill_loss`: the loss reads
+        ``softcap * tanh(logit_scale * logits / softcap)``.  Defaults 1 and None (off).
 
     Logits and softmax in float32 (float64 for float64 inputs); gradients reach ``input``, ``weight`` and ``bias`` in
     their dtypes.  Returns the loss: a 0-d float32 tensor (float64 for float64 inputs), or ``[...]`` for "none".
     """
-    cfg = DistillConfig.cross_entropy(check.check_ignore_index(ignore_index))
+    cfg = DistillConfig.cross_entropy(check.check_ignore_index(ignore_index),
+                                      *check.check_logit_transform("logit_scale", logit_scale, "softcap", softcap))
     check.check_reduction(reduction)
     x = _hidden_rows("input", input, "weight", weight)
     leading_shape = tuple(input.shape[:-1])
@@ -297,13 +334,24 @@ class FusedLinearDistillLoss(nn.Module):
     def __init__(self, *, divergence: str = "rkl", beta: float = 0.5, temperature: float = 1.0,
                  kd_weight: float = 1.0, mle_weight: float = 0.0, ignore_index: int = -100, reduction: str = "mean",
                  return_parts: bool = False, shared_vocab: int | None = None, backend: str | None = None,
-                 workspace_bytes: int | None = None, weight_grad_fp32: bool | None = None):
+                 workspace_bytes: int | None = None, weight_grad_fp32: bool | None = None,
+                 student_logit_scale: float = 1.0, teacher_logit_scale: float = 1.0,
+                 student_softcap: float | None = None, teacher_softcap: float | None = None):
         super().__init__()
         check.check_options(divergence, beta, temperature, kd_weight, mle_weight, ignore_index, reduction)
+        check.check_logit_transform("student_logit_scale", student_logit_scale, "student_softcap", student_softcap)
+        check.check_logit_transform("teacher_logit_scale", teacher_logit_scale, "teacher_softcap", teacher_softcap)
         self.options = dict(divergence=divergence, beta=beta, temperature=temperature, kd_weight=kd_weight,
                             mle_weight=mle_weight, ignore_index=ignore_index, reduction=reduction,
                             return_parts=return_parts, shared_vocab=shared_vocab, backend=backend,
                             workspace_bytes=workspace_bytes, weight_grad_fp32=weight_grad_fp32)
+        # Shown by extra_repr only where they differ from the defaults.
+        for name, value, default in (("student_logit_scale", student_logit_scale, 1.0),
+                                     ("teacher_logit_scale", teacher_logit_scale, 1.0),
+                                     ("student_softcap", student_softcap, None),
+                                     ("teacher_softcap", teacher_softcap, None)):
+            if value != default:
+                self.options[name] = value
 
     def forward(self, student_input, student_weight, teacher_input, teacher_weight, target=None, *,
                 student_bias=None, teacher_bias=None, normalizer=None):
@@ -319,11 +367,17 @@ class FusedLinearCrossEntropyLoss(nn.Module):
     """Module form of :func:`fused_linear_cross_entropy`: options in ``__init__``, tensors in :meth:`forward`."""
 
     def __init__(self, *, ignore_index: int = -100, reduction: str = "mean", backend: str | None = None,
-                 workspace_bytes: int | None = None, weight_grad_fp32: bool | None = None):
+                 workspace_bytes: int | None = None, weight_grad_fp32: bool | None = None,
+                 logit_scale: float = 1.0, softcap: float | None = None):
         super().__init__()
         check.check_reduction(reduction)
+        check.check_logit_transform("logit_scale", logit_scale, "softcap", softcap)
         self.options = dict(ignore_index=check.check_ignore_index(ignore_index), reduction=reduction,
                             backend=backend, workspace_bytes=workspace_bytes, weight_grad_fp32=weight_grad_fp32)
+        if logit_scale != 1.0:
+            self.options["logit_scale"] = logit_scale
+        if softcap is not None:
+            self.options["softcap"] = softcap
 
     def forward(self, input, weight, target, *, bias=None, normalizer=None):
         return fused_linear_cross_entropy(input, weight, target, bias=bias, normalizer=normalizer, **self.options)

@@ -10,6 +10,13 @@ from __future__ import annotations
 import torch
 
 
+def reference_logit_transform(logits, *, logit_scale=1.0, softcap=None):
+    """A model's logits after its logit scale and final-logit softcapping, ``softcap * tanh(logit_scale * logits /
+    softcap)`` (``logit_scale * logits`` without a softcap), in the logits' dtype; differentiable (autograd's tanh)."""
+    z = logits * logit_scale if logit_scale != 1.0 else logits
+    return softcap * torch.tanh(z / softcap) if softcap is not None else z
+
+
 def _weighted_log_ratio(w, log_w, log_other):
     """Per-element ``w (log_w - log_other)`` with ``0 log 0 = 0``: exactly 0 where the weight ``w`` is 0, ``+inf``
     where ``w > 0`` but the other probability is 0.  Both logs are replaced where ``w`` is 0 before the subtraction,
@@ -49,10 +56,15 @@ def reference_divergence(student_logits, teacher_logits, *, divergence="rkl", be
 def reference_distill_loss_from_logits(student_logits, teacher_logits, target=None, *, divergence="rkl", beta=0.5,
                                        temperature=1.0, kd_weight=1.0, mle_weight=0.0, ignore_index=-100,
                                        reduction="mean", normalizer=None, return_parts=False,
-                                       dtype=torch.float64):
-    """Reference of :func:`kidkernels.distill_loss`, computed in ``dtype`` (differentiable w.r.t. the logits)."""
-    s = student_logits.reshape(-1, student_logits.shape[-1]).to(dtype)
-    t = teacher_logits.reshape(-1, teacher_logits.shape[-1]).to(dtype).detach()
+                                       student_logit_scale=1.0, teacher_logit_scale=1.0, student_softcap=None,
+                                       teacher_softcap=None, dtype=torch.float64):
+    """Reference of :func:`kidkernels.distill_loss`, computed in ``dtype`` (differentiable w.r.t. the logits).  Each
+    model's logits go through its scale and softcap first (:func:`reference_logit_transform`); the divergence reads
+    them tempered, the MLE term untempered."""
+    s = reference_logit_transform(student_logits.reshape(-1, student_logits.shape[-1]).to(dtype),
+                                  logit_scale=student_logit_scale, softcap=student_softcap)
+    t = reference_logit_transform(teacher_logits.reshape(-1, teacher_logits.shape[-1]).to(dtype).detach(),
+                                  logit_scale=teacher_logit_scale, softcap=teacher_softcap)
     kd = reference_divergence(s, t, divergence=divergence, beta=beta, temperature=temperature)
     if target is None:
         counted = torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
@@ -103,13 +115,14 @@ def reference_fused_linear_distill_loss(student_input, student_weight, teacher_i
 
 
 def reference_fused_linear_cross_entropy(input, weight, target, *, bias=None, ignore_index=-100, reduction="mean",
-                                         normalizer=None, dtype=torch.float64):
+                                         normalizer=None, logit_scale=1.0, softcap=None, dtype=torch.float64):
     """Reference of :func:`kidkernels.fused_linear_cross_entropy`: full logits in ``dtype``, then PyTorch's own
     ``cross_entropy`` per row (0 on ignored rows), reduced as the public API does (no counted row gives 0, not NaN).
 
     Differentiable w.r.t. ``input``, ``weight`` and ``bias`` (their gradients come back in ``dtype``).
     """
-    logits = reference_linear_logits(input, weight, bias, dtype=dtype)
+    logits = reference_logit_transform(reference_linear_logits(input, weight, bias, dtype=dtype),
+                                       logit_scale=logit_scale, softcap=softcap)
     tgt = target.reshape(-1)
     rows = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt, ignore_index=ignore_index,
                                              reduction="none")
@@ -118,9 +131,11 @@ def reference_fused_linear_cross_entropy(input, weight, target, *, bias=None, ig
 
 # ---- KID's masking stage: entropy, argmax and position selection ----------------------------------------------
 
-def reference_entropy(logits, *, temperature=1.0, dtype=torch.float64):
-    """Entropy (nats) of softmax(logits / T) per row, in ``dtype``: ``-sum p log p`` with ``0 log 0 = 0``."""
-    logp = torch.log_softmax(logits.to(dtype) / temperature, dim=-1)
+def reference_entropy(logits, *, temperature=1.0, logit_scale=1.0, softcap=None, dtype=torch.float64):
+    """Entropy (nats) of softmax(z / T) per row, ``z`` the logits after the scale and softcap, in ``dtype``:
+    ``-sum p log p`` with ``0 log 0 = 0``."""
+    z = reference_logit_transform(logits.to(dtype), logit_scale=logit_scale, softcap=softcap)
+    logp = torch.log_softmax(z / temperature, dim=-1)
     p = logp.exp()
     return -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)
 
@@ -131,10 +146,11 @@ def reference_linear_logits(input, weight, bias=None, *, dtype=torch.float64):
     return logits + bias.to(dtype) if bias is not None else logits
 
 
-def reference_fused_linear_entropy(input, weight, bias=None, *, temperature=1.0, dtype=torch.float64):
+def reference_fused_linear_entropy(input, weight, bias=None, *, temperature=1.0, logit_scale=1.0, softcap=None,
+                                   dtype=torch.float64):
     """Reference of :func:`kidkernels.fused_linear_entropy`: full logits in ``dtype``, then the entropy."""
     return reference_entropy(reference_linear_logits(input, weight, bias, dtype=dtype), temperature=temperature,
-                             dtype=dtype)
+                             logit_scale=logit_scale, softcap=softcap, dtype=dtype)
 
 
 def reference_fused_linear_argmax(input, weight, bias=None, *, dtype=torch.float64):

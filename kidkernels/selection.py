@@ -10,9 +10,11 @@ gives the pieces that touch the vocabulary, without a ``[tokens x vocab]`` tenso
 - :func:`fused_linear_select`: entropies then selection in one call.
 
 Definitions: ``logits = input @ weight.T + bias`` formed in float32 (float64 for float64 inputs) and never rounded to
-the input dtype; ``entropy = -sum_v p_v log p_v`` (nats) with ``p = softmax(logits / temperature)``; ``argmax`` of
-the untempered logits with ``torch.argmax``'s rules (ties to the lowest index, a NaN wins).  None of the outputs
-carries a gradient.
+the input dtype; ``z = softcap * tanh(logit_scale * logits / softcap)`` the logits after the model's logit scale and
+final-logit softcapping (``z = logit_scale * logits`` without a softcap; ``z = logits`` by default);
+``entropy = -sum_v p_v log p_v`` (nats) with ``p = softmax(z / temperature)``; ``argmax`` of the untempered logits
+with ``torch.argmax``'s rules (ties to the lowest index, a NaN wins), which neither the temperature nor the (strictly
+increasing) scale and softcap move.  None of the outputs carries a gradient.
 """
 from __future__ import annotations
 
@@ -32,6 +34,12 @@ _BACKEND_DOC = """
         Triton path (cuBLAS logits, then row-per-program passes), kept as a reference for the benchmarks.
     workspace_bytes: bound on the chunk of logits held at once (default 512 MiB or ``KIDKERNELS_WORKSPACE_MB``);
         memory is this plus the O(N) outputs, whatever N is.
+"""
+
+_TRANSFORM_DOC = """
+    logit_scale: the model's multiplier of its logits (Cohere's ``logit_scale``), a finite number > 0. Default 1.
+    softcap: the model's final-logit softcapping (Gemma 2/3's ``final_logit_softcapping``), applied after the scale
+        and before the temperature in float32; a finite number > 0, or None (default): off.
 """
 
 _SELECTION_DOC = """
@@ -114,24 +122,30 @@ def _prepare_linear(input, weight, bias):
     return x, weight.contiguous(), leading_shape
 
 
-def _linear_stats(input, weight, bias, *, temperature, statistic, backend, workspace_bytes):
+def _linear_stats(input, weight, bias, *, temperature, statistic, backend, workspace_bytes, transform):
     x, weight, leading_shape = _prepare_linear(input, weight, bias)
     bias = bias.detach() if bias is not None else None
     backend = resolve_backend(backend, x.device, x.dtype)
     workspace_bytes = workspace_budget(workspace_bytes)
     if statistic == "entropy":
         out = torch.ops.kidkernels.linear_entropy(x.detach(), weight.detach(), bias, 1.0 / temperature, backend,
-                                                  workspace_bytes)
+                                                  workspace_bytes, *transform)
     else:
         out = torch.ops.kidkernels.linear_argmax(x.detach(), weight.detach(), bias, backend, workspace_bytes)
     return out.reshape(leading_shape)
 
 
+def _check_transform(logit_scale, softcap) -> tuple[float, float | None]:
+    return check.check_logit_transform("logit_scale", logit_scale, "softcap", softcap)
+
+
 def fused_linear_entropy(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                          temperature: float = 1.0, backend: str | None = None,
-                         workspace_bytes: int | None = None) -> torch.Tensor:
-    """Entropy (nats) of ``softmax((input @ weight.T + bias) / temperature)`` for each row, in one pass over the
-    vocabulary per row (running max and rescaled sums), without the ``[N, V]`` logits.
+                         workspace_bytes: int | None = None, logit_scale: float = 1.0,
+                         softcap: float | None = None) -> torch.Tensor:
+    """Entropy (nats) of ``softmax(z / temperature)``, ``z`` the logits ``input @ weight.T + bias`` after the
+    model's ``logit_scale`` and ``softcap``, for each row, in one pass over the vocabulary per row (running max and
+    rescaled sums), without the ``[N, V]`` logits.
 
     input: ``[..., H]`` hidden states (float32, bfloat16, float16 or float64), leading dims flattened to N rows.
     weight: ``[V, H]`` lm_head weight of the same dtype; bias: ``[V]`` of any float dtype, or None.
@@ -139,20 +153,26 @@ def fused_linear_entropy(input: torch.Tensor, weight: torch.Tensor, bias: torch.
     Returns ``[...]`` (the input's leading shape; ``[N]`` for 2-D input) float32 (float64 for float64 inputs).
     """
     temperature = _check_temperature(temperature)
+    transform = _check_transform(logit_scale, softcap)
     return _linear_stats(input, weight, bias, temperature=temperature, statistic="entropy", backend=backend,
-                         workspace_bytes=workspace_bytes)
+                         workspace_bytes=workspace_bytes, transform=transform)
 
 
 def fused_linear_argmax(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-                        backend: str | None = None, workspace_bytes: int | None = None) -> torch.Tensor:
+                        backend: str | None = None, workspace_bytes: int | None = None, logit_scale: float = 1.0,
+                        softcap: float | None = None) -> torch.Tensor:
     """Index of the largest logit of ``input @ weight.T + bias`` for each row (the greedy next token), without the
     ``[N, V]`` logits.  Ties go to the lowest index and a NaN logit counts as the largest, as in ``torch.argmax``.
 
     input: ``[..., H]``; weight: ``[V, H]`` of the same dtype; bias: ``[V]`` or None.
+    logit_scale, softcap: validated as for :func:`fused_linear_entropy`, and taken so that one set of model options
+        fits every call; they never change the result (a positive scale and a softcap are strictly increasing, so
+        the argmax is that of the raw logits, computed exactly even where a float32 softcap would saturate to ties).
     Returns ``[...]`` (the input's leading shape) int64.
     """
+    transform = _check_transform(logit_scale, softcap)
     return _linear_stats(input, weight, bias, temperature=1.0, statistic="argmax", backend=backend,
-                         workspace_bytes=workspace_bytes)
+                         workspace_bytes=workspace_bytes, transform=transform)
 
 
 def select_positions(valid: torch.Tensor, alpha: float, strategy: str, *, scores: torch.Tensor | None = None,
@@ -179,14 +199,15 @@ def select_positions(valid: torch.Tensor, alpha: float, strategy: str, *, scores
 def fused_linear_select(input: torch.Tensor, weight: torch.Tensor, valid: torch.Tensor, alpha: float,
                         strategy: str, bias: torch.Tensor | None = None, *, temperature: float = 1.0,
                         generator: torch.Generator | None = None, backend: str | None = None,
-                        workspace_bytes: int | None = None) -> torch.Tensor:
+                        workspace_bytes: int | None = None, logit_scale: float = 1.0,
+                        softcap: float | None = None) -> torch.Tensor:
     """KID's selection stage in one call: bool ``[B, T]`` mask of the positions to mask.
 
     input: ``[B, T, H]`` student hidden states whose next-token distributions score the positions of ``valid``
     (bool ``[B, T]``); weight ``[V, H]``, bias ``[V]``: the student's lm_head.  For "hard" and "easy" this is
     ``select_positions(valid, alpha, strategy, scores=fused_linear_entropy(input, weight, bias,
-    temperature=temperature))``; for "random" and "uniform" neither ``input`` nor ``weight`` is read (only their
-    shapes, dtypes and devices are checked).
+    temperature=temperature, logit_scale=logit_scale, softcap=softcap))``; for "random" and "uniform" neither
+    ``input`` nor ``weight`` is read (only their shapes, dtypes and devices are checked).
 
     The entropy is computed for all ``B x T`` rows, valid or not (compacting the valid rows would need their count on
     the host): pass the hidden states of the answer span only, not of the prompt, to keep the matmul small.
@@ -195,6 +216,7 @@ def fused_linear_select(input: torch.Tensor, weight: torch.Tensor, valid: torch.
     alpha = _check_alpha(alpha)
     strategy = _check_strategy(strategy)
     temperature = _check_temperature(temperature)
+    _check_transform(logit_scale, softcap)
     check.check_float_tensor("input", input)
     if input.dim() != 3:
         raise ValueError(f"input must be 3-D [B, T, H], got shape {tuple(input.shape)}")
@@ -211,11 +233,11 @@ def fused_linear_select(input: torch.Tensor, weight: torch.Tensor, valid: torch.
     scores = None
     if strategy in ("hard", "easy"):
         scores = fused_linear_entropy(input, weight, bias, temperature=temperature, backend=backend,
-                                      workspace_bytes=workspace_bytes)
+                                      workspace_bytes=workspace_bytes, logit_scale=logit_scale, softcap=softcap)
     return select_positions_mask(valid, alpha, strategy, scores, generator)
 
 
-fused_linear_entropy.__doc__ += _BACKEND_DOC
+fused_linear_entropy.__doc__ += _TRANSFORM_DOC + _BACKEND_DOC
 fused_linear_argmax.__doc__ += _BACKEND_DOC
 select_positions.__doc__ += _SELECTION_DOC
-fused_linear_select.__doc__ += _SELECTION_DOC + _BACKEND_DOC
+fused_linear_select.__doc__ += _SELECTION_DOC + _TRANSFORM_DOC + _BACKEND_DOC

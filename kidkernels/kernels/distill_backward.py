@@ -13,12 +13,18 @@ The column of the student's largest logit (TOP) is written last, as minus the su
 term sums to 0 over the row, and where the student is confident its largest element is the small difference of terms
 close to 1 (``q_top - p_top``, ``softmax_top - 1``, ...) that the per-element formula would lose in float32.  At T = 1
 the MLE term's softmax is the divergence's q: one exponential per element, not two.
+
+With a logit scale or softcap (``S_HAS_SCALE``, ``S_HAS_SOFTCAP``) the formula above is the gradient ``dz_j`` with
+respect to the *transformed* logits ``z`` (``logit_transform.py``), and the stored gradient is ``dz_j * dz_j/ds_j``.
+The factor differs from column to column, so the trick is applied to ``dz`` (whose row sums to 0), not to the stored
+values: the other columns' ``dz`` are summed, and TOP gets ``-sum * dz_top/ds_top`` from its own raw logit.
 """
 import triton
 import triton.language as tl
 
 from .distill_forward import CENTER, CENTER_2, LSE_CE, TOP, load_log_normalisers
 from .divergence import divergence_grad
+from .logit_transform import transform_logits, transform_logits_and_slope
 
 
 @triton.jit
@@ -26,8 +32,10 @@ def distill_grad_kernel(
     s_ptr, s_row_stride, t_ptr, t_row_stride, target_ptr, stats_ptr, stat_stride,
     row_weight_ptr, row_weight_stride, grad_ptr, grad_row_stride,
     V, inv_temp, beta, log_beta, log_one_minus_beta, kd_scale, mle_weight, ignore_index,
+    s_scale, s_softcap, t_scale, t_softcap,
     DIVERGENCE: tl.constexpr, HAS_TARGET: tl.constexpr, HAS_MLE: tl.constexpr, HAS_ROW_WEIGHT: tl.constexpr,
-    HAS_TEACHER: tl.constexpr, SEPARATE_CE_LSE: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_TEACHER: tl.constexpr, SEPARATE_CE_LSE: tl.constexpr, S_HAS_SCALE: tl.constexpr,
+    S_HAS_SOFTCAP: tl.constexpr, T_HAS_SCALE: tl.constexpr, T_HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     g_row = grad_ptr + row * grad_row_stride
@@ -54,13 +62,15 @@ def distill_grad_kernel(
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
             mask = cols < V
-            s = tl.load(s_row + cols, mask=mask, other=0.0).to(tl.float32)
+            s, slope = transform_logits_and_slope(tl.load(s_row + cols, mask=mask, other=0.0).to(tl.float32),
+                                                  s_scale, s_softcap, S_HAS_SCALE, S_HAS_SOFTCAP)
             a = s * inv_temp
             logq = (a - m_s) - logz_s
             q = tl.exp(logq)
             g = tl.zeros([BLOCK_V], dtype=tl.float32)
             if HAS_TEACHER:
-                b = tl.load(t_row + cols, mask=mask, other=0.0).to(tl.float32) * inv_temp
+                b = transform_logits(tl.load(t_row + cols, mask=mask, other=0.0).to(tl.float32), t_scale, t_softcap,
+                                     T_HAS_SCALE, T_HAS_SOFTCAP) * inv_temp
                 g = kd_scale * divergence_grad(a, b, logq, (b - m_t) - logz_t, q, center, center_2, beta, log_beta,
                                                log_one_minus_beta, DIVERGENCE)
             if HAS_MLE:
@@ -70,9 +80,13 @@ def distill_grad_kernel(
                 g += mle_weight * (softmax - tl.where(cols == tgt, 1.0, 0.0))
             g = w * g
             rest_lanes = mask & (cols != top)
-            tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=rest_lanes)
+            tl.store(g_row + cols, (g * slope).to(grad_ptr.dtype.element_ty), mask=rest_lanes)
             rest += tl.sum(tl.where(rest_lanes, g, 0.0), axis=0)
-        tl.store(g_row + top, (-rest).to(grad_ptr.dtype.element_ty))
+        top_slope = 1.0
+        if S_HAS_SCALE or S_HAS_SOFTCAP:
+            _, top_slope = transform_logits_and_slope(tl.load(s_row + top).to(tl.float32), s_scale, s_softcap,
+                                                      S_HAS_SCALE, S_HAS_SOFTCAP)
+        tl.store(g_row + top, (-rest * top_slope).to(grad_ptr.dtype.element_ty))
     else:
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)

@@ -10,6 +10,11 @@ Row statistics live in a ``[NUM_STATS, rows]`` float32 array laid out as :mod:`.
 * :func:`distill_value_kernel` (JSD and TVD only): a second pass, which needs the final log-sum-exps to form each
   element's mixture or ``|p - q|``, for the divergence and its centers.
 
+Each model's logits are read through its logit scale and softcap (``logit_transform.transform_logits``; the ``S_*``
+and ``T_*`` flags compile it out when unused): ``s`` and ``t`` below are the transformed logits, tempered for the
+divergence, untempered for the cross-entropy.  TOP is the column of the largest *raw* student logit (the transform is
+increasing; a saturated cap could only tie it).
+
 Rows whose target is ``ignore_index`` are not swept: their statistics are written as 0.  ``HAS_TEACHER=False`` (the
 cross-entropy alone) compiles the teacher out: its pointer is never read and MAX_TEACHER, LOGZ_TEACHER are not
 written.
@@ -19,6 +24,7 @@ import triton.language as tl
 
 from . import stats_layout as layout
 from .divergence import FKL, RKL, TVD, divergence_terms
+from .logit_transform import transform_logits
 from .online_softmax import (
     finish_kl,
     finish_lse,
@@ -58,9 +64,10 @@ def load_log_normalisers(stats_ptr, stat_stride, row, HAS_TEACHER: tl.constexpr)
 @triton.jit
 def distill_stats_kernel(
     s_ptr, s_row_stride, t_ptr, t_row_stride, target_ptr, stats_ptr, stat_stride,
-    V, inv_temp, ignore_index,
+    V, inv_temp, ignore_index, s_scale, s_softcap, t_scale, t_softcap,
     DIVERGENCE: tl.constexpr, HAS_TEACHER: tl.constexpr, HAS_TARGET: tl.constexpr,
-    SEPARATE_CE_LSE: tl.constexpr, BLOCK_V: tl.constexpr,
+    SEPARATE_CE_LSE: tl.constexpr, S_HAS_SCALE: tl.constexpr, S_HAS_SOFTCAP: tl.constexpr,
+    T_HAS_SCALE: tl.constexpr, T_HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """MAX_*, LOGZ_*, LSE_CE, TOP and CE of one row; KD, CENTER and CENTER_2 as well for FKL, RKL and the
     cross-entropy alone."""
@@ -86,10 +93,17 @@ def distill_stats_kernel(
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
             mask = cols < V
-            s = tl.load(s_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+            raw = tl.load(s_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+            s = raw
+            if S_HAS_SCALE or S_HAS_SOFTCAP:  # lanes outside the row stay -inf (a softcap maps -inf to -softcap)
+                s = tl.where(mask, transform_logits(raw, s_scale, s_softcap, S_HAS_SCALE, S_HAS_SOFTCAP), float("-inf"))
             a = s * inv_temp
             if HAS_TEACHER:
-                b = tl.load(t_row + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
+                t = tl.load(t_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+                if T_HAS_SCALE or T_HAS_SOFTCAP:
+                    t = tl.where(mask, transform_logits(t, t_scale, t_softcap, T_HAS_SCALE, T_HAS_SOFTCAP),
+                                 float("-inf"))
+                b = t * inv_temp
                 if DIVERGENCE == RKL:
                     m_s, z_s, m_t, z_t, kl = online_kl_update(m_s, z_s, m_t, z_t, kl, a, b)
                 elif DIVERGENCE == FKL:
@@ -101,7 +115,7 @@ def distill_stats_kernel(
                 m_s, z_s = online_lse_update(m_s, z_s, a)
             if SEPARATE_CE_LSE:
                 m_c, z_c = online_lse_update(m_c, z_c, s)
-            best, top = online_argmax_update(best, top, s, cols)
+            best, top = online_argmax_update(best, top, raw, cols)
         lse_c = finish_lse(m_s, z_s)
         if SEPARATE_CE_LSE:
             lse_c = finish_lse(m_c, z_c)
@@ -131,7 +145,8 @@ def distill_stats_kernel(
         ce = 0.0
         if HAS_TARGET:
             in_range = (tgt >= 0) & (tgt < V)
-            s_tgt = tl.load(s_row + tgt, mask=in_range, other=0.0).to(tl.float32)
+            s_tgt = transform_logits(tl.load(s_row + tgt, mask=in_range, other=0.0).to(tl.float32), s_scale,
+                                     s_softcap, S_HAS_SCALE, S_HAS_SOFTCAP)
             # An out-of-range target is caught by validation; should one reach the kernel, the row is NaN, not 0.
             ce = tl.where(in_range, lse_c - s_tgt, float("nan"))
         tl.store(stats_ptr + CE * stat_stride + row, ce)
@@ -143,8 +158,9 @@ def distill_stats_kernel(
 @triton.jit
 def distill_value_kernel(
     s_ptr, s_row_stride, t_ptr, t_row_stride, target_ptr, stats_ptr, stat_stride,
-    V, inv_temp, beta, log_beta, log_one_minus_beta, ignore_index,
-    DIVERGENCE: tl.constexpr, HAS_TARGET: tl.constexpr, BLOCK_V: tl.constexpr,
+    V, inv_temp, beta, log_beta, log_one_minus_beta, ignore_index, s_scale, s_softcap, t_scale, t_softcap,
+    DIVERGENCE: tl.constexpr, HAS_TARGET: tl.constexpr, S_HAS_SCALE: tl.constexpr, S_HAS_SOFTCAP: tl.constexpr,
+    T_HAS_SCALE: tl.constexpr, T_HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """KD, CENTER and CENTER_2 of one row for JSD and TVD, from the log-sum-exps of :func:`distill_stats_kernel`."""
     row = tl.program_id(0).to(tl.int64)
@@ -161,8 +177,10 @@ def distill_value_kernel(
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
             mask = cols < V
-            s = tl.load(s_row + cols, mask=mask, other=0.0).to(tl.float32)
-            t = tl.load(t_row + cols, mask=mask, other=0.0).to(tl.float32)
+            s = transform_logits(tl.load(s_row + cols, mask=mask, other=0.0).to(tl.float32), s_scale, s_softcap,
+                                 S_HAS_SCALE, S_HAS_SOFTCAP)
+            t = transform_logits(tl.load(t_row + cols, mask=mask, other=0.0).to(tl.float32), t_scale, t_softcap,
+                                 T_HAS_SCALE, T_HAS_SOFTCAP)
             logq = (s * inv_temp - m_s) - logz_s
             logp = (t * inv_temp - m_t) - logz_t
             value, c1, c2 = divergence_terms(logq, logp, tl.exp(logq), tl.exp(logp), beta, log_beta,

@@ -1,6 +1,8 @@
 """Validated, hashable options of a distillation loss call, as the dispatch layer sees them.
 
 The cross-entropy alone (supervised fine-tuning) is the same loss with no teacher: :meth:`DistillConfig.cross_entropy`.
+Each model's logits may first go through a :class:`LogitTransform` (a logit scale, then final-logit softcapping), as
+Cohere and Gemma 2/3 models apply it to their logits before the softmax.
 """
 from __future__ import annotations
 
@@ -29,6 +31,43 @@ REDUCTIONS = ("mean", "sum", "none")
 
 
 @dataclass(frozen=True)
+class LogitTransform:
+    """The per-element map a model applies to its raw logits ``x = h @ W.T + b`` before any softmax, in the compute
+    dtype::
+
+        z = softcap * tanh(scale * x / softcap)      (softcap None: z = scale * x)
+
+    in that order (TRL's and Hugging Face's: the scale first, then the cap), and *before* the temperature of the
+    divergence (which then reads ``z / T``) and the cross-entropy (which reads ``z``).  ``scale`` > 0 (Cohere's
+    ``logit_scale``), ``softcap`` > 0 or None (Gemma's ``final_logit_softcapping``); both finite, validated by the
+    public API.  The value and the derivative ``dz/dx`` live in one place per backend: ``kernels/logit_transform.py``
+    (Triton) and ``ops/logit_transform.py`` (PyTorch).  Being strictly increasing, it never moves an argmax.
+    """
+    scale: float = 1.0
+    softcap: float | None = None
+
+    @property
+    def identity(self) -> bool:
+        return self.scale == 1.0 and self.softcap is None
+
+    @property
+    def has_scale(self) -> bool:
+        return self.scale != 1.0
+
+    @property
+    def has_softcap(self) -> bool:
+        return self.softcap is not None
+
+    @property
+    def softcap_value(self) -> float:
+        """The cap as a float for a kernel argument (1.0, unused, without one)."""
+        return self.softcap if self.softcap is not None else 1.0
+
+
+IDENTITY = LogitTransform()
+
+
+@dataclass(frozen=True)
 class DistillConfig:
     divergence: str
     beta: float
@@ -40,16 +79,31 @@ class DistillConfig:
     # False: no teacher logits at all (the MLE term alone); the kernels skip the teacher log-sum-exp and the divergence
     # (KD and the centers are 0, the teacher rows are not written).  Needs a target and kd_weight == 0.
     has_teacher: bool = True
+    # Each model's logit scale and softcap, applied to its logits before the temperature (see LogitTransform and the
+    # properties below; plain numbers here, so that torch.compile traces a DistillConfig built by the public API).
+    student_logit_scale: float = 1.0
+    student_softcap: float | None = None
+    teacher_logit_scale: float = 1.0
+    teacher_softcap: float | None = None
 
     def __post_init__(self):
         if not self.has_teacher and (not self.has_target or self.kd_weight != 0.0):
             raise ValueError("a loss without a teacher is the MLE term alone: it needs a target and kd_weight=0")
 
     @classmethod
-    def cross_entropy(cls, ignore_index: int) -> DistillConfig:
-        """The cross-entropy of the (untempered) student logits alone: mle_weight 1, no teacher, no divergence (the
-        divergence fields are placeholders that nothing reads)."""
-        return cls("fkl", 0.5, 1.0, 0.0, 1.0, ignore_index, True, has_teacher=False)
+    def cross_entropy(cls, ignore_index: int, logit_scale: float = 1.0, softcap: float | None = None) -> DistillConfig:
+        """The cross-entropy of the (untempered, scaled and capped) student logits alone: mle_weight 1, no teacher, no
+        divergence (the divergence fields are placeholders that nothing reads)."""
+        return cls("fkl", 0.5, 1.0, 0.0, 1.0, ignore_index, True, has_teacher=False, student_logit_scale=logit_scale,
+                   student_softcap=softcap)
+
+    @property
+    def student_transform(self) -> LogitTransform:
+        return LogitTransform(self.student_logit_scale, self.student_softcap)
+
+    @property
+    def teacher_transform(self) -> LogitTransform:
+        return LogitTransform(self.teacher_logit_scale, self.teacher_softcap)
 
     @property
     def effective_divergence(self) -> str:

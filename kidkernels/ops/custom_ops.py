@@ -11,9 +11,11 @@ shapes and dtypes, and (for the losses) a backward registered with ``register_au
     kidkernels::linear_entropy            entropies of the rows of x @ w.T + b
     kidkernels::linear_argmax             argmaxes of the rows of x @ w.T + b
 
-The loss options travel as scalar arguments.  ``linear_distill`` returns, for "mean" and "sum", the gradients it
-formed during the forward pass (already divided by the mean's denominator; empty ``[0]`` tensors where none is asked
-for); its first backward hands them out scaled by the upstream gradient, in place (see :func:`_backward_linear`).
+The loss options travel as scalar arguments; each model's logit scale and softcap (:class:`.config.LogitTransform`)
+are the last four, with defaults (identity), so that a caller that does not use them need not name them.
+``linear_distill`` returns, for "mean" and "sum", the gradients it formed during the forward pass (already divided by
+the mean's denominator; empty ``[0]`` tensors where none is asked for); its first backward hands them out scaled by
+the upstream gradient, in place (see :func:`_backward_linear`).
 
 Inside an op, autocast is off (``gemm.without_autocast``): its products keep the dtypes chosen by :mod:`.gemm`.  No op
 reads a tensor value on the host, except the range check of a CPU target (there is no device to wait for).
@@ -26,7 +28,7 @@ import torch
 from torch import Tensor
 
 from . import distill as dispatch
-from .config import NUM_STATS, DistillConfig
+from .config import NUM_STATS, DistillConfig, LogitTransform
 from .distill import DispatchOptions, mean_denominator, reduce_rows, weight_grad_dtype
 from .gemm import compute_dtype
 from .selection import linear_row_statistic
@@ -67,10 +69,13 @@ def check_target_range(target: Tensor, vocab: int, ignore_index: int) -> None:
 
 
 def _distill_config(divergence, beta, temperature, kd_weight, mle_weight, ignore_index, has_target,
-                    has_teacher) -> DistillConfig:
-    """The :class:`DistillConfig` of an op's scalar arguments (already validated by the public API)."""
+                    has_teacher, transforms=(1.0, None, 1.0, None)) -> DistillConfig:
+    """The :class:`DistillConfig` of an op's scalar arguments (already validated by the public API); ``transforms``
+    is ``(student_logit_scale, student_softcap, teacher_logit_scale, teacher_softcap)``."""
+    s_scale, s_softcap, t_scale, t_softcap = transforms
     return DistillConfig(divergence, beta, temperature, kd_weight, mle_weight, ignore_index, has_target,
-                         has_teacher=has_teacher)
+                         has_teacher=has_teacher, student_logit_scale=s_scale, student_softcap=s_softcap,
+                         teacher_logit_scale=t_scale, teacher_softcap=t_softcap)
 
 
 def _or_empty(tensor: Tensor | None, like: Tensor, dtype: torch.dtype) -> Tensor:
@@ -104,12 +109,14 @@ def linear_distill(
     divergence: str, beta: float, temperature: float, kd_weight: float, mle_weight: float, ignore_index: int,
     vocab: int, reduction: str, backend: str, workspace_bytes: int, weight_grad_fp32: bool,
     grad_input: bool, grad_weight: bool, grad_bias: bool,
+    student_logit_scale: float = 1.0, student_softcap: Optional[float] = None, teacher_logit_scale: float = 1.0,
+    teacher_softcap: Optional[float] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The loss from hidden states: ``(loss, kd, ce, dx, dw, db)``; ``xt``, ``wt``, ``bt`` None for the
     cross-entropy alone.  Shapes as :func:`.distill.linear_distill_chunks`; dx, dw, db are formed only for "mean" and
     "sum" and when their flag is set (else ``[0]``)."""
     cfg = _distill_config(divergence, beta, temperature, kd_weight, mle_weight, ignore_index, target is not None,
-                  xt is not None)
+                          xt is not None, (student_logit_scale, student_softcap, teacher_logit_scale, teacher_softcap))
     opts = DispatchOptions(reduction, backend, workspace_bytes, weight_grad_fp32)
     if target is not None:
         check_target_range(target, vocab, ignore_index)
@@ -128,7 +135,8 @@ def linear_distill(
 @linear_distill.register_fake
 def _(xs, ws, bs, xt, wt, bt, target, normalizer, normalizer_value, divergence, beta, temperature, kd_weight,
       mle_weight, ignore_index, vocab, reduction, backend, workspace_bytes, weight_grad_fp32, grad_input,
-      grad_weight, grad_bias):
+      grad_weight, grad_bias, student_logit_scale=1.0, student_softcap=None, teacher_logit_scale=1.0,
+      teacher_softcap=None):
     cdt = compute_dtype(xs.dtype)
     shape = (xs.shape[0],) if reduction == "none" else ()
     eager = reduction != "none"
@@ -146,11 +154,13 @@ def linear_distill_backward(
     divergence: str, beta: float, temperature: float, kd_weight: float, mle_weight: float, ignore_index: int,
     vocab: int, backend: str, workspace_bytes: int, weight_grad_fp32: bool,
     grad_input: bool, grad_weight: bool, grad_bias: bool,
+    student_logit_scale: float = 1.0, student_softcap: Optional[float] = None, teacher_logit_scale: float = 1.0,
+    teacher_softcap: Optional[float] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of ``sum_i row_weight_i * row_loss_i`` (the "none" reduction's backward, which recomputes the logits),
     in the dtypes of ``xs``, ``ws`` and ``bs`` (``[0]`` where not asked for)."""
     cfg = _distill_config(divergence, beta, temperature, kd_weight, mle_weight, ignore_index, target is not None,
-                  xt is not None)
+                          xt is not None, (student_logit_scale, student_softcap, teacher_logit_scale, teacher_softcap))
     opts = DispatchOptions("none", backend, workspace_bytes, weight_grad_fp32)
     grad_bias = grad_bias and bs is not None
     _, dx, dw, db = dispatch.linear_distill_chunks(
@@ -162,7 +172,8 @@ def linear_distill_backward(
 
 @linear_distill_backward.register_fake
 def _(xs, ws, bs, xt, wt, bt, target, row_weight, divergence, beta, temperature, kd_weight, mle_weight, ignore_index,
-      vocab, backend, workspace_bytes, weight_grad_fp32, grad_input, grad_weight, grad_bias):
+      vocab, backend, workspace_bytes, weight_grad_fp32, grad_input, grad_weight, grad_bias, student_logit_scale=1.0,
+      student_softcap=None, teacher_logit_scale=1.0, teacher_softcap=None):
     return (torch.empty_like(xs) if grad_input else xs.new_empty(0),
             torch.empty_like(ws) if grad_weight else ws.new_empty(0),
             torch.empty_like(bs) if grad_bias and bs is not None else ws.new_empty(0))
@@ -189,12 +200,13 @@ def _setup_linear(ctx, inputs, output):
     "none": the inputs, to recompute with the per-row upstream gradient."""
     (xs, ws, bs, xt, wt, bt, target, normalizer, normalizer_value, divergence, beta, temperature, kd_weight,
      mle_weight, ignore_index, vocab, reduction, backend, workspace_bytes, weight_grad_fp32, grad_input,
-     grad_weight, grad_bias) = inputs
+     grad_weight, grad_bias, *transforms) = inputs
     _loss, kd, ce, dx, dw, db = output
     ctx.set_materialize_grads(False)  # no zero tensors (weight-sized for dw) for the outputs without a gradient
     ctx.mark_non_differentiable(kd, ce, dx, dw, db)
     ctx.options = (divergence, beta, temperature, kd_weight, mle_weight, ignore_index, vocab, backend,
                    workspace_bytes, weight_grad_fp32)
+    ctx.transforms = tuple(transforms)  # the logit scales and softcaps (all four: the op's call gives them all)
     ctx.flags = (grad_input, grad_weight, grad_bias and bs is not None)
     ctx.dtypes = (xs.dtype, ws.dtype, bs.dtype if bs is not None else None)
     ctx.reduction, ctx.normalizer_value = reduction, normalizer_value
@@ -226,7 +238,7 @@ def _hand_out(buffers, dtypes, scale):
 
 
 def _backward_linear(ctx, grad_loss, *_):
-    """Gradients of the loss w.r.t. ``xs``, ``ws``, ``bs`` (None for the other 20 inputs).
+    """Gradients of the loss w.r.t. ``xs``, ``ws``, ``bs`` (None for the other 24 inputs).
 
     "mean"/"sum", eager: the first backward hands out the gradients formed in the forward pass, scaled by the upstream
     gradient in place (:func:`_hand_out`), and lets go of them: they are the caller's from then on (a ``.grad`` that
@@ -236,7 +248,7 @@ def _backward_linear(ctx, grad_loss, *_):
     (``torch.compile``): the saved gradients times the upstream gradient, functionally (the compiler plans buffers).
     """
     grad_input, grad_weight, grad_bias = ctx.flags
-    tail = (None,) * 20
+    tail = (None,) * (20 + len(ctx.transforms))
     if grad_loss is None:
         return (None, None, None) + tail
     x_dtype, w_dtype, b_dtype = ctx.dtypes
@@ -254,7 +266,7 @@ def _backward_linear(ctx, grad_loss, *_):
     # "none", or a second backward of "mean"/"sum": recomputed with the upstream gradient as row weight
     row_weight = _backward_row_weight(ctx, grad_loss, target, normalizer, xs.shape[0], scale.dtype, xt is not None)
     gx, gw, gb = torch.ops.kidkernels.linear_distill_backward(
-        xs, ws, bs, xt, wt, bt, target, row_weight, *ctx.options, grad_input, grad_weight, grad_bias)
+        xs, ws, bs, xt, wt, bt, target, row_weight, *ctx.options, grad_input, grad_weight, grad_bias, *ctx.transforms)
     return (gx if grad_input else None, gw if grad_weight else None, gb if grad_bias else None) + tail
 
 
@@ -268,10 +280,12 @@ def distill_logits(
     student: Tensor, teacher: Tensor, target: Optional[Tensor], normalizer: Optional[Tensor],
     normalizer_value: Optional[float], divergence: str, beta: float, temperature: float, kd_weight: float,
     mle_weight: float, ignore_index: int, vocab: int, reduction: str, backend: str, workspace_bytes: int,
+    student_logit_scale: float = 1.0, student_softcap: Optional[float] = None, teacher_logit_scale: float = 1.0,
+    teacher_softcap: Optional[float] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The loss from logits ``[N, V_s]`` and ``[N, V_t]`` (the first ``vocab`` columns): ``(loss, kd, ce, stats)``."""
     cfg = _distill_config(divergence, beta, temperature, kd_weight, mle_weight, ignore_index, target is not None,
-                          True)
+                          True, (student_logit_scale, student_softcap, teacher_logit_scale, teacher_softcap))
     opts = DispatchOptions(reduction, backend, workspace_bytes)
     if target is not None:
         check_target_range(target, vocab, ignore_index)
@@ -284,7 +298,8 @@ def distill_logits(
 
 @distill_logits.register_fake
 def _(student, teacher, target, normalizer, normalizer_value, divergence, beta, temperature, kd_weight, mle_weight,
-      ignore_index, vocab, reduction, backend, workspace_bytes):
+      ignore_index, vocab, reduction, backend, workspace_bytes, student_logit_scale=1.0, student_softcap=None,
+      teacher_logit_scale=1.0, teacher_softcap=None):
     cdt = compute_dtype(student.dtype)
     shape = (student.shape[0],) if reduction == "none" else ()
     return (*(student.new_empty(shape, dtype=cdt) for _ in range(3)),
@@ -296,10 +311,12 @@ def distill_logits_backward(
     student: Tensor, teacher: Tensor, target: Optional[Tensor], stats: Tensor, row_weight: Tensor,
     divergence: str, beta: float, temperature: float, kd_weight: float, mle_weight: float, ignore_index: int,
     vocab: int, backend: str, workspace_bytes: int,
+    student_logit_scale: float = 1.0, student_softcap: Optional[float] = None, teacher_logit_scale: float = 1.0,
+    teacher_softcap: Optional[float] = None,
 ) -> Tensor:
     """The gradient ``[N, V_s]`` (student dtype) of ``sum_i row_weight_i * row_loss_i`` w.r.t. the student logits."""
     cfg = _distill_config(divergence, beta, temperature, kd_weight, mle_weight, ignore_index, target is not None,
-                          True)
+                          True, (student_logit_scale, student_softcap, teacher_logit_scale, teacher_softcap))
     grad = torch.empty_like(student)
     dispatch.logits_distill_chunks(student, teacher, target, cfg, DispatchOptions("none", backend, workspace_bytes),
                                    vocab=vocab, stats=stats, row_weight=row_weight, grad_out=grad)
@@ -308,24 +325,26 @@ def distill_logits_backward(
 
 @distill_logits_backward.register_fake
 def _(student, teacher, target, stats, row_weight, divergence, beta, temperature, kd_weight, mle_weight,
-      ignore_index, vocab, backend, workspace_bytes):
+      ignore_index, vocab, backend, workspace_bytes, student_logit_scale=1.0, student_softcap=None,
+      teacher_logit_scale=1.0, teacher_softcap=None):
     return torch.empty_like(student)
 
 
 def _setup_logits(ctx, inputs, output):
     (student, teacher, target, normalizer, normalizer_value, divergence, beta, temperature, kd_weight, mle_weight,
-     ignore_index, vocab, reduction, backend, workspace_bytes) = inputs
+     ignore_index, vocab, reduction, backend, workspace_bytes, *transforms) = inputs
     _loss, kd, ce, stats = output
     ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(kd, ce, stats)
     ctx.options = (divergence, beta, temperature, kd_weight, mle_weight, ignore_index, vocab, backend,
-                   workspace_bytes)
+                   workspace_bytes, *transforms)
+    ctx.n_inputs = len(inputs)
     ctx.reduction, ctx.normalizer_value = reduction, normalizer_value
     ctx.save_for_backward(student, teacher, target, stats, normalizer)
 
 
 def _backward_logits(ctx, grad_loss, *_):
-    tail = (None,) * 14
+    tail = (None,) * (ctx.n_inputs - 1)
     if grad_loss is None:
         return (None,) + tail
     student, teacher, target, stats, normalizer = ctx.saved_tensors
@@ -341,14 +360,15 @@ distill_logits.register_autograd(_backward_logits, setup_context=_setup_logits)
 
 @_custom_op("kidkernels::linear_entropy")
 def linear_entropy(x: Tensor, weight: Tensor, bias: Optional[Tensor], inv_temp: float, backend: str,
-                   workspace_bytes: int) -> Tensor:
-    """``[N]`` entropies (compute dtype) of softmax((x @ weight.T + bias) * inv_temp)."""
+                   workspace_bytes: int, logit_scale: float = 1.0, softcap: Optional[float] = None) -> Tensor:
+    """``[N]`` entropies (compute dtype) of softmax(z * inv_temp), ``z = softcap * tanh(logit_scale * (x @ weight.T +
+    bias) / softcap)`` (without a softcap: ``logit_scale * (x @ weight.T + bias)``)."""
     return linear_row_statistic(x, weight, bias, statistic="entropy", inv_temp=inv_temp, backend=backend,
-                                workspace_bytes=workspace_bytes)
+                                workspace_bytes=workspace_bytes, transform=LogitTransform(logit_scale, softcap))
 
 
 @linear_entropy.register_fake
-def _(x, weight, bias, inv_temp, backend, workspace_bytes):
+def _(x, weight, bias, inv_temp, backend, workspace_bytes, logit_scale=1.0, softcap=None):
     return x.new_empty(x.shape[0], dtype=compute_dtype(x.dtype))
 
 

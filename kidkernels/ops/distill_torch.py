@@ -3,7 +3,9 @@
 Each function takes one chunk of logits (``[rows, V]``) and fills the rows of the statistics array exactly as the
 kernels do (the same formulas: see ``kernels/divergence.py``), so the dispatch layer can call either backend.
 Temporaries are a handful of ``[rows, V]`` tensors in the compute dtype; :data:`TEMPORARIES_PER_ELEMENT` tells the
-chunk sizer how many.
+chunk sizer how many.  Each model's logits are read through its logit scale and softcap (``cfg.*_transform``,
+:mod:`.logit_transform`) first; the student's gradient is formed with respect to the transformed logits and multiplied
+by ``dz/dx`` column by column at the end.
 """
 from __future__ import annotations
 
@@ -24,14 +26,20 @@ from .config import (
     DistillConfig,
 )
 from .gemm import compute_dtype
+from .logit_transform import transform_logits, transform_slope
 
 # Peak number of [rows, V] compute-dtype temporaries alive at once in these functions (incl. the logits upcasts).
 TEMPORARIES_PER_ELEMENT = 8
 
 
+def _transformed(logits, transform):
+    """The model's logits after its scale and softcap (``cfg.*_transform``), in the compute dtype."""
+    return transform_logits(logits.to(compute_dtype(logits.dtype)), transform)
+
+
 def _tempered(logits, cfg: DistillConfig):
-    x = logits.to(compute_dtype(logits.dtype))
-    return x if cfg.temperature == 1.0 else x * cfg.inv_temp
+    """``z / T`` for transformed logits ``z`` in the compute dtype (``z`` itself at T = 1)."""
+    return logits if cfg.temperature == 1.0 else logits * cfg.inv_temp
 
 
 def _row_sum(x):
@@ -115,14 +123,17 @@ def _forward(student, teacher, target, stats, cfg: DistillConfig):
     """Fill the statistics; return ``(a, b, logq, logp, q)`` for a gradient that follows (None without a teacher:
     then KD and the centers are 0 and the teacher's rows are not written, as in the kernels)."""
     dtype = compute_dtype(student.dtype)
-    s = student.to(dtype)
+    raw = student.to(dtype)
+    # The column of the largest raw logit: the transform is increasing, and a saturated softcap would only tie it.
+    stats[TOP] = raw.argmax(dim=-1).to(dtype)
+    s = transform_logits(raw, cfg.student_transform)
+    del raw
     a = _tempered(s, cfg)
     _fill_lse(a, stats, MAX_STUDENT, LOGZ_STUDENT)
     stats[LSE_CE] = torch.logsumexp(s, dim=-1) if cfg.separate_ce_lse else stats[MAX_STUDENT] + stats[LOGZ_STUDENT]
-    stats[TOP] = s.argmax(dim=-1).to(dtype)
     terms = None
     if cfg.has_teacher:
-        b = _tempered(teacher, cfg)
+        b = _tempered(_transformed(teacher, cfg.teacher_transform), cfg)
         _fill_lse(b, stats, MAX_TEACHER, LOGZ_TEACHER)
         terms = _log_probs(a, b, stats)
         stats[KD], stats[CENTER], stats[CENTER_2] = _divergence(*terms, stats, cfg)
@@ -157,20 +168,25 @@ def _divergence_grad(terms, stats, cfg: DistillConfig):
 
 
 def _write_grad_from(terms, student, target, stats, cfg: DistillConfig, row_weight, grad_out) -> None:
+    """The gradient with respect to the transformed logits ``z``, then (a logit transform) times ``dz/dx`` per column.
+    ``terms`` is let go of as soon as it has been used, before the factor is formed."""
     dtype = compute_dtype(student.dtype)
     grad = _divergence_grad(terms, stats, cfg) if cfg.has_teacher else None
     if cfg.ce_in_grad:
         if not cfg.separate_ce_lse:  # T == 1: the MLE term's softmax is the divergence's q, in the same form
             q = terms[4] if terms is not None else \
-                _log_softmax(student.to(dtype), stats, MAX_STUDENT, LOGZ_STUDENT).exp_()
+                _log_softmax(_transformed(student, cfg.student_transform), stats, MAX_STUDENT, LOGZ_STUDENT).exp_()
             softmax = q * cfg.mle_weight
+            del q
         else:
-            softmax = (student.to(dtype) - stats[LSE_CE][:, None]).exp_().mul_(cfg.mle_weight)
+            softmax = (_transformed(student, cfg.student_transform) - stats[LSE_CE][:, None]).exp_() \
+                .mul_(cfg.mle_weight)
         grad = softmax if grad is None else grad.add_(softmax)
         del softmax
         in_range = (target >= 0) & (target < student.shape[1])
         idx = target.clamp(0, student.shape[1] - 1)[:, None]
         grad.scatter_add_(1, idx, torch.where(in_range, -cfg.mle_weight, 0.0).to(dtype)[:, None])
+    terms = None  # noqa: F841  (its [rows, V] tensors are free from here on)
     if grad is None:  # no teacher and mle_weight 0: a loss that is identically 0
         grad_out.zero_()
         return
@@ -179,11 +195,16 @@ def _write_grad_from(terms, student, target, stats, cfg: DistillConfig, row_weig
     counted = _counted(target, cfg)
     if counted is not None:  # (ignored rows' statistics are 0, so their elements may be inf or NaN until here)
         grad.masked_fill_(~counted[:, None], 0.0)
-    # The student's largest column gets minus the sum of the others (every term sums to 0 over the row): where the
-    # student is confident, its own formula is a small difference of numbers close to 1 (see distill_backward.py).
+    # The student's largest column gets minus the sum of the others (every term of d/dz sums to 0 over the row): where
+    # the student is confident, its own formula is a small difference of numbers close to 1 (see distill_backward.py).
     top = stats[TOP].to(torch.int64)[:, None]
     grad.scatter_(1, top, 0.0)
     grad.scatter_(1, top, grad.sum(-1, keepdim=True).neg_())
+    # d/dx = d/dz * dz/dx, column by column (after the trick: the factors differ between columns)
+    slope = transform_slope(student.to(dtype), cfg.student_transform)
+    if slope is not None:
+        grad.mul_(slope)
+    del slope
     grad_out.copy_(grad)
 
 
@@ -194,11 +215,12 @@ def fill_stats(student, teacher, target, stats, cfg: DistillConfig) -> None:
 
 def write_grad(student, teacher, target, stats, cfg: DistillConfig, row_weight, grad_out) -> None:
     """Write d(row loss)/d(student logits), times ``row_weight`` (``[rows]`` or None for 1), into ``grad_out``."""
-    terms = _log_probs(_tempered(student, cfg), _tempered(teacher, cfg), stats) if cfg.has_teacher else None
-    _write_grad_from(terms, student, target, stats, cfg, row_weight, grad_out)
+    _write_grad_from(_log_probs(_tempered(_transformed(student, cfg.student_transform), cfg),
+                                _tempered(_transformed(teacher, cfg.teacher_transform), cfg), stats)
+                     if cfg.has_teacher else None, student, target, stats, cfg, row_weight, grad_out)
 
 
 def fill_stats_and_grad(student, teacher, target, stats, cfg: DistillConfig, row_weight, grad_out) -> None:
     """:func:`fill_stats` then :func:`write_grad`, sharing the log-probabilities between the two."""
-    terms = _forward(student, teacher, target, stats, cfg)
-    _write_grad_from(terms, student, target, stats, cfg, row_weight, grad_out)
+    _write_grad_from(_forward(student, teacher, target, stats, cfg), student, target, stats, cfg, row_weight,
+                     grad_out)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from .config import IDENTITY, LogitTransform
 from .gemm import compute_dtype, linear_logits, without_autocast
 from .registry import backend_impl
 from .workspace import chunk_rows
@@ -23,12 +24,14 @@ STRATEGIES = ("random", "uniform", "hard", "easy")
 @torch.no_grad()
 @without_autocast
 def linear_row_statistic(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, statistic: str,
-                         inv_temp: float, backend: str, workspace_bytes: int) -> torch.Tensor:
+                         inv_temp: float, backend: str, workspace_bytes: int,
+                         transform: LogitTransform = IDENTITY) -> torch.Tensor:
     """``statistic`` ("entropy" or "argmax") of each row of ``logits = x @ weight.T + bias``.
 
     x ``[N, H]`` with unit stride along H; weight ``[V, H]`` contiguous, same dtype; bias ``[V]`` or None.
     "entropy": ``[N]`` in :func:`.gemm.compute_dtype` (float32; float64 for float64 inputs), in nats, of
-    softmax(logits * inv_temp).  "argmax": ``[N]`` int64 of the untempered logits, ties to the lowest index.
+    softmax(z * inv_temp), ``z`` the logits after the model's scale and softcap (``transform``).  "argmax": ``[N]``
+    int64 of the raw logits (which the increasing ``transform`` does not move), ties to the lowest index.
     """
     n, vocab = x.shape[0], weight.shape[0]
     impl = backend_impl("selection", backend)
@@ -43,7 +46,7 @@ def linear_row_statistic(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         r1 = min(n, r0 + step)
         logits = linear_logits(x[r0:r1], weight, bias)
         if statistic == "entropy":
-            impl.entropy(logits, inv_temp, out[r0:r1])
+            impl.entropy(logits, inv_temp, out[r0:r1], transform)
         else:
             impl.argmax(logits, out[r0:r1])
         del logits

@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import torch
 
+from .config import IDENTITY, LogitTransform
+from .logit_transform import transform_logits
+
 # Peak number of [rows, V] compute-dtype temporaries alive at once besides the logits chunk (log-probs, probs).
 TEMPORARIES_PER_ELEMENT = 2
 
 
-def entropy(logits: torch.Tensor, inv_temp: float, out: torch.Tensor) -> None:
-    """Fill ``out`` (``[rows]``) with the entropies in nats of softmax(logits * inv_temp) for float32/float64
-    ``logits`` ``[rows, V]``, which are overwritten."""
+def entropy(logits: torch.Tensor, inv_temp: float, out: torch.Tensor, transform: LogitTransform = IDENTITY) -> None:
+    """Fill ``out`` (``[rows]``) with the entropies in nats of softmax(z * inv_temp), ``z`` the ``transform``-ed
+    float32/float64 ``logits`` ``[rows, V]``, which may be overwritten."""
+    logits = transform_logits(logits, transform)
     if inv_temp != 1.0:
         logits.mul_(inv_temp)
     logp = torch.log_softmax(logits, dim=1)

@@ -8,6 +8,7 @@ import torch
 
 from ..kernels.entropy_argmax import row_argmax_kernel, row_entropy_kernel
 from . import tiles
+from .config import IDENTITY, LogitTransform
 from .launches import launch
 
 
@@ -16,19 +17,21 @@ def _row_pass_bytes(logits: torch.Tensor, out: torch.Tensor) -> int:
     rows, vocab = logits.shape
     return rows * vocab * logits.element_size() + rows * out.element_size()
 
+
 # The kernels allocate nothing besides their outputs.
 TEMPORARIES_PER_ELEMENT = 0
 
 
-def entropy(logits: torch.Tensor, inv_temp: float, out: torch.Tensor) -> None:
-    """Fill ``out`` (float32 ``[rows]``, contiguous) with the entropies of softmax(logits * inv_temp) for ``logits``
-    ``[rows, V]`` with unit stride along V (only read)."""
+def entropy(logits: torch.Tensor, inv_temp: float, out: torch.Tensor, transform: LogitTransform = IDENTITY) -> None:
+    """Fill ``out`` (float32 ``[rows]``, contiguous) with the entropies of softmax(z * inv_temp), ``z`` the
+    ``transform``-ed ``logits`` ``[rows, V]`` (unit stride along V; only read)."""
     rows, vocab = logits.shape
     if rows == 0:
         return
     block = tiles.block_v(vocab)
-    launch(row_entropy_kernel, (rows,), logits, logits.stride(0), out, vocab, inv_temp,
-           hbm_bytes=_row_pass_bytes(logits, out), BLOCK_V=block, num_warps=tiles.num_warps(block))
+    launch(row_entropy_kernel, (rows,), logits, logits.stride(0), out, vocab, inv_temp, transform.scale,
+           transform.softcap_value, hbm_bytes=_row_pass_bytes(logits, out), HAS_SCALE=transform.has_scale,
+           HAS_SOFTCAP=transform.has_softcap, BLOCK_V=block, num_warps=tiles.num_warps(block))
 
 
 def argmax(logits: torch.Tensor, out: torch.Tensor) -> None:
