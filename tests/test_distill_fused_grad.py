@@ -328,6 +328,7 @@ def test_dry_run_on_meta_tensors():
     assert main.hbm_bytes == operands + rows * vocab * (4 + 2) + rows * per_row + 4 + rows * blocks * 4
     assert top.hbm_bytes == rows * blocks * 4 + rows * (4 + 8 + 2)
     assert dict(main.meta)["BLOCK_N"] == tiles.block_n
+    assert dict(main.meta)["DOT_FP32"] is False  # the GPU multiplies bfloat16 on the tensor cores
 
 
 def test_bad_layouts_are_refused():
@@ -339,3 +340,7 @@ def test_bad_layouts_are_refused():
     with pytest.raises(ValueError, match="grad_out"):
         write_grad_fused(inp["x"], inp["ws"], None, inp["teacher"], inp["target"], stats, cfg, None,
                          torch.empty(20, 4).T)
+    wide = torch.empty(4, 2 ** 31 // 16 + 20, device="meta")[:, :20]  # a row stride beyond the 32-bit tile offsets
+    with pytest.raises(ValueError, match="row stride"):
+        write_grad_fused(inp["x"].to("meta"), inp["ws"].to("meta"), None, wide, inp["target"].to("meta"),
+                         stats.to("meta"), cfg, None, torch.empty(4, 20, device="meta"))

@@ -66,6 +66,9 @@ def distill_fused_grad_kernel(
                     BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_FP32, INPUT_PRECISION)
     rows = row0 + tl.arange(0, BLOCK_M)
     cols = col0 + tl.arange(0, BLOCK_N)
+    # The tiles of the teacher and of the gradient addressed by 32-bit offsets from their corner (BLOCK_M times a row
+    # stride is below 2**31: fewer live 64-bit values in the epilogue).
+    tile_offsets = tl.arange(0, BLOCK_M)[:, None] * t_row_stride + tl.arange(0, BLOCK_N)[None, :]
     row_in = rows < R
     col_in = cols < V
     inside = row_in[:, None] & col_in[None, :]
@@ -78,7 +81,7 @@ def distill_fused_grad_kernel(
     m_t = 0.0
     logz_t = 0.0
     if HAS_TEACHER:
-        t = tl.load(t_ptr + rows[:, None].to(tl.int64) * t_row_stride + cols[None, :], mask=inside, other=0.0)
+        t = tl.load(t_ptr + row0.to(tl.int64) * t_row_stride + col0 + tile_offsets, mask=inside, other=0.0)
         m_t = _row_stat(stats_ptr, stat_stride, MAX_TEACHER, rows, row_in)
         logz_t = _row_stat(stats_ptr, stat_stride, LOGZ_TEACHER, rows, row_in)
         center = _row_stat(stats_ptr, stat_stride, CENTER, rows, row_in)
@@ -98,8 +101,9 @@ def distill_fused_grad_kernel(
     # Ignored rows are 0 everywhere (their statistics are 0: the formula's value there is meaningless).
     g = tl.where(counted[:, None], g, 0.0)
     rest = inside & ((at_top & counted[:, None]) == 0)
-    tl.store(grad_ptr + rows[:, None].to(tl.int64) * grad_row_stride + cols[None, :],
-             g.to(grad_ptr.dtype.element_ty), mask=rest)
+    g_offsets = tl.arange(0, BLOCK_M)[:, None] * grad_row_stride + tl.arange(0, BLOCK_N)[None, :]
+    tl.store(grad_ptr + row0.to(tl.int64) * grad_row_stride + col0 + g_offsets, g.to(grad_ptr.dtype.element_ty),
+             mask=rest)
     tl.store(partial_ptr + rows.to(tl.int64) * partial_row_stride + col_block,
              tl.sum(tl.where(rest, g, 0.0), axis=1), mask=row_in)
 

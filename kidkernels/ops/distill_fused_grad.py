@@ -60,6 +60,9 @@ def write_grad_fused(x, ws, bs, teacher_tile, target, stats, cfg: DistillConfig,
     if rows == 0 or vocab == 0:
         return
     tiles = grad_tile_config(x.device)
+    for name, tensor in (("teacher_tile", teacher_tile), ("grad_out", grad_out)):
+        if tensor is not None and tiles.block_m * tensor.stride(0) >= 2 ** 31:  # the kernel's 32-bit tile offsets
+            raise ValueError(f"{name}'s row stride {tensor.stride(0)} is too large for the fused gradient's tiles")
     num_row_blocks = triton.cdiv(rows, tiles.block_m)
     num_col_blocks = triton.cdiv(vocab, tiles.block_n)
     partial = torch.empty(rows, num_col_blocks, device=x.device, dtype=torch.float32)
@@ -76,6 +79,8 @@ def write_grad_fused(x, ws, bs, teacher_tile, target, stats, cfg: DistillConfig,
                   + (teacher_tile.numel() * teacher_tile.element_size() if cfg.has_teacher else 0)
                   + small + grad_out.numel() * grad_out.element_size() + partial.numel() * 4)
     flags = fused_tiles.dot_flags(x.dtype)
+    # Only CPU tensors run under the interpreter; meta tensors stand for the GPU launch (a dry run, the compile tool).
+    flags["DOT_FP32"] = flags["DOT_FP32"] and x.device.type == "cpu"
     launches.launch(
         distill_fused_grad_kernel, (num_row_blocks * num_col_blocks,),
         x, x.stride(0), ws, ws.stride(0), bs if bs is not None else x, teacher, teacher_stride,
