@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .distill_forward import CENTER, CENTER_2, LSE_CE, TOP, load_log_normalisers
-from .divergence import divergence_grad
+from .distill_grad_terms import distill_logit_grad
 from .logit_transform import transform_logits, transform_logits_and_slope
 
 
@@ -64,21 +64,13 @@ def distill_grad_kernel(
             mask = cols < V
             s, slope = transform_logits_and_slope(tl.load(s_row + cols, mask=mask, other=0.0).to(tl.float32),
                                                   s_scale, s_softcap, S_HAS_SCALE, S_HAS_SOFTCAP)
-            a = s * inv_temp
-            logq = (a - m_s) - logz_s
-            q = tl.exp(logq)
-            g = tl.zeros([BLOCK_V], dtype=tl.float32)
+            t = s  # not read without a teacher
             if HAS_TEACHER:
-                b = transform_logits(tl.load(t_row + cols, mask=mask, other=0.0).to(tl.float32), t_scale, t_softcap,
-                                     T_HAS_SCALE, T_HAS_SOFTCAP) * inv_temp
-                g = kd_scale * divergence_grad(a, b, logq, (b - m_t) - logz_t, q, center, center_2, beta, log_beta,
-                                               log_one_minus_beta, DIVERGENCE)
-            if HAS_MLE:
-                softmax = q
-                if SEPARATE_CE_LSE:
-                    softmax = tl.exp(s - lse_c)
-                g += mle_weight * (softmax - tl.where(cols == tgt, 1.0, 0.0))
-            g = w * g
+                t = transform_logits(tl.load(t_row + cols, mask=mask, other=0.0).to(tl.float32), t_scale, t_softcap,
+                                     T_HAS_SCALE, T_HAS_SOFTCAP)
+            g = w * distill_logit_grad(s, t, cols == tgt, m_s, logz_s, m_t, logz_t, lse_c, center, center_2,
+                                       inv_temp, beta, log_beta, log_one_minus_beta, kd_scale, mle_weight,
+                                       DIVERGENCE, HAS_TEACHER, HAS_MLE, SEPARATE_CE_LSE)
             rest_lanes = mask & (cols != top)
             tl.store(g_row + cols, (g * slope).to(grad_ptr.dtype.element_ty), mask=rest_lanes)
             rest += tl.sum(tl.where(rest_lanes, g, 0.0), axis=0)
