@@ -55,15 +55,18 @@ def fill_row_statistic(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     """Fill ``out`` ``[N]`` (float32 entropies of softmax(logits * inv_temp), or int64 argmaxes of the untempered
     logits; contiguous) for ``logits = x @ weight.T + bias``.
 
-    x ``[N, H]`` (float32, float16 or bfloat16) with unit stride along H; weight ``[V, H]`` contiguous, same dtype;
-    bias ``[V]`` of any float dtype and stride, or None.
+    x ``[N, H]`` (float32, float16 or bfloat16) and weight ``[V, H]`` of the same dtype, each with unit stride along
+    H (as the public API passes them; copied here otherwise, since the tile product reads rows along H); bias ``[V]``
+    of any float dtype and stride, or None.
     """
+    x = x if x.stride(1) == 1 else x.contiguous()
+    weight = weight if weight.stride(1) == 1 else weight.contiguous()
     n, hidden = x.shape
     vocab = weight.shape[0]
     if n == 0:
         return
     cfg = fused_tiles.tile_config(fused_tiles.SELECTION, x.device)
-    merge = MERGE if x.device.type == "cuda" else MERGE_INTERPRETER
+    merge = fused_tiles.tile_config(MERGE, x.device, MERGE_INTERPRETER)
     num_blocks = triton.cdiv(vocab, cfg.block_n)
     step = partial_chunk_rows(n, num_blocks, statistic, workspace_bytes, cfg.block_m)
     if statistic == "entropy":
