@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from kidkernels.ops import fused_tiles, launches, selection_fused
+from kidkernels.ops.selection import linear_row_statistic
 from kidkernels.reference import reference_fused_linear_entropy, reference_linear_logits
 from tests.conftest import DEVICE
 from tests.helpers import TensorRecorder, rel_l2
@@ -202,8 +203,9 @@ def test_empty_input_launches_nothing():
 
 @pytest.mark.parametrize("statistic", ["entropy", "argmax"])
 def test_dry_run_on_meta_tensors_records_every_launch(statistic):
-    """The dispatch runs on meta tensors without reading a value: per chunk one GEMM launch with the product's
-    FLOPs and one merge launch, whose HBM bytes count the operands once and the partial states written and read."""
+    """The dispatch (from ``linear_row_statistic``) runs on meta tensors without reading a value: per chunk one GEMM
+    launch with the product's FLOPs and one merge launch, whose HBM bytes count the operands once and the partial
+    states written and read."""
     n, hidden, vocab = 300, 64, 1000
     x = torch.empty(n, hidden, device="meta", dtype=torch.bfloat16)
     w = torch.empty(vocab, hidden, device="meta", dtype=torch.bfloat16)
@@ -212,9 +214,10 @@ def test_dry_run_on_meta_tensors_records_every_launch(statistic):
     blocks = math.ceil(vocab / cfg.block_n)
     state = selection_fused.STATE_BYTES[statistic]
     budget = 100 * blocks * state  # 100 rows of partials: chunks of 96 rows (whole row blocks of 16)
-    out = torch.empty(n, device="meta", dtype=torch.float32 if statistic == "entropy" else torch.int64)
     with launches.recording(dry_run=True) as records:
-        selection_fused.fill_row_statistic(x, w, b, statistic, 1.0, out, budget)
+        out = linear_row_statistic(x, w, b, statistic=statistic, inv_temp=1.0, backend="triton",
+                                   workspace_bytes=budget)
+    assert out.device.type == "meta" and out.shape == (n,)
     chunks = [96, 96, 96, 12]
     assert [r.kernel for r in records] == [f"{statistic}_tiles_kernel", f"merge_{statistic}_kernel"] * len(chunks)
     gemms, merges = records[::2], records[1::2]
@@ -266,3 +269,4 @@ def test_triton_rows_backend_keeps_the_row_kernels(monkeypatch):
     assert calls == ["rows"] and not any("tiles" in r.kernel for r in records)
     check_entropy(fused_out, x, w, b)
     check_entropy(rows_out, x, w, b)
+    assert_argmax_ok(kidkernels.fused_linear_argmax(x, w, b, backend="triton_rows"), x, w, b)
