@@ -5,8 +5,10 @@
 ``torch.utils.flop_counter.FlopCounterMode`` counts ``addmm`` but not the in-place ``addmm_`` (nor ``mm(...,
 out_dtype=)``), which chunked losses use to accumulate a weight gradient; this counter exists so that the FLOP
 identities of the cost model can be tested exactly (``tests/test_flop_identity.py``).  kidkernels' registered ops
-(``torch.library``) are opened: the products inside them are counted.  It sees only aten calls:
-products done inside a Triton kernel (``tl.dot``) are not counted.  It works on real and on fake tensors.
+(``torch.library``) are opened: the products inside them are counted.  Products done inside a Triton kernel
+(``tl.dot``: the GEMM-fused kernels) are no aten calls: they are counted from the FLOPs their launchers declare to
+:func:`kidkernels.ops.launches.launch` (recorded while the counter is active, as ``"triton.<kernel name>"``).  It
+works on real and on fake tensors.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from math import prod
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from kidkernels.ops import launches
 from kidkernels.ops.custom_ops import python_impl
 
 aten = torch.ops.aten
@@ -97,6 +100,28 @@ class MatmulFlopCounter(TorchDispatchMode):
         self.total = 0
         self.by_op: Counter = Counter()
         self.calls: Counter = Counter()
+        self._recordings: list = []  # one launch recording per (re-)entry of the mode
+
+    def _add(self, name: str, flops: int) -> None:
+        self.total += flops
+        self.by_op[name] += flops
+        self.calls[name] += 1
+
+    def __enter__(self):
+        # Inside a dry run the launches stay unlaunched; a re-entry (below, around a registered op) records its own
+        # launches, which the enclosing recording then does not see: each launch is counted once.
+        recording = launches.recording(dry_run=launches.is_dry_run())
+        self._recordings.append((recording, recording.__enter__()))
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            recording, records = self._recordings.pop()
+            recording.__exit__(None, None, None)
+            for record in records:
+                self._add(f"triton.{record.kernel}", record.flops)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         inner = python_impl(func)
@@ -106,7 +131,5 @@ class MatmulFlopCounter(TorchDispatchMode):
                 return inner(*args, **(kwargs or {}))
         flops = matmul_flops(func, args)
         if flops is not None:
-            self.total += flops
-            self.by_op[str(func)] += flops
-            self.calls[str(func)] += 1
+            self._add(str(func), flops)
         return func(*args, **(kwargs or {}))

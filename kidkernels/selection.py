@@ -30,10 +30,14 @@ __all__ = ["fused_linear_entropy", "fused_linear_argmax", "select_positions", "f
 
 _BACKEND_DOC = """
     backend: "triton", "triton_rows", "torch" or "auto" (default: ``KIDKERNELS_BACKEND``, else auto: Triton on CUDA,
-        and on CPU under ``TRITON_INTERPRET=1``; PyTorch otherwise and for float64).  "triton_rows" is the previous
-        Triton path (cuBLAS logits, then row-per-program passes), kept as a reference for the benchmarks.
-    workspace_bytes: bound on the chunk of logits held at once (default 512 MiB or ``KIDKERNELS_WORKSPACE_MB``);
-        memory is this plus the O(N) outputs, whatever N is.
+        and on CPU under ``TRITON_INTERPRET=1``; PyTorch otherwise and for float64).  "triton": the lm_head product
+        fused with the statistic, so the logits never reach memory (only per-row partial states of each block of
+        128 vocabulary columns, 12 bytes for the entropy, 8 for the argmax).  "triton_rows" is the previous Triton
+        path (cuBLAS logits, then row-per-program passes), kept as a reference for the benchmarks.
+    workspace_bytes: bound on what one chunk of rows holds at once (default 512 MiB or
+        ``KIDKERNELS_WORKSPACE_MB``): its partial states on "triton" (the default holds those of 37,000 rows at
+        V = 151,936), its float32 logits (and the PyTorch backend's temporaries) otherwise; memory is this plus the
+        O(N) outputs, whatever N is.
 """
 
 _TRANSFORM_DOC = """

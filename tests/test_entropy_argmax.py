@@ -17,7 +17,7 @@ import triton.language as tl
 
 import kidkernels
 from kidkernels.kernels.online_softmax import finish_entropy, online_argmax_update, online_entropy_update
-from kidkernels.ops import selection_triton, tiles
+from kidkernels.ops import selection_fused, selection_triton, tiles
 from kidkernels.reference import reference_fused_linear_argmax, reference_fused_linear_entropy, reference_linear_logits
 from tests.helpers import TensorRecorder, hidden_and_weight, rel_l2
 
@@ -289,6 +289,7 @@ def test_backend_env_forces_torch(device, monkeypatch):
         raise AssertionError("the Triton launcher ran although KIDKERNELS_BACKEND=torch")
 
     monkeypatch.setattr(selection_triton, "entropy", fail)
+    monkeypatch.setattr(selection_fused, "fill_row_statistic", fail)
     x, w, b = make_case(n=2, device=device)
     assert kidkernels.fused_linear_entropy(x, w, b).shape == (2,)
 

@@ -9,7 +9,8 @@ Cost model, N rows, vocabulary V, hidden sizes H_s (student) and H_t (teacher):
   alone ``2NV(H_t + H_s)``; ``reduction="none"`` recomputes both products in the backward.
 - cross-entropy alone (no teacher): ``6NVH`` / ``4NVH`` / ``2NVH``.
 - entropy, argmax and "hard" selection: ``2NVH``; "random" selection: no product.
-The kernels do no matrix product of their own (the products are aten calls the counter sees), so these are exact.
+The products are aten calls the counter sees, or (the GEMM-fused kernels) launches whose FLOPs the launchers declare
+and the counter records, so these are exact.
 """
 from __future__ import annotations
 

@@ -427,9 +427,14 @@ def recording(recorder: Recorder):
 
     kidkernels sends CPU tensors to its Triton path only under the interpreter (TRITON_INTERPRET=1), so the variable
     is set for the block; the kernels were created beforehand as ``JITFunction``s, whose ``run`` is replaced here.
+    The GEMM-fused kernels choose their tiles by device and their dot flags by the interpreter
+    (``kidkernels.ops.fused_tiles``): for the block, ``tile_config`` answers the GPU configuration and ``dot_flags``
+    those of a GPU, so that what is compiled is what a GPU launches.
     """
     from triton.runtime import autotuner
     from triton.runtime.jit import JITFunction
+
+    from kidkernels.ops import fused_tiles
 
     try:
         from triton.runtime.interpreter import InterpretedFunction
@@ -456,12 +461,16 @@ def recording(recorder: Recorder):
         raise RuntimeError(f"kernel {getattr(self.fn, '__qualname__', self)} was created under the Triton interpreter; "
                            "run the compile tool in a process where TRITON_INTERPRET was not set when it was defined")
 
-    saved = [(JITFunction, "run", JITFunction.run), (autotuner.Autotuner, "run", autotuner.Autotuner.run)]
+    saved = [(JITFunction, "run", JITFunction.run), (autotuner.Autotuner, "run", autotuner.Autotuner.run),
+             (fused_tiles, "tile_config", fused_tiles.tile_config),
+             (fused_tiles, "triton_interpreter_enabled", fused_tiles.triton_interpreter_enabled)]
     if InterpretedFunction is not None:
         saved.append((InterpretedFunction, "run", InterpretedFunction.run))
     previous_env = os.environ.get("TRITON_INTERPRET")
     JITFunction.run = jit_run
     autotuner.Autotuner.run = autotuner_run
+    fused_tiles.tile_config = lambda gpu_config, device, *interpreter_config: gpu_config
+    fused_tiles.triton_interpreter_enabled = lambda: False
     if InterpretedFunction is not None:
         InterpretedFunction.run = interpreted_run
     os.environ["TRITON_INTERPRET"] = "1"

@@ -39,9 +39,11 @@ LOSS_GRAD = TileConfig(128, 64, 64, 8, 8, 3)
 INTERPRETER = TileConfig(16, 32, 16, 2, 4, 1)
 
 
-def tile_config(gpu_config: TileConfig, device: torch.device) -> TileConfig:
-    """The configuration a kernel launches with on ``device``: ``gpu_config`` on CUDA, :data:`INTERPRETER` on CPU."""
-    return gpu_config if device.type == "cuda" else INTERPRETER
+def tile_config(gpu_config, device: torch.device, interpreter_config=INTERPRETER):
+    """The configuration a kernel launches with on ``device``: ``gpu_config`` on CUDA, ``interpreter_config``
+    (default :data:`INTERPRETER`) on CPU.  Any configuration type: a kernel without tiles of logits (a merge of
+    partial states) passes its own pair."""
+    return gpu_config if device.type == "cuda" else interpreter_config
 
 
 def dot_flags(dtype: torch.dtype) -> dict:

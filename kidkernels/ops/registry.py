@@ -3,7 +3,8 @@
 Both backends of a family expose the same functions (``distill``: ``fill_stats``, ``write_grad``,
 ``fill_stats_and_grad``, ``TEMPORARIES_PER_ELEMENT``; ``selection``: ``entropy``, ``argmax``,
 ``TEMPORARIES_PER_ELEMENT``); the Triton modules are imported only when used, so the PyTorch backend runs without
-Triton installed.
+Triton installed.  Selection on "triton" takes no chunk of logits (the GEMM-fused kernels of ``selection_fused``
+never form one), so it has no entry here.
 """
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ _MODULES = {
     ("distill", "triton"): "distill_triton",
     ("distill", "triton_rows"): "distill_triton",
     ("distill", "torch"): "distill_torch",
-    ("selection", "triton"): "selection_triton",
     ("selection", "triton_rows"): "selection_triton",
     ("selection", "torch"): "selection_torch",
 }

@@ -1,9 +1,12 @@
 """Dispatch of KID's masking stage: chunked entropy/argmax from hidden states, and the choice of positions.
 
-* :func:`linear_row_statistic` runs over row chunks whose float32 logits fit the workspace budget: for each chunk the
-  logits are formed by a matmul (:func:`.gemm.linear_logits`, never rounded to the input dtype) and one per-row pass
-  (``selection_triton`` or ``selection_torch``) turns them into the chunk's entropies or argmaxes.  Memory: one
-  chunk of logits (plus the PyTorch backend's temporaries) and the O(N) outputs, whatever N is.
+* :func:`linear_row_statistic`: on backend "triton" the GEMM-fused kernels (:mod:`.selection_fused`): the logits
+  are formed tile by tile in registers and never written; only per-(row, vocabulary block) partial states are, for
+  row chunks sized by the workspace budget.  On "triton_rows" and "torch" it runs over row chunks whose float32
+  logits fit the workspace budget: for each chunk the logits are formed by a matmul (:func:`.gemm.linear_logits`,
+  never rounded to the input dtype) and one per-row pass (``selection_triton`` or ``selection_torch``) turns them
+  into the chunk's entropies or argmaxes.  Memory: one chunk of logits (plus the PyTorch backend's temporaries), or
+  of partial states, and the O(N) outputs, whatever N is.
 * :func:`select_positions_mask` chooses ``k_i = floor(alpha * n_i + 0.5)`` of the valid positions of each row by one
   of four strategies, with torch ops on the device: sorts, cumulative sums and integer arithmetic, no host reads.
 
@@ -34,13 +37,18 @@ def linear_row_statistic(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     int64 of the raw logits (which the increasing ``transform`` does not move), ties to the lowest index.
     """
     n, vocab = x.shape[0], weight.shape[0]
-    impl = backend_impl("selection", backend)
     if statistic == "entropy":
         out = torch.empty(n, device=x.device, dtype=compute_dtype(x.dtype))
     elif statistic == "argmax":
         out = torch.empty(n, device=x.device, dtype=torch.int64)
     else:
         raise ValueError(f"statistic must be 'entropy' or 'argmax', got {statistic!r}")
+    if backend == "triton":
+        from . import selection_fused  # imports triton: only when used
+
+        selection_fused.fill_row_statistic(x, weight, bias, statistic, inv_temp, out, workspace_bytes)
+        return out
+    impl = backend_impl("selection", backend)
     step = chunk_rows(vocab, x.dtype, workspace_bytes, logit_buffers=1, temporaries=impl.TEMPORARIES_PER_ELEMENT)
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
