@@ -190,7 +190,7 @@ def test_cross_entropy_alone(dtype):
 
 def test_bfloat16_operands_through_dot_fp32():
     """bfloat16 hidden states and lm_head (upcast for the interpreter's dot), bfloat16 gradient."""
-    assert fused_tiles.dot_flags(torch.bfloat16)["DOT_FP32"]
+    assert fused_tiles.dot_flags(torch.bfloat16, torch.device("cpu"))["DOT_FP32"]
     inp = make_inputs(37, 101, 48, dtype=torch.bfloat16, seed=6, ignored=(7,))
     check(inp, config("rkl", temperature=2.0, mle_weight=0.5), torch.bfloat16)
 

@@ -206,19 +206,21 @@ def test_dry_run_on_meta_tensors_records_every_launch(statistic):
     """The dispatch (from ``linear_row_statistic``) runs on meta tensors without reading a value: per chunk one GEMM
     launch with the product's FLOPs and one merge launch, whose HBM bytes count the operands once and the partial
     states written and read."""
-    n, hidden, vocab = 300, 64, 1000
+    cfg = fused_tiles.tile_config(fused_tiles.SELECTION, torch.device("meta"))
+    assert cfg == fused_tiles.SELECTION  # meta tensors stand for the GPU launch
+    n, hidden, vocab = 5 * cfg.block_m + 7, 64, 1000
     x = torch.empty(n, hidden, device="meta", dtype=torch.bfloat16)
     w = torch.empty(vocab, hidden, device="meta", dtype=torch.bfloat16)
     b = torch.empty(vocab, device="meta", dtype=torch.float32)
-    cfg = fused_tiles.tile_config(fused_tiles.SELECTION, torch.device("meta"))
     blocks = math.ceil(vocab / cfg.block_n)
     state = selection_fused.STATE_BYTES[statistic]
-    budget = 100 * blocks * state  # 100 rows of partials: chunks of 96 rows (whole row blocks of 16)
+    # 2.5 row blocks of partials: chunks of two whole row blocks.
+    budget = (2 * cfg.block_m + cfg.block_m // 2) * blocks * state
     with launches.recording(dry_run=True) as records:
         out = linear_row_statistic(x, w, b, statistic=statistic, inv_temp=1.0, backend="triton",
                                    workspace_bytes=budget)
     assert out.device.type == "meta" and out.shape == (n,)
-    chunks = [96, 96, 96, 12]
+    chunks = [2 * cfg.block_m, 2 * cfg.block_m, cfg.block_m + 7]
     assert [r.kernel for r in records] == [f"{statistic}_tiles_kernel", f"merge_{statistic}_kernel"] * len(chunks)
     gemms, merges = records[::2], records[1::2]
     assert sum(r.flops for r in gemms) == 2 * n * vocab * hidden and all(r.flops == 0 for r in merges)

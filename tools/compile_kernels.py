@@ -427,9 +427,9 @@ def recording(recorder: Recorder):
 
     kidkernels sends CPU tensors to its Triton path only under the interpreter (TRITON_INTERPRET=1), so the variable
     is set for the block; the kernels were created beforehand as ``JITFunction``s, whose ``run`` is replaced here.
-    The GEMM-fused kernels choose their tiles by device and their dot flags by the interpreter
-    (``kidkernels.ops.fused_tiles``): for the block, ``tile_config`` answers the GPU configuration and ``dot_flags``
-    those of a GPU, so that what is compiled is what a GPU launches.
+    The GEMM-fused kernels choose their tiles and dot flags by whether their tensors' device runs under the
+    interpreter (``kidkernels.ops.fused_tiles.on_interpreter``): for the block it answers no, so that what is
+    compiled is what a GPU launches (GPU tiles, bf16 operands on the tensor cores).
     """
     from triton.runtime import autotuner
     from triton.runtime.jit import JITFunction
@@ -462,15 +462,13 @@ def recording(recorder: Recorder):
                            "run the compile tool in a process where TRITON_INTERPRET was not set when it was defined")
 
     saved = [(JITFunction, "run", JITFunction.run), (autotuner.Autotuner, "run", autotuner.Autotuner.run),
-             (fused_tiles, "tile_config", fused_tiles.tile_config),
-             (fused_tiles, "triton_interpreter_enabled", fused_tiles.triton_interpreter_enabled)]
+             (fused_tiles, "on_interpreter", fused_tiles.on_interpreter)]
     if InterpretedFunction is not None:
         saved.append((InterpretedFunction, "run", InterpretedFunction.run))
     previous_env = os.environ.get("TRITON_INTERPRET")
     JITFunction.run = jit_run
     autotuner.Autotuner.run = autotuner_run
-    fused_tiles.tile_config = lambda gpu_config, device, *interpreter_config: gpu_config
-    fused_tiles.triton_interpreter_enabled = lambda: False
+    fused_tiles.on_interpreter = lambda device: False
     if InterpretedFunction is not None:
         InterpretedFunction.run = interpreted_run
     os.environ["TRITON_INTERPRET"] = "1"

@@ -27,8 +27,6 @@ TOP_BLOCK_PARTIALS = 128
 def grad_tile_config(device: torch.device) -> fused_tiles.TileConfig:
     """:data:`fused_tiles.LOSS_GRAD` on CUDA and on ``meta`` tensors (a dry run records the GPU launches),
     :data:`fused_tiles.INTERPRETER` on CPU tensors."""
-    if device.type == "meta":
-        return fused_tiles.LOSS_GRAD
     return fused_tiles.tile_config(fused_tiles.LOSS_GRAD, device)
 
 
@@ -78,9 +76,7 @@ def write_grad_fused(x, ws, bs, teacher_tile, target, stats, cfg: DistillConfig,
                   + (bs.numel() * bs.element_size() if bs is not None else 0)
                   + (teacher_tile.numel() * teacher_tile.element_size() if cfg.has_teacher else 0)
                   + small + grad_out.numel() * grad_out.element_size() + partial.numel() * 4)
-    flags = fused_tiles.dot_flags(x.dtype)
-    # Only CPU tensors run under the interpreter; meta tensors stand for the GPU launch (a dry run, the compile tool).
-    flags["DOT_FP32"] = flags["DOT_FP32"] and x.device.type == "cpu"
+    flags = fused_tiles.dot_flags(x.dtype, x.device)
     launches.launch(
         distill_fused_grad_kernel, (num_row_blocks * num_col_blocks,),
         x, x.stride(0), ws, ws.stride(0), bs if bs is not None else x, teacher, teacher_stride,

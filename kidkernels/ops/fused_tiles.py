@@ -16,8 +16,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .._backend import triton_interpreter_enabled
-
 
 @dataclass(frozen=True)
 class TileConfig:
@@ -39,18 +37,25 @@ LOSS_GRAD = TileConfig(128, 64, 64, 8, 8, 3)
 INTERPRETER = TileConfig(16, 32, 16, 2, 4, 1)
 
 
+def on_interpreter(device: torch.device) -> bool:
+    """Whether kernels launched on tensors of ``device`` run under the Triton interpreter: CPU tensors do (the
+    backend sends them to Triton only under ``TRITON_INTERPRET=1``); CUDA tensors do not, nor ``meta`` tensors, which
+    stand for the GPU launch in a dry run (the roofline, the compile tool)."""
+    return device.type == "cpu"
+
+
 def tile_config(gpu_config, device: torch.device, interpreter_config=INTERPRETER):
-    """The configuration a kernel launches with on ``device``: ``gpu_config`` on CUDA, ``interpreter_config``
-    (default :data:`INTERPRETER`) on CPU.  Any configuration type: a kernel without tiles of logits (a merge of
-    partial states) passes its own pair."""
-    return gpu_config if device.type == "cuda" else interpreter_config
+    """The configuration a kernel launches with on ``device``: ``interpreter_config`` (default :data:`INTERPRETER`)
+    under the interpreter, ``gpu_config`` otherwise.  Any configuration type: a kernel without tiles of logits (a
+    merge of partial states) passes its own pair."""
+    return interpreter_config if on_interpreter(device) else gpu_config
 
 
-def dot_flags(dtype: torch.dtype) -> dict:
+def dot_flags(dtype: torch.dtype, device: torch.device) -> dict:
     """``DOT_FP32`` and ``INPUT_PRECISION`` of :func:`kidkernels.kernels.tile_product.tile_logits` for operands of
-    ``dtype``: bf16 is upcast only under the interpreter (whose bf16 dot is wrong), float32 is multiplied in IEEE
-    float32 (never TF32)."""
+    ``dtype`` on ``device``: bf16 is upcast only under the interpreter (whose bf16 dot is wrong), float32 is
+    multiplied in IEEE float32 (never TF32)."""
     return {
-        "DOT_FP32": dtype == torch.bfloat16 and triton_interpreter_enabled(),
+        "DOT_FP32": dtype == torch.bfloat16 and on_interpreter(device),
         "INPUT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
     }

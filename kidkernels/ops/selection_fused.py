@@ -94,7 +94,7 @@ def _launch_tiles(x, weight, bias, statistic, inv_temp, parts, row_capacity, cfg
         hbm_bytes += vocab * bias.element_size()
     bias_args = (bias, bias.stride(0)) if bias is not None else (x, 0)  # never read without HAS_BIAS
     common = dict(HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                  GROUP_M=cfg.group_m, EVEN_K=hidden % cfg.block_k == 0, **fused_tiles.dot_flags(x.dtype),
+                  GROUP_M=cfg.group_m, EVEN_K=hidden % cfg.block_k == 0, **fused_tiles.dot_flags(x.dtype, x.device),
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     flops = 2 * rows * vocab * hidden
     if statistic == "entropy":
