@@ -4,7 +4,11 @@ case is timed on identical inputs in the same run.
 A provider's builder for an op returns a :data:`Call` ``(function, args, kwargs)``; :func:`make_step` wraps it into
 the zero-argument step the harness times (forward, plus ``.backward()`` for ``fwd_bwd``).  Providers:
 
-- ``kidkernels``: the library under test (never allocates a ``[tokens x vocab]`` tensor).
+- ``kidkernels``: the library under test (never allocates a ``[tokens x vocab]`` tensor); on CUDA its default backend,
+  the GEMM-fused kernels.
+- ``kidkernels_rows``: kidkernels' previous Triton path (``backend="triton_rows"``: cuBLAS writes float32 logits chunk
+  by chunk, row-per-program Triton passes read them back), kept as the reference the fused kernels must beat until
+  they are measured on a GPU (CUDA only).
 - ``eager``: :mod:`kidkernels.reference` with ``dtype=torch.float32``, the float32-softmax loss a user would write
   (its matmuls run in float32 too, as written there).
 - ``eager_lowp_mm``: the same float32 loss on logits from a matmul in the input dtype (bf16), as Liger's and TRL's
@@ -353,6 +357,19 @@ def _cce_available(device: torch.device) -> None:
         raise ProviderUnavailable("Cut Cross-Entropy's Triton kernels need CUDA tensors")
 
 
+def _rows_backend(builder: Callable[..., Call]) -> Callable[..., Call]:
+    """The kidkernels ``builder`` with ``backend="triton_rows"``."""
+    def build(p) -> Call:
+        function, args, kwargs = builder(p)
+        return function, args, dict(kwargs, backend="triton_rows")
+    return build
+
+
+def _cuda_only(device: torch.device) -> None:
+    if device.type != "cuda":
+        raise ProviderUnavailable("backend 'triton_rows' is the CUDA path of cuBLAS logits + Triton row passes")
+
+
 # ---- the registry --------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -393,6 +410,9 @@ PROVIDERS: dict[str, Provider] = {p.name: p for p in (
     Provider("kidkernels", {"distill": _kidkernels_distill, "cross_entropy": _kidkernels_cross_entropy,
                             "entropy": _kidkernels_entropy, "argmax": _kidkernels_argmax,
                             "select_hard": _kidkernels_select_hard, "select_random": _kidkernels_select_random}),
+    Provider("kidkernels_rows", {op: _rows_backend(builder) for op, builder in (
+        ("distill", _kidkernels_distill), ("cross_entropy", _kidkernels_cross_entropy),
+        ("entropy", _kidkernels_entropy), ("argmax", _kidkernels_argmax))}, check=_cuda_only),
     Provider("eager", {"distill": _eager_distill, "cross_entropy": _eager_cross_entropy, "entropy": _eager_entropy,
                        "argmax": _eager_argmax, "select_hard": _eager_select_hard}),
     Provider("eager_lowp_mm", {"distill": _eager_lowp_mm_distill, "cross_entropy": _eager_lowp_mm_cross_entropy},
