@@ -41,6 +41,16 @@ def fill_stats(student, teacher, target, stats, cfg: DistillConfig) -> None:
     )
     if cfg.one_pass:
         return
+    fill_values(student, teacher, target, stats, cfg)
+
+
+def fill_values(student, teacher, target, stats, cfg: DistillConfig) -> None:
+    """The value pass of JSD and TVD: KD, CENTER and CENTER_2 of every row from the log-sum-exps already in ``stats``
+    (written by :func:`fill_stats`, or by the merge of the GEMM-fused forward)."""
+    rows, vocab = student.shape
+    if rows == 0:
+        return
+    block = tiles.block_v(vocab)
     distill_value_kernel[(rows,)](
         student, student.stride(0), *_teacher_args(student, teacher), _or(target, stats), stats, stats.stride(0),
         vocab, cfg.inv_temp, cfg.beta, cfg.log_beta, cfg.log_one_minus_beta, cfg.ignore_index,
