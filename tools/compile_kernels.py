@@ -427,9 +427,14 @@ def recording(recorder: Recorder):
 
     kidkernels sends CPU tensors to its Triton path only under the interpreter (TRITON_INTERPRET=1), so the variable
     is set for the block; the kernels were created beforehand as ``JITFunction``s, whose ``run`` is replaced here.
+    The GEMM-fused kernels choose their tile configuration and tile-product flags by device
+    (``kidkernels.ops.fused_tiles``: small tiles and upcast bf16 operands for the interpreter): for the block, those
+    two choices are the GPU's, so that what is compiled is what a GPU launches.
     """
     from triton.runtime import autotuner
     from triton.runtime.jit import JITFunction
+
+    from kidkernels.ops import fused_tiles
 
     try:
         from triton.runtime.interpreter import InterpretedFunction
@@ -456,7 +461,18 @@ def recording(recorder: Recorder):
         raise RuntimeError(f"kernel {getattr(self.fn, '__qualname__', self)} was created under the Triton interpreter; "
                            "run the compile tool in a process where TRITON_INTERPRET was not set when it was defined")
 
-    saved = [(JITFunction, "run", JITFunction.run), (autotuner.Autotuner, "run", autotuner.Autotuner.run)]
+    interpreter_dot_flags = fused_tiles.dot_flags
+
+    def gpu_tile_config(gpu_config, device):
+        return gpu_config
+
+    def gpu_dot_flags(dtype):
+        return {**interpreter_dot_flags(dtype), "DOT_FP32": False}  # only the interpreter upcasts bf16
+
+    saved = [(JITFunction, "run", JITFunction.run), (autotuner.Autotuner, "run", autotuner.Autotuner.run),
+             (fused_tiles, "tile_config", fused_tiles.tile_config), (fused_tiles, "dot_flags", fused_tiles.dot_flags)]
+    fused_tiles.tile_config = gpu_tile_config
+    fused_tiles.dot_flags = gpu_dot_flags
     if InterpretedFunction is not None:
         saved.append((InterpretedFunction, "run", InterpretedFunction.run))
     previous_env = os.environ.get("TRITON_INTERPRET")

@@ -20,14 +20,17 @@ never read.
 
 Columns beyond the vocabulary (the ragged last block, whose product reads wrapped-around weight rows) become ``-inf``
 before any reduction, as masked lanes must (``tile_states.py``); a ``-inf`` bias entry is a masked column like them.
-The transform from the product to the logits the loss sees (bias, then the temperature) happens in
-:func:`loss_logits` and where ``a``/``b`` are formed, nowhere else: a logit transform (softcapping, a logit scale) goes
-there.
+The product becomes the logits in :func:`loss_logits` (bias, masking: what the tiles store, as the row kernels read
+them); the loss then sees them through the temperature, ``a = s * inv_temp`` and ``b = t * inv_temp``, right after each
+model's tile is formed.  A logit transform of the row kernels (softcapping, a logit scale: applied to the logits as
+read, before the temperature) goes at those two points, after the store.
 
-Register budget (sm_90a, 128 x 128 tiles, 8 warps): each float32 accumulator is 64 registers per thread.  The student's
-own epilogue (tile store, argmax, target logit, its log-sum-exps for JSD/TVD and the cross-entropy alone) runs before
-the teacher's product starts, so only the KLs keep both tiles live at once, and then only with the one-pass state to
-form (``tile_kl_state``).
+Register budget (sm_90a, 128 x 128 tiles, 8 warps): each float32 accumulator is 64 registers per thread, and the
+programs are compiled with close to all 255 registers a thread can have (``tools/compile_kernels.py`` checks that none
+spills).  So at most one tile is live through a product's K loop: the teacher's product runs first; for JSD and TVD
+its tile is reduced (and stored) before the student's product starts, and only the KLs, whose one-pass state needs
+both tiles at once, keep the teacher's tile live through the student's shorter product (K = H_s) and its epilogue.
+(Student first, with its tile live through the teacher's K = H_t loop, spilled in some variants.)
 """
 import triton
 import triton.language as tl
@@ -59,8 +62,26 @@ def loss_logits(acc, bias_ptr, cols, col_in, HAS_BIAS: tl.constexpr):
 
 
 @triton.jit
-def _store_tile(tile_ptr, tile_row_stride, rows, cols, keep, logits):
-    tl.store(tile_ptr + rows[:, None].to(tl.int64) * tile_row_stride + cols[None, :], logits, mask=keep)
+def _model_tile(x_ptr, x_row_stride, w_ptr, w_row_stride, bias_ptr, tile_ptr, tile_row_stride, R, V, K, row0, col0,
+                rows, cols, col_in, counted, HAS_BIAS: tl.constexpr, STORE: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, DOT_FP32: tl.constexpr,
+                INPUT_PRECISION: tl.constexpr):
+    """One model's untempered logits of the tile (:func:`loss_logits` of its product); with ``STORE`` also written,
+    float32 as accumulated, into the counted rows of the ``[R, V]`` workspace at ``tile_ptr``."""
+    logits = loss_logits(tile_logits(x_ptr, x_row_stride, w_ptr, w_row_stride, R, V, K, row0, col0, BLOCK_M, BLOCK_N,
+                                     BLOCK_K, EVEN_K, DOT_FP32, INPUT_PRECISION), bias_ptr, cols, col_in, HAS_BIAS)
+    if STORE:
+        tl.store(tile_ptr + rows[:, None].to(tl.int64) * tile_row_stride + cols[None, :], logits,
+                 mask=counted[:, None] & col_in[None, :])
+    return logits
+
+
+@triton.jit
+def _store_lse_state(part, plane_stride, m_plane, z_plane, x, counted):
+    """The log-sum-exp state of each row of ``x`` into its two partial planes."""
+    m, z = tile_lse_state(x)
+    tl.store(part + m_plane * plane_stride, m, mask=counted)
+    tl.store(part + z_plane * plane_stride, z, mask=counted)
 
 
 @triton.jit
@@ -78,8 +99,7 @@ def distill_fused_forward_kernel(
     stride along K), biases ``[V]`` (unit stride, any float dtype), target ``[R]`` int64; partials float32
     ``[NUM_PARTIALS, num_vocab_blocks, row_capacity]`` (``plane_stride`` between quantities, ``row_capacity`` between
     blocks, rows contiguous); tiles float32 ``[R, V]`` (unit stride along V)."""
-    num_col_blocks = tl.cdiv(V, BLOCK_N)
-    row_block, col_block = swizzled_tile(tl.program_id(0), tl.cdiv(R, BLOCK_M), num_col_blocks, GROUP_M)
+    row_block, col_block = swizzled_tile(tl.program_id(0), tl.cdiv(R, BLOCK_M), tl.cdiv(V, BLOCK_N), GROUP_M)
     row0 = row_block * BLOCK_M
     col0 = col_block * BLOCK_N
     rows = row0 + tl.arange(0, BLOCK_M)
@@ -91,49 +111,40 @@ def distill_fused_forward_kernel(
     if HAS_TARGET:
         tgt = tl.load(target_ptr + rows, mask=row_in, other=ignore_index).to(tl.int64)
         counted = row_in & (tgt != ignore_index)
-    keep = counted[:, None] & col_in[None, :]
     # This tile's states of each row: one float per quantity, rows contiguous.
     part = part_ptr + col_block.to(tl.int64) * row_capacity + rows
-
-    s = loss_logits(tile_logits(xs_ptr, xs_row_stride, ws_ptr, ws_row_stride, R, V, K_S, row0, col0,
-                                BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K_S, DOT_FP32, INPUT_PRECISION),
-                    bs_ptr, cols, col_in, HAS_STUDENT_BIAS)
-    if STORE_STUDENT:
-        _store_tile(s_tile_ptr, s_tile_row_stride, rows, cols, keep, s)
+    if HAS_TEACHER:
+        # The teacher's tile first (K = H_t, the long product): for JSD and TVD it is done with before the student's
+        # product starts; for the KLs it stays live through the student's (K = H_s) and its epilogue.
+        t = _model_tile(xt_ptr, xt_row_stride, wt_ptr, wt_row_stride, bt_ptr, t_tile_ptr, t_tile_row_stride, R, V,
+                        K_T, row0, col0, rows, cols, col_in, counted, HAS_TEACHER_BIAS, STORE_TEACHER, BLOCK_M,
+                        BLOCK_N, BLOCK_K, EVEN_K_T, DOT_FP32, INPUT_PRECISION)
+        if DIVERGENCE != FKL and DIVERGENCE != RKL:
+            _store_lse_state(part, plane_stride, M_TEACHER, Z_TEACHER, t * inv_temp, counted)
+    s = _model_tile(xs_ptr, xs_row_stride, ws_ptr, ws_row_stride, bs_ptr, s_tile_ptr, s_tile_row_stride, R, V, K_S,
+                    row0, col0, rows, cols, col_in, counted, HAS_STUDENT_BIAS, STORE_STUDENT, BLOCK_M, BLOCK_N,
+                    BLOCK_K, EVEN_K_S, DOT_FP32, INPUT_PRECISION)
     best, best_index = tile_argmax_state(s, cols)
     tl.store(part + BEST * plane_stride, best, mask=counted)
     tl.store(part + BEST_INDEX * plane_stride, best_index.to(tl.float32), mask=counted)
     if HAS_TARGET:
+        # the one block that holds a row's target writes its logit, at that block's slot
         here = counted & (tgt >= col0) & (tgt < col0 + BLOCK_N) & (tgt < V)
         s_tgt = tl.sum(tl.where(cols[None, :] == tgt[:, None], s, 0.0), axis=1)
-        # the one block that holds the target writes it, at its own block's slot
         tl.store(part + TARGET_LOGIT * plane_stride, s_tgt, mask=here)
     if SEPARATE_CE_LSE:
-        m_c, z_c = tile_lse_state(s)
-        tl.store(part + M_CE * plane_stride, m_c, mask=counted)
-        tl.store(part + Z_CE * plane_stride, z_c, mask=counted)
+        _store_lse_state(part, plane_stride, M_CE, Z_CE, s, counted)
     a = s * inv_temp
-    one_pass_kl = HAS_TEACHER and (DIVERGENCE == FKL or DIVERGENCE == RKL)
-    if not one_pass_kl:  # the student's last state: its tile is dead before the teacher's product starts
-        m_s, z_s = tile_lse_state(a)
+    if HAS_TEACHER and (DIVERGENCE == FKL or DIVERGENCE == RKL):
+        b = t * inv_temp
+        if DIVERGENCE == RKL:
+            m_s, z_s, m_t, z_t, kl = tile_kl_state(a, b)
+        else:
+            m_t, z_t, m_s, z_s, kl = tile_kl_state(b, a)
         tl.store(part + M_STUDENT * plane_stride, m_s, mask=counted)
         tl.store(part + Z_STUDENT * plane_stride, z_s, mask=counted)
-    if HAS_TEACHER:
-        t = loss_logits(tile_logits(xt_ptr, xt_row_stride, wt_ptr, wt_row_stride, R, V, K_T, row0, col0,
-                                    BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K_T, DOT_FP32, INPUT_PRECISION),
-                        bt_ptr, cols, col_in, HAS_TEACHER_BIAS)
-        if STORE_TEACHER:
-            _store_tile(t_tile_ptr, t_tile_row_stride, rows, cols, keep, t)
-        b = t * inv_temp
-        if one_pass_kl:
-            if DIVERGENCE == RKL:
-                m_s, z_s, m_t, z_t, kl = tile_kl_state(a, b)
-            else:
-                m_t, z_t, m_s, z_s, kl = tile_kl_state(b, a)
-            tl.store(part + M_STUDENT * plane_stride, m_s, mask=counted)
-            tl.store(part + Z_STUDENT * plane_stride, z_s, mask=counted)
-            tl.store(part + KL_SUM * plane_stride, kl, mask=counted)
-        else:
-            m_t, z_t = tile_lse_state(b)
         tl.store(part + M_TEACHER * plane_stride, m_t, mask=counted)
         tl.store(part + Z_TEACHER * plane_stride, z_t, mask=counted)
+        tl.store(part + KL_SUM * plane_stride, kl, mask=counted)
+    else:
+        _store_lse_state(part, plane_stride, M_STUDENT, Z_STUDENT, a, counted)

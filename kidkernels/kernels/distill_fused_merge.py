@@ -111,7 +111,6 @@ def distill_fused_merge_kernel(
         tgt = tl.load(target_ptr + rows, mask=row_in, other=ignore_index).to(tl.int64)
         counted = row_in & (tgt != ignore_index)
     one_pass = (not HAS_TEACHER) or DIVERGENCE == FKL or DIVERGENCE == RKL
-    kl_state = HAS_TEACHER and one_pass
     m_s = tl.full([BLOCK_R], float("-inf"), tl.float32)
     z_s = tl.zeros([BLOCK_R], tl.float32)
     m_t = tl.full([BLOCK_R], float("-inf"), tl.float32)
@@ -130,17 +129,17 @@ def distill_fused_merge_kernel(
         if HAS_TEACHER:
             t_m = _plane(slab, M_TEACHER, plane_stride, inside, float("-inf"))
             t_z = _plane(slab, Z_TEACHER, plane_stride, inside, 0.0)
-        if kl_state:
-            # the one-pass KL state of the weighting model x and the other y (RKL: x the student; FKL: the teacher)
-            slab_kl = _plane(slab, KL_SUM, plane_stride, inside, 0.0)
-            if DIVERGENCE == RKL:
-                m_s, z_s, m_t, z_t, kl = _merge_kl_slab(m_s, z_s, m_t, z_t, kl, s_m, s_z, t_m, t_z, slab_kl)
+            if DIVERGENCE == RKL:  # the one-pass KL state of the weighting model x (the student) and the other y
+                m_s, z_s, m_t, z_t, kl = _merge_kl_slab(m_s, z_s, m_t, z_t, kl, s_m, s_z, t_m, t_z,
+                                                        _plane(slab, KL_SUM, plane_stride, inside, 0.0))
+            elif DIVERGENCE == FKL:  # x the teacher
+                m_t, z_t, m_s, z_s, kl = _merge_kl_slab(m_t, z_t, m_s, z_s, kl, t_m, t_z, s_m, s_z,
+                                                        _plane(slab, KL_SUM, plane_stride, inside, 0.0))
             else:
-                m_t, z_t, m_s, z_s, kl = _merge_kl_slab(m_t, z_t, m_s, z_s, kl, t_m, t_z, s_m, s_z, slab_kl)
+                m_s, z_s = _merge_lse_slab(m_s, z_s, s_m, s_z)
+                m_t, z_t = _merge_lse_slab(m_t, z_t, t_m, t_z)
         else:
             m_s, z_s = _merge_lse_slab(m_s, z_s, s_m, s_z)
-            if HAS_TEACHER:
-                m_t, z_t = _merge_lse_slab(m_t, z_t, t_m, t_z)
         if SEPARATE_CE_LSE:
             m_c, z_c = _merge_lse_slab(m_c, z_c, _plane(slab, M_CE, plane_stride, inside, float("-inf")),
                                        _plane(slab, Z_CE, plane_stride, inside, 0.0))

@@ -56,6 +56,7 @@ dry run (the GPU's tile configuration is recorded there).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -91,16 +92,27 @@ class MergeConfig:
 MERGE = MergeConfig(16, 64, 4)
 # Under the interpreter: several loop steps over the blocks of a test-sized vocabulary.  Read at every launch.
 MERGE_INTERPRETER = MergeConfig(8, 8, 4)
+# The interpreter's cost is per program (each runs the kernel's Python once): at larger shapes its tiles grow so that
+# a call has at most this many row blocks and vocabulary blocks (at test shapes: fused_tiles.INTERPRETER's small
+# tiles, several blocks of each and ragged edges).
+INTERPRETER_MAX_ROW_BLOCKS = 4
+INTERPRETER_MAX_VOCAB_BLOCKS = 32
 # Partial-state arrays stay below 2**31 elements (int32 offsets in the kernels).
 MAX_PARTIAL_ELEMENTS = (1 << 31) - 1
 
 
-def geometry(device: torch.device) -> tuple[fused_tiles.TileConfig, MergeConfig]:
-    """The tile configuration of the forward and the merge's on ``device``: the GPU's on CUDA and on ``meta`` tensors
-    (a dry run records the GPU launches), the interpreter's on CPU tensors."""
+def geometry(device: torch.device, rows: int, vocab: int) -> tuple[fused_tiles.TileConfig, MergeConfig]:
+    """The tile configuration of the forward and the merge's for ``rows`` x ``vocab`` logits on ``device``: the GPU's
+    on CUDA and on ``meta`` tensors (a dry run records the GPU launches); on CPU tensors the interpreter's
+    (``fused_tiles.INTERPRETER``), widened at large shapes (:data:`INTERPRETER_MAX_VOCAB_BLOCKS`)."""
     tiles = fused_tiles.LOSS_FORWARD if device.type == "meta" else \
         fused_tiles.tile_config(fused_tiles.LOSS_FORWARD, device)
-    return tiles, (MERGE_INTERPRETER if tiles is fused_tiles.INTERPRETER else MERGE)
+    if tiles is not fused_tiles.INTERPRETER:
+        return tiles, MERGE
+    block_m = max(tiles.block_m, triton.next_power_of_2(triton.cdiv(rows, INTERPRETER_MAX_ROW_BLOCKS)))
+    block_n = max(tiles.block_n, triton.next_power_of_2(triton.cdiv(vocab, INTERPRETER_MAX_VOCAB_BLOCKS)))
+    merge = dataclasses.replace(MERGE_INTERPRETER, block_r=max(MERGE_INTERPRETER.block_r, block_m // 2))
+    return dataclasses.replace(tiles, block_m=block_m, block_n=block_n), merge
 
 
 def stored_tiles(cfg: DistillConfig, with_grad: bool) -> tuple[bool, bool]:
@@ -143,7 +155,7 @@ def fused_distill_chunks(xs, ws, bs, xt, wt, bt, target, cfg: DistillConfig, wor
     xs, ws, bs = _unit_stride(xs), _unit_stride(ws), _unit_stride(bs)
     if cfg.has_teacher:
         xt, wt, bt = _unit_stride(xt), _unit_stride(wt), _unit_stride(bt)
-    tiles, merge = geometry(xs.device)
+    tiles, merge = geometry(xs.device, n, vocab)
     num_blocks = triton.cdiv(vocab, tiles.block_n)
     store_student, store_teacher = stored_tiles(cfg, with_grad)
     n_tiles = int(store_student) + int(store_teacher)
