@@ -25,12 +25,13 @@ them); the loss then sees them through the temperature, ``a = s * inv_temp`` and
 model's tile is formed.  A logit transform of the row kernels (softcapping, a logit scale: applied to the logits as
 read, before the temperature) goes at those two points, after the store.
 
-Register budget (sm_90a, 128 x 128 tiles, 8 warps): each float32 accumulator is 64 registers per thread, and the
-programs are compiled with close to all 255 registers a thread can have (``tools/compile_kernels.py`` checks that none
-spills).  So at most one tile is live through a product's K loop: the teacher's product runs first; for JSD and TVD
-its tile is reduced (and stored) before the student's product starts, and only the KLs, whose one-pass state needs
-both tiles at once, keep the teacher's tile live through the student's shorter product (K = H_s) and its epilogue.
-(Student first, with its tile live through the teacher's K = H_t loop, spilled in some variants.)
+Register budget (sm_90a, 8 warps): each float32 accumulator of a 128 x 128 tile is 64 registers per thread; with two
+of them and this epilogue, 128 x 128 tiles reach all 255 registers and spill in some variants, so the loss forward
+runs 128 x 64 tiles (``fused_tiles.LOSS_FORWARD``; 110-216 registers, none spilled, on Triton 3.6 and 3.9 as
+``tools/compile_kernels.py`` reads them).  At most one tile is live through a product's K loop: the teacher's product
+runs first; for JSD and TVD its tile is reduced (and stored) before the student's product starts, and only the KLs,
+whose one-pass state needs both tiles at once, keep the teacher's tile live through the student's shorter product
+(K = H_s) and its epilogue.
 """
 import triton
 import triton.language as tl

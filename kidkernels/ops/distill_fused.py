@@ -35,17 +35,17 @@ each launch ``max(FLOPs / peak, bytes / bandwidth)``; estimates, not measurement
     A'           fwd (2 H_s, 0)  grad (2 H_s, 2)  dX, dW                        8,192    6      10.2
     A            fwd (2 H_s, 4)  grad rows (0, 4 + 2)  dX, dW                   6,144   14       9.5
 
-(the partial states add about 0.3 B per position: 9 floats per row per 128-column block.)  The fused forward is
-compute-bound either way (10,240 FLOPs per position against 4-8 B), so what separates the designs is the workspace
-they hold, and the gradient: A' holds 4 B (teacher tile) + 2 B (bf16 gradient) per position against A's 10 B, so a
-given ``workspace_bytes`` takes 1.7x the rows per chunk, and each chunk re-reads both lm_heads (about 1.6 GB at the
-paper shape) once fewer times; its gradient kernel is a K = H_s GEMM (2.6 ps, compute-bound) where A's row pass moves
-10 B (3.0 ps).  So FKL, RKL and the cross-entropy alone use A'.  (For the cross-entropy alone A' trades 2 H_s FLOPs
-for 8 B: about even per position, and its workspace is 2 B per position against 6 B.)  JSD and TVD need both final
-log-sum-exps before any per-element term, so a second sweep over both tiles (the value) comes before the gradient:
-with A' that sweep and the gradient each recompute the student's tile (two more K = H_s products, and the value's
-log-mixture and softplus in a GEMM epilogue that already holds the accumulator), for an estimate within 1% of A's,
-which reuses the row kernels' value and gradient passes as they are.  So JSD and TVD use A.
+(the partial states add about 0.6 B per position: up to 9 floats per row per 64-column block, written and read.)  The
+fused forward is compute-bound either way (10,240 FLOPs per position against 4-8 B), so what separates the designs is
+the workspace they hold, and the gradient: A' holds 4 B (teacher tile) + 2 B (bf16 gradient) per position against A's
+10 B, so a given ``workspace_bytes`` takes 1.7x the rows per chunk, and each chunk re-reads both lm_heads (about 1.6
+GB at the paper shape) once fewer times; its gradient kernel is a K = H_s GEMM (2.6 ps, compute-bound) where A's row
+pass moves 10 B (3.0 ps).  So FKL, RKL and the cross-entropy alone use A'.  (For the cross-entropy alone A' trades 2
+H_s FLOPs for 8 B: about even per position, and its workspace is 2 B per position against 6 B.)  JSD and TVD need both
+final log-sum-exps before any per-element term, so a second sweep over both tiles (the value) comes before the
+gradient: with A' that sweep and the gradient each recompute the student's tile (two more K = H_s products, and the
+value's log-mixture and softplus in a GEMM epilogue that already holds the accumulator), for an estimate within 1% of
+A's, which reuses the row kernels' value and gradient passes as they are.  So JSD and TVD use A.
 
 Workspace: per row, V x (4 B per stored tile, plus the gradient in the input dtype unless it overwrites a float32
 tile), plus the partial states (``NUM_PARTIALS`` floats per vocabulary block), all sized by ``workspace_bytes``

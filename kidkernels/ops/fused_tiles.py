@@ -2,8 +2,10 @@
 
 A small fixed set, each compiled without register spills for sm_90a on Triton 3.6 and 3.9
 (``tools/compile_kernels.py`` checks every variant kidkernels launches).  128 x 128 tiles with K steps of 64 and 8
-warps: one float32 accumulator is 64 registers per thread, two (the loss forward: student and teacher) 128, which
-leaves room for the epilogue; 128 x 256 tiles with two accumulators spill (see ``shared/notes/fused-gemm.md``).
+warps: one float32 accumulator is 64 registers per thread.  The loss forward holds two (student and teacher), and
+with its epilogue (one-pass KL state, argmax, target logit, tile store) 128 x 128 tiles use all 255 registers and
+spill in some hot variants (a bias, T != 1, no target; odd V spills 200-700 B): it takes 128 x 64 tiles (110-216
+registers, no spill in any variant); 128 x 256 tiles with two accumulators spill (see ``shared/notes/fused-gemm.md``).
 ``GROUP_M`` row blocks walk the vocabulary together, so a block of weight rows is read from HBM once per group.
 
 Under the Triton interpreter (CPU tensors, tests) the tiles are small, so that the ragged edges and the merges of many
@@ -29,7 +31,9 @@ class TileConfig:
 
 # The GPU configurations, by kernel.
 SELECTION = TileConfig(128, 128, 64, 8, 8, 3)
-LOSS_FORWARD = TileConfig(128, 128, 64, 8, 8, 3)
+# Two float32 128 x 128 accumulators with the forward's epilogue use all 255 registers and spill in hot variants (a
+# bias, T != 1, no target); 128 x 64: 88-216 registers without spills.
+LOSS_FORWARD = TileConfig(128, 64, 64, 8, 8, 3)
 # The gradient holds the teacher's tile next to the accumulator: at 128 x 128 it reaches 255 registers and spills on
 # sm_90a (Triton 3.6 and 3.9); 128 x 64 compiles at 114-202 registers without spills (tools/compile_fused_grad.py).
 LOSS_GRAD = TileConfig(128, 64, 64, 8, 8, 3)
