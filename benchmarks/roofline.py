@@ -106,7 +106,7 @@ class Problem:
     h_t: int
     v: int
     divergence: str = "rkl"
-    workspace_bytes: int = 512 << 20
+    workspace_bytes: int | None = None  # None: each backend's default, as the public API chooses it
     weight_grad_fp32: bool = True
     dtype: torch.dtype = torch.bfloat16
 
@@ -149,6 +149,15 @@ class Unavailable(Exception):
 
 # ---- the implementations --------------------------------------------------------------------------------------
 
+def _workspace(p: Problem, backend: str, op: str) -> int:
+    """The workspace of a kidkernels call: the one asked for, else the library's default for ``backend`` and ``op``
+    (as ``kidkernels.loss`` and ``kidkernels.selection`` choose it)."""
+    from kidkernels.ops.workspace import DEFAULT_WORKSPACE_BYTES, FUSED_LOSS_WORKSPACE_BYTES, workspace_budget
+
+    default = FUSED_LOSS_WORKSPACE_BYTES if (backend, op) == ("triton", "loss") else DEFAULT_WORKSPACE_BYTES
+    return p.workspace_bytes if p.workspace_bytes is not None else workspace_budget(None, default=default)
+
+
 def _kidkernels_loss(backend: str):
     def run(p: Problem, t: MetaInputs) -> None:
         # The registered op, as the public API calls it (resolve_backend, which refuses meta tensors, is bypassed by
@@ -156,8 +165,9 @@ def _kidkernels_loss(backend: str):
         loss = torch.ops.kidkernels.linear_distill(
             xs=t.x_s, ws=t.W_s, bs=None, xt=t.x_t, wt=t.W_t, bt=None, target=t.target, normalizer=None,
             normalizer_value=None, divergence=p.divergence, beta=0.5, temperature=1.0, kd_weight=1.0, mle_weight=1.0,
-            ignore_index=-100, vocab=p.v, reduction="mean", backend=backend, workspace_bytes=p.workspace_bytes,
-            weight_grad_fp32=p.weight_grad_fp32, grad_input=True, grad_weight=True, grad_bias=False)[0]
+            ignore_index=-100, vocab=p.v, reduction="mean", backend=backend,
+            workspace_bytes=_workspace(p, backend, "loss"), weight_grad_fp32=p.weight_grad_fp32, grad_input=True,
+            grad_weight=True, grad_bias=False)[0]
         loss.backward()
     return run
 
@@ -166,9 +176,10 @@ def _kidkernels_selection(backend: str, statistic: str):
     def run(p: Problem, t: MetaInputs) -> None:
         if statistic == "entropy":
             torch.ops.kidkernels.linear_entropy(t.x_s.detach(), t.W_s.detach(), None, 1.0, backend,
-                                                p.workspace_bytes)
+                                                _workspace(p, backend, "selection"))
         else:
-            torch.ops.kidkernels.linear_argmax(t.x_s.detach(), t.W_s.detach(), None, backend, p.workspace_bytes)
+            torch.ops.kidkernels.linear_argmax(t.x_s.detach(), t.W_s.detach(), None, backend,
+                                               _workspace(p, backend, "selection"))
     return run
 
 
@@ -472,7 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="'paper' (N=2048, H_s=1024, H_t=4096, V=151936; the default) or N,H_s,H_t,V")
     parser.add_argument("--divergence", choices=DIVERGENCES, default="rkl", help="default rkl (with the MLE term)")
     parser.add_argument("--workspace-mb", type=float, default=None,
-                        help="kidkernels' workspace in MiB (default: the library's: 512, or KIDKERNELS_WORKSPACE_MB)")
+                        help="kidkernels' workspace in MiB (default: the library's for each backend, 1 GiB for the "
+                        "fused loss and 512 MiB otherwise, or KIDKERNELS_WORKSPACE_MB)")
     parser.add_argument("--gpu", choices=("h100", "h200", "all"), default="all",
                         help="the GPUs printed (default all; the JSON has both)")
     parser.add_argument("--bf16-weight-grad", action="store_true",
@@ -487,10 +499,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args, argv: list[str]) -> tuple[str, dict]:
-    from kidkernels.ops.workspace import workspace_budget
+    import os
 
     n, h_s, h_t, v = args.shape
-    workspace = workspace_budget(None if args.workspace_mb is None else int(args.workspace_mb * (1 << 20)))
+    workspace = None if args.workspace_mb is None else int(args.workspace_mb * (1 << 20))
+    if workspace is None and os.environ.get("KIDKERNELS_WORKSPACE_MB"):
+        workspace = int(float(os.environ["KIDKERNELS_WORKSPACE_MB"]) * (1 << 20))
     p = Problem(n, h_s, h_t, v, args.divergence, workspace, not args.bf16_weight_grad)
     gpus = list(GPUS.values()) if args.gpu == "all" else [GPUS[args.gpu]]
     command = " ".join(["python benchmarks/roofline.py", *argv])
@@ -499,7 +513,9 @@ def run(args, argv: list[str]) -> tuple[str, dict]:
              f"command: {command}",
              f"shape: N={n:,} H_s={h_s:,} H_t={h_t:,} V={v:,}, bf16 inputs; loss: {p.divergence.upper()} + MLE "
              f"(kd_weight 1, mle_weight 1, T 1, mean, no ignored rows), forward + backward with the student input and "
-             f"weight gradients (dW accumulated in {wgrad}); kidkernels workspace {workspace / (1 << 20):g} MiB",
+             f"weight gradients (dW accumulated in {wgrad}); kidkernels workspace "
+             + (f"{workspace / (1 << 20):g} MiB" if workspace is not None else
+                "each backend's default (1 GiB for the fused loss, 512 MiB otherwise)"),
              *constants_lines(gpus), ""]
     report = dict(kind="roofline estimate", estimate=True,
                   note="ESTIMATES from each implementation's launch sequence recorded on meta tensors; no GPU ran "

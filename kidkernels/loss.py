@@ -31,7 +31,7 @@ from . import _validation as check
 from ._backend import resolve_backend
 from .ops import custom_ops  # noqa: F401  (registers the ops)
 from .ops.config import DistillConfig
-from .ops.workspace import workspace_budget
+from .ops.workspace import DEFAULT_WORKSPACE_BYTES, FUSED_LOSS_WORKSPACE_BYTES, workspace_budget
 
 __all__ = ["fused_linear_distill_loss", "FusedLinearDistillLoss", "distill_loss", "fused_linear_cross_entropy",
            "FusedLinearCrossEntropyLoss"]
@@ -61,7 +61,9 @@ _OPTIONS_DOC = """
     backend: "triton", "triton_rows", "torch" or "auto" (default: ``KIDKERNELS_BACKEND``, else auto: Triton on CUDA,
         and on CPU under ``TRITON_INTERPRET=1``; PyTorch otherwise and for float64).  "triton_rows" is the previous
         Triton path (cuBLAS logits, then row-per-program passes), kept as a reference for the benchmarks.
-    workspace_bytes: bound on the chunk buffers of logits (default 512 MiB or ``KIDKERNELS_WORKSPACE_MB``).
+    workspace_bytes: bound on the chunk buffers of logits (default 1 GiB on "triton", the GEMM-fused kernels, where
+        fewer chunks re-read the float32 weight-gradient accumulator fewer times; 512 MiB on the other backends; or
+        ``KIDKERNELS_WORKSPACE_MB``).
     student_logit_scale, teacher_logit_scale: a model's multiplier of its logits (Cohere's ``logit_scale``; TRL and
         Hugging Face configs also call it ``output_multiplier``, ``lm_head_multiplier`` or ``1 / logits_scaling``),
         a finite number > 0.  Default 1.
@@ -139,11 +141,14 @@ def _linear_loss(xs, ws, bs, xt, wt, bt, target, normalizer, cfg: DistillConfig,
     if wt is not None:
         wt = wt.contiguous()
     norm_tensor, norm_value = _normalizer_args(normalizer)
+    backend = resolve_backend(backend, device, xs.dtype)
+    workspace_bytes = workspace_budget(workspace_bytes, default=FUSED_LOSS_WORKSPACE_BYTES if backend == "triton"
+                                       else DEFAULT_WORKSPACE_BYTES)
     loss, kd, ce, *_ = torch.ops.kidkernels.linear_distill(
         xs, ws, bs, xt, wt, bt, target, norm_tensor, norm_value,
         cfg.divergence, cfg.beta, cfg.temperature, cfg.kd_weight, cfg.mle_weight, cfg.ignore_index, vocab,
-        reduction, resolve_backend(backend, device, xs.dtype), workspace_budget(workspace_bytes),
-        _weight_grad_fp32(weight_grad_fp32), _needs_grad(xs), _needs_grad(ws), _needs_grad(bs), *_transform_args(cfg))
+        reduction, backend, workspace_bytes, _weight_grad_fp32(weight_grad_fp32), _needs_grad(xs), _needs_grad(ws),
+        _needs_grad(bs), *_transform_args(cfg))
     return loss, kd, ce
 
 
