@@ -410,15 +410,24 @@ def test_dry_run_on_meta_tensors():
     assert top.hbm_bytes == rows * blocks * 4 + rows * (4 + 8 + 2)
     assert dict(main.meta)["BLOCK_N"] == tiles.block_n
     assert dict(main.meta)["DOT_FP32"] is False  # the GPU multiplies bfloat16 on the tensor cores
-    # A student softcap: the top column's factor, 4 B per row, written by the tile kernel and read by the fix-up.
+    # Softcaps: the narrower tiles (the epilogue's extra live values), and the top column's factor, 4 B per row,
+    # written by the tile kernel and read by the fix-up.
     capped = config("rkl", mle_weight=0.5, student_softcap=30.0, teacher_softcap=30.0)
     with launches.recording(dry_run=True) as recorded:
         write_grad_fused(torch.empty(rows, hidden, dtype=torch.bfloat16, **meta),
                          torch.empty(vocab, hidden, dtype=torch.bfloat16, **meta), None,
                          torch.empty(rows, vocab, **meta), torch.empty(rows, dtype=torch.int64, **meta),
                          torch.empty(NUM_STATS, rows, **meta), capped, torch.empty(1, **meta).expand(rows), grad_out)
-    assert [r.hbm_bytes for r in recorded] == [main.hbm_bytes + 4 * rows, top.hbm_bytes + 4 * rows]
-    assert dict(recorded[0].meta)["S_HAS_SOFTCAP"] and dict(recorded[1].meta)["S_HAS_SOFTCAP"]
+    capped_tiles = grad_tile_config(torch.device("meta"), capped)
+    assert capped_tiles == fused_tiles.LOSS_GRAD_SOFTCAP and capped_tiles.block_n < tiles.block_n
+    capped_blocks = math.ceil(vocab / capped_tiles.block_n)
+    main, top = recorded
+    assert main.grid == (math.ceil(rows / capped_tiles.block_m) * capped_blocks,)
+    assert dict(main.meta)["BLOCK_N"] == capped_tiles.block_n
+    assert main.hbm_bytes == (operands + rows * vocab * (4 + 2) + rows * per_row + 4 + rows * capped_blocks * 4
+                              + 4 * rows)
+    assert top.hbm_bytes == rows * capped_blocks * 4 + rows * (4 + 8 + 2 + 4)
+    assert dict(main.meta)["S_HAS_SOFTCAP"] and dict(top.meta)["S_HAS_SOFTCAP"]
 
 
 def test_bad_layouts_are_refused():

@@ -27,10 +27,12 @@ TOP_BLOCK_ROWS = 16
 TOP_BLOCK_PARTIALS = 128
 
 
-def grad_tile_config(device: torch.device) -> fused_tiles.TileConfig:
-    """:data:`fused_tiles.LOSS_GRAD` on CUDA and on ``meta`` tensors (a dry run records the GPU launches),
-    :data:`fused_tiles.INTERPRETER` on CPU tensors."""
-    return fused_tiles.tile_config(fused_tiles.LOSS_GRAD, device)
+def grad_tile_config(device: torch.device, cfg: DistillConfig | None = None) -> fused_tiles.TileConfig:
+    """:data:`fused_tiles.LOSS_GRAD` (:data:`fused_tiles.LOSS_GRAD_SOFTCAP` when either model of ``cfg`` has a
+    softcap) on CUDA and on ``meta`` tensors (a dry run records the GPU launches), :data:`fused_tiles.INTERPRETER` on
+    CPU tensors."""
+    capped = cfg is not None and (cfg.student_transform.has_softcap or cfg.teacher_transform.has_softcap)
+    return fused_tiles.tile_config(fused_tiles.LOSS_GRAD_SOFTCAP if capped else fused_tiles.LOSS_GRAD, device)
 
 
 def _check_layout(name: str, tensor, ndim: int) -> None:
@@ -60,7 +62,7 @@ def write_grad_fused(x, ws, bs, teacher_tile, target, stats, cfg: DistillConfig,
         raise ValueError(f"grad_out must be [{rows}, {vocab}], got {tuple(grad_out.shape)}")
     if rows == 0 or vocab == 0:
         return
-    tiles = grad_tile_config(x.device)
+    tiles = grad_tile_config(x.device, cfg)
     for name, tensor in (("teacher_tile", teacher_tile), ("grad_out", grad_out)):
         if tensor is not None and tiles.block_m * tensor.stride(0) >= 2 ** 31:  # the kernel's 32-bit tile offsets
             raise ValueError(f"{name}'s row stride {tensor.stride(0)} is too large for the fused gradient's tiles")
