@@ -2,8 +2,10 @@
 
 Two entry points share the per-chunk backends (``distill_triton`` and ``distill_torch``, see :mod:`.registry`):
 
-* :func:`linear_distill_chunks` takes hidden states and lm_head weights.  Rows are processed in chunks whose float32
-  logits fit the workspace budget; for each chunk the student and teacher logits are formed by a matmul (no teacher
+* :func:`linear_distill_chunks` takes hidden states and lm_head weights.  On backend "triton" the matrix products
+  are fused with the loss (:mod:`.distill_fused`: logits formed tile by tile in registers, only the teacher's tile
+  kept for the gradient).  On "triton_rows" and "torch" rows are processed in chunks whose float32 logits fit the
+  workspace budget; for each chunk the student and teacher logits are formed by a matmul (no teacher
   tensors and ``cfg.has_teacher`` False: the cross-entropy alone, with no teacher matmul at all), the kernels
   compute the row statistics and, when a gradient is needed, write d(loss)/d(student logits) into a chunk-sized
   buffer that two more matmuls turn into the input and weight gradients.  For ``reduction`` "mean" and "sum" the
@@ -117,6 +119,13 @@ def linear_distill_chunks(
     ws, bs = _leading_rows(ws, bs, vocab)
     if cfg.has_teacher:
         wt, bt = _leading_rows(wt, bt, vocab)
+    if opts.backend == "triton":
+        from .distill_fused import fused_distill_chunks  # imports triton: only when used
+
+        fused_distill_chunks(xs, ws, bs, xt, wt, bt, target, cfg, opts.workspace_bytes, stats, dx=dx,
+                             dw=dw[:vocab] if dw is not None else None, db=db[:vocab] if db is not None else None,
+                             row_weight=row_weight)
+        return stats, dx, dw, db
     step = chunk_rows(vocab, xs.dtype, opts.workspace_bytes, logit_buffers=2 if cfg.has_teacher else 1,
                       temporaries=impl.TEMPORARIES_PER_ELEMENT, grad_buffer=with_grad)
     for r0 in range(0, n, step):

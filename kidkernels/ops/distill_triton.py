@@ -81,6 +81,17 @@ def fill_stats(student, teacher, target, stats, cfg: DistillConfig) -> None:
     )
     if cfg.one_pass:
         return
+    fill_values(student, teacher, target, stats, cfg)
+
+
+def fill_values(student, teacher, target, stats, cfg: DistillConfig) -> None:
+    """The value pass of JSD and TVD: KD, CENTER and CENTER_2 of every row from the log-sum-exps already in ``stats``
+    (written by :func:`fill_stats`, or by the merge of the GEMM-fused forward)."""
+    rows, vocab = student.shape
+    if rows == 0:
+        return
+    block = tiles.block_v(vocab)
+    stat = stats.element_size()
     # Reads: both chunks again, the targets and four log-normaliser rows; writes: KD, CENTER and CENTER_2 (every row).
     value_pass_bytes = _sweep_bytes(student, teacher) + _target_bytes(target, rows) + rows * stat * (4 + 3)
     launch(
