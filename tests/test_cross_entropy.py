@@ -170,12 +170,24 @@ def test_equals_distill_loss_without_kd(backend, device, dtype, reduction):
 def test_no_teacher_matmul(backend, device, monkeypatch):
     """Every row's logits are formed exactly once ("mean": the gradients come from the forward pass), all of them
     with the weight given: there is no second (teacher) matmul."""
-    from kidkernels.ops import distill
+    from kidkernels.ops import distill, launches
 
+    case = make_case(device=device, seed=13)
+    if backend == "triton":
+        # The GEMM-fused path forms no logits tensor: its products are the forward kernel's (K = H, the student's
+        # alone) and the gradient kernel's recomputation of the same tile, chunk by chunk.
+        with launches.recording() as records:
+            kidkernels.fused_linear_cross_entropy(**case, backend=backend, workspace_bytes=4 * V * 4).backward()
+        forward = [r for r in records if r.kernel == "distill_fused_forward_kernel"]
+        grad = [r for r in records if r.kernel == "distill_fused_grad_kernel"]
+        hidden = case["input"].shape[-1]
+        assert len(forward) > 1, "expected several row chunks"
+        assert sum(r.flops for r in forward) == sum(r.flops for r in grad) == 2 * N * V * hidden
+        assert sum(r.flops for r in records) == 4 * N * V * hidden
+        backend = "triton_rows"  # and the cuBLAS path below
     calls = []
     real = distill.linear_logits
     monkeypatch.setattr(distill, "linear_logits", lambda x, w, b: calls.append((x.shape[0], w)) or real(x, w, b))
-    case = make_case(device=device, seed=13)
     kidkernels.fused_linear_cross_entropy(**case, backend=backend, workspace_bytes=4 * V * 4).backward()
     assert len(calls) > 1, "expected several row chunks"
     assert all(w is case["weight"] for _, w in calls)
