@@ -198,6 +198,32 @@ def test_bfloat16_operands_through_dot_fp32():
     check(inp, config("rkl", temperature=2.0, mle_weight=0.5), torch.bfloat16)
 
 
+def confident_student(seed):
+    """``(inputs, hot)``: 6 rows over V = 300 whose student logit at ``hot[i]`` is raised by 35 (its lead over the
+    others 11 to 21), a teacher close to the student (noise 0.3), the targets at ``hot``, no row weight."""
+    inp = make_inputs(6, 300, 32, seed=seed, spread=2.0, row_weight=None)
+    hot = torch.tensor([5, 40, 99, 150, 201, 299])
+    w_hot = inp["ws"][hot]
+    inp["x"] = inp["x"] + (35.0 / w_hot.pow(2).sum(1))[:, None] * w_hot  # row i's logit at hot[i] up by 35
+    noise = torch.randn(6, 300, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    inp["teacher"] = (student_logits(inp).double() + 0.3 * noise).float()
+    inp["target"] = hot.clone()
+    return inp, hot
+
+
+def grad_away_from_top(inp, cfg, hot):
+    """``(ours, ref, stats, others)``: the fused and the float64 gradients, TOP checked to be ``hot`` and every
+    element but TOP (``others``) checked against the reference."""
+    stats = row_stats(inp, cfg)
+    assert torch.equal(stats[TOP].long(), hot)
+    ours = fused_grad(inp, cfg, stats)
+    ref = reference_grad(inp, cfg)
+    others = torch.ones_like(ref, dtype=torch.bool)
+    others[torch.arange(len(hot)), hot] = False
+    assert_close_grad(torch.where(others, ours.double(), ref), ref, torch.float32)
+    return ours, ref, stats, others
+
+
 # ---------------------------------------------------------------------------------- logit scale and softcap
 
 # Different scales and caps per model; with logits of spread 6 (the teacher's tile about 1.3x that, 7 above), the
@@ -246,22 +272,10 @@ def test_softcap_top_column_factor():
     It matches the float64 reference as the untransformed TOP does (the logits' float32 error times the others'
     mass, here times the factor); summing the stored gradients (w.r.t. the raw logits) instead is off by 30% to
     130%."""
-    inp = make_inputs(6, 300, 32, seed=23, spread=2.0, row_weight=None)
-    hot = torch.tensor([5, 40, 99, 150, 201, 299])
+    inp, hot = confident_student(23)
     rows = torch.arange(6)
-    w_hot = inp["ws"][hot]
-    inp["x"] = inp["x"] + (35.0 / w_hot.pow(2).sum(1))[:, None] * w_hot
-    noise = torch.randn(6, 300, generator=torch.Generator().manual_seed(23), dtype=torch.float64)
-    inp["teacher"] = (student_logits(inp).double() + 0.3 * noise).float()
-    inp["target"] = hot.clone()
     cfg = config("fkl", temperature=1.0, mle_weight=1.0, student_softcap=30.0, teacher_softcap=30.0)
-    stats = row_stats(inp, cfg)
-    assert torch.equal(stats[TOP].long(), hot)
-    ours = fused_grad(inp, cfg, stats)
-    ref = reference_grad(inp, cfg)
-    others = torch.ones_like(ref, dtype=torch.bool)
-    others[rows, hot] = False
-    assert_close_grad(torch.where(others, ours.double(), ref), ref, torch.float32)
+    ours, ref, _, others = grad_away_from_top(inp, cfg, hot)
     s64 = student_logits(inp, torch.float64)
     top_factor = 1.0 / torch.cosh(s64[rows, hot] / 30.0) ** 2
     assert (top_factor < 0.4).all(), top_factor
@@ -341,25 +355,13 @@ def test_confident_student_top_column():
     element, written as minus the sum of the others, is within the float32 logits' error of the float64 reference
     (that error times the others' probability mass); the per-element formula (the same kernel told TOP is elsewhere)
     loses it to the rounding of terms close to 1 (q_top - p_top, softmax_top - 1)."""
-    inp = make_inputs(6, 300, 32, seed=12, spread=2.0, row_weight=None)
-    hot = torch.tensor([5, 40, 99, 150, 201, 299])
+    inp, hot = confident_student(12)
     rows = torch.arange(6)
-    w_hot = inp["ws"][hot]
-    inp["x"] = inp["x"] + (35.0 / w_hot.pow(2).sum(1))[:, None] * w_hot  # row i's logit at hot[i] up by 35
     s = student_logits(inp)
     lead = s[rows, hot] - s.scatter(1, hot[:, None], -math.inf).max(1).values
     assert (lead > 10).all(), lead
-    noise = torch.randn(6, 300, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
-    inp["teacher"] = (student_logits(inp).double() + 0.3 * noise).float()
-    inp["target"] = hot.clone()
     cfg = config("fkl", temperature=1.0, mle_weight=1.0)
-    stats = row_stats(inp, cfg)
-    assert torch.equal(stats[TOP].long(), hot)
-    ours = fused_grad(inp, cfg, stats)
-    ref = reference_grad(inp, cfg)
-    others = torch.ones_like(ref, dtype=torch.bool)
-    others[rows, hot] = False
-    assert_close_grad(torch.where(others, ours.double(), ref), ref, torch.float32)
+    ours, ref, stats, others = grad_away_from_top(inp, cfg, hot)
     # The TOP element: the logits' float32 error (per row) times the other columns' mass in its three terms.
     s64 = student_logits(inp, torch.float64)
     logit_err = (s.double() - s64).abs().amax(1)
