@@ -89,6 +89,52 @@ def test_every_divergence(divergence, dtype):
     assert [g.dtype for g in grads] == [dtype] * 3
 
 
+# Different scales and caps per model (logits of spread 6 and 7: the caps of 5 and 7 bend most of them).
+TRANSFORMS = dict(student_logit_scale=0.8, student_softcap=5.0, teacher_logit_scale=1.3, teacher_softcap=7.0)
+
+
+@interpreter
+@pytest.mark.parametrize("dtype, divergence", [(torch.float32, d) for d in DIVERGENCES]
+                         + [(torch.float16, "rkl"), (torch.bfloat16, "jsd")],
+                         ids=lambda v: DTYPE_IDS.get(v, v))
+def test_logit_scale_and_softcap(divergence, dtype):
+    """Each model's scale and softcap in the fused forward's epilogue (partial states, the target's logit), the A'
+    gradient and the row passes over the stored (raw) tiles; TOP from the raw logits; a -inf student bias column
+    inside the vocabulary (``-softcap`` after the cap) and the ragged last block (masked after the cap): against
+    float64 and "triton_rows"."""
+    case = make_case(dtype=dtype, seed=21, logit_std=6.0)
+    case["student_bias"][[3, 100]] = -math.inf
+    case["target"][case["target"] == 3] = 4
+    case["target"][case["target"] == 100] = 101
+    check(case, GRAD_TOL[dtype], rows=True, divergence=divergence, beta=0.3, temperature=1.5, mle_weight=0.6,
+          **TRANSFORMS)
+
+
+@interpreter
+def test_saturated_softcap_and_one_side():
+    """FKL + MLE: logits of spread 100 under caps of 5 (factors down to 0 in float32); the student's cap alone (T = 2);
+    the teacher's scale alone."""
+    divergence = "fkl"
+    wide = make_case(seed=22, logit_std=100.0, bias=False)
+    check(wide, 1e-4, divergence=divergence, beta=0.4, mle_weight=0.5, student_softcap=5.0, teacher_softcap=5.0)
+    case = make_case(seed=23, logit_std=20.0)
+    check(case, 1e-4, divergence=divergence, mle_weight=0.5, temperature=2.0, student_softcap=30.0)
+    check(case, 1e-4, divergence=divergence, mle_weight=0.5, teacher_logit_scale=1.7)
+
+
+@interpreter
+def test_cross_entropy_with_scale_and_softcap():
+    g = torch.Generator().manual_seed(24)
+    x, w, b = hidden_and_weight(N, H_S, V, logit_std=20.0, generator=g, bias=True)
+    target = torch.randint(0, V, (N,), generator=g)
+    target[5] = -100
+    params = [t.requires_grad_(True) for t in (x, w, b)]
+    opts = dict(logit_scale=0.9, softcap=30.0)
+    ours = kidkernels.fused_linear_cross_entropy(x, w, target, bias=b, backend="triton", **opts)
+    ref = reference_fused_linear_cross_entropy(x, w, target, bias=b, **opts)
+    assert_close(ours, ref, torch.autograd.grad(ours, params), torch.autograd.grad(ref, params), 1e-4)
+
+
 @interpreter
 def test_divergence_alone():
     """JSD at beta 0.5 without the MLE term; TVD without a target (every row counts).  (The ends of beta, FKL and

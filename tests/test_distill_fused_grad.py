@@ -95,7 +95,9 @@ def reference_grad(inp, cfg):
     t = inp["teacher"].double() if inp["teacher"] is not None else s.detach()
     rows = reference_distill_loss_from_logits(
         s, t, inp["target"], divergence=cfg.divergence, beta=cfg.beta, temperature=cfg.temperature,
-        kd_weight=cfg.kd_weight, mle_weight=cfg.mle_weight, ignore_index=cfg.ignore_index, reduction="none")
+        kd_weight=cfg.kd_weight, mle_weight=cfg.mle_weight, ignore_index=cfg.ignore_index, reduction="none",
+        student_logit_scale=cfg.student_logit_scale, student_softcap=cfg.student_softcap,
+        teacher_logit_scale=cfg.teacher_logit_scale, teacher_softcap=cfg.teacher_softcap)
     w = inp["row_weight"].double() if inp["row_weight"] is not None else torch.ones_like(rows)
     (grad,) = torch.autograd.grad((rows * w).sum(), [s])
     return grad
@@ -122,8 +124,9 @@ def assert_matches_row_kernel(actual, rows_grad, dtype):
     assert ((a - e).abs() <= rounding + ELEMENT[torch.float32] * scale).all()
 
 
-def config(divergence="rkl", *, beta=0.5, temperature=1.0, kd_weight=1.0, mle_weight=0.0, target=True):
-    return DistillConfig(divergence, beta, temperature, kd_weight, mle_weight, IGNORE, target)
+def config(divergence="rkl", *, beta=0.5, temperature=1.0, kd_weight=1.0, mle_weight=0.0, target=True, **transforms):
+    """A loss configuration; ``transforms``: ``student_logit_scale``, ``student_softcap`` and the teacher's."""
+    return DistillConfig(divergence, beta, temperature, kd_weight, mle_weight, IGNORE, target, **transforms)
 
 
 def check(inp, cfg, dtype):
@@ -195,6 +198,98 @@ def test_bfloat16_operands_through_dot_fp32():
     check(inp, config("rkl", temperature=2.0, mle_weight=0.5), torch.bfloat16)
 
 
+def confident_student(seed):
+    """``(inputs, hot)``: 6 rows over V = 300 whose student logit at ``hot[i]`` is raised by 35 (its lead over the
+    others 11 to 21), a teacher close to the student (noise 0.3), the targets at ``hot``, no row weight."""
+    inp = make_inputs(6, 300, 32, seed=seed, spread=2.0, row_weight=None)
+    hot = torch.tensor([5, 40, 99, 150, 201, 299])
+    w_hot = inp["ws"][hot]
+    inp["x"] = inp["x"] + (35.0 / w_hot.pow(2).sum(1))[:, None] * w_hot  # row i's logit at hot[i] up by 35
+    noise = torch.randn(6, 300, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    inp["teacher"] = (student_logits(inp).double() + 0.3 * noise).float()
+    inp["target"] = hot.clone()
+    return inp, hot
+
+
+def grad_away_from_top(inp, cfg, hot):
+    """``(ours, ref, stats, others)``: the fused and the float64 gradients, TOP checked to be ``hot`` and every
+    element but TOP (``others``) checked against the reference."""
+    stats = row_stats(inp, cfg)
+    assert torch.equal(stats[TOP].long(), hot)
+    ours = fused_grad(inp, cfg, stats)
+    ref = reference_grad(inp, cfg)
+    others = torch.ones_like(ref, dtype=torch.bool)
+    others[torch.arange(len(hot)), hot] = False
+    assert_close_grad(torch.where(others, ours.double(), ref), ref, torch.float32)
+    return ours, ref, stats, others
+
+
+# ---------------------------------------------------------------------------------- logit scale and softcap
+
+# Different scales and caps per model; with logits of spread 6 (the teacher's tile about 1.3x that, 7 above), the
+# teacher's cap of 7 saturates much of its tile and the student's cap of 5 bends its tails.
+BOTH = dict(student_logit_scale=0.8, student_softcap=5.0, teacher_logit_scale=1.3, teacher_softcap=7.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_logit_transform_matches_reference(dtype):
+    """Both models scaled and capped (the student tile from the accumulator, the raw teacher tile as read), RKL + MLE
+    at T = 2, biases, ignored rows, random row weights: against float64 and against the row kernel, which applies the
+    same transform to the float32 logits (bfloat16 through DOT_FP32)."""
+    inp = make_inputs(37, 101, 48, dtype=dtype, seed=20, spread=6.0, ignored=(0, 5, 36))
+    check(inp, config("rkl", temperature=2.0, mle_weight=0.5, **BOTH), dtype)
+
+
+@pytest.mark.parametrize("divergence, transforms", [
+    ("fkl", dict(student_softcap=5.0)),
+    ("rkl", dict(student_logit_scale=0.4)),  # the top column's factor is the constant scale
+    ("fkl", dict(teacher_logit_scale=2.0, teacher_softcap=7.0)),  # the student's tile untouched, its factor 1
+    ("ce", dict(student_logit_scale=1.5, student_softcap=5.0)),  # no teacher
+], ids=["student-cap", "student-scale", "teacher-only", "ce"])
+def test_one_side_at_a_time(divergence, transforms):
+    inp = make_inputs(21, 70, 45, seed=21, spread=6.0, ignored=(3,), teacher=divergence != "ce")
+    cfg = DistillConfig.cross_entropy(IGNORE, transforms["student_logit_scale"], transforms["student_softcap"]) \
+        if divergence == "ce" else config(divergence, temperature=1.5, mle_weight=0.5, **transforms)
+    check(inp, cfg, torch.float32)
+
+
+def test_saturated_softcap():
+    """Logits of spread about 100 under caps of 5: most columns at +-5, their factors below 1e-4 and down to 1e-75
+    (0 in float32), FKL + MLE; and -inf student bias columns (z = -5, factor 0: gradient exactly 0 there)."""
+    inp = make_inputs(19, 90, 32, seed=22, spread=100.0, ignored=(4,))
+    inp["bs"][[7, 64]] = -math.inf
+    inp["target"] = torch.where(torch.isin(inp["target"], torch.tensor([7, 64])), 8, inp["target"])
+    cfg = config("fkl", temperature=1.3, mle_weight=0.5, student_softcap=5.0, teacher_softcap=5.0)
+    ours, ref, _ = check(inp, cfg, torch.float32)
+    assert torch.equal(ours[:, [7, 64]], torch.zeros(19, 2))
+    slope = 1.0 / torch.cosh(student_logits(inp, torch.float64) / 5.0) ** 2
+    assert (slope < 1e-4).double().mean() > 0.7 and (slope < 1e-45).any()  # as saturated as claimed
+
+
+def test_softcap_top_column_factor():
+    """A confident student (its largest logit 35 above the others) under a cap of 30: TOP is written as minus the sum
+    of the others' gradients with respect to z, times TOP's own factor (about 0.3 against the others' 0.9 to 1).
+    It matches the float64 reference as the untransformed TOP does (the logits' float32 error times the others'
+    mass, here times the factor); summing the stored gradients (w.r.t. the raw logits) instead is off by 30% to
+    130%."""
+    inp, hot = confident_student(23)
+    rows = torch.arange(6)
+    cfg = config("fkl", temperature=1.0, mle_weight=1.0, student_softcap=30.0, teacher_softcap=30.0)
+    ours, ref, _, others = grad_away_from_top(inp, cfg, hot)
+    s64 = student_logits(inp, torch.float64)
+    top_factor = 1.0 / torch.cosh(s64[rows, hot] / 30.0) ** 2
+    assert (top_factor < 0.4).all(), top_factor
+    z64 = 30.0 * torch.tanh(s64 / 30.0)
+    logit_err = (student_logits(inp).double() - s64).abs().amax(1)
+    q, p = torch.softmax(z64, 1), torch.softmax(30.0 * torch.tanh(inp["teacher"].double() / 30.0), 1)
+    mass = torch.where(others, 2 * q + p, 0.0).sum(1)
+    top_err = (ours[rows, hot].double() - ref[rows, hot]).abs()
+    assert (top_err <= 4 * logit_err * mass * top_factor).all(), (top_err, logit_err * mass * top_factor)
+    assert (top_err <= 1e-4 * ref[rows, hot].abs()).all()
+    raw_sum = -torch.where(others, ours.double(), 0.0).sum(1)
+    assert ((raw_sum - ref[rows, hot]).abs() > 0.3 * ref[rows, hot].abs()).all()
+
+
 # ----------------------------------------------------------------------------------------------------- edges
 
 @pytest.mark.parametrize("rows,vocab", [(1, 20), (1, 101), (16, 32), (5, 1)], ids=["R1-V<BN", "R1", "whole", "V1"])
@@ -260,25 +355,13 @@ def test_confident_student_top_column():
     element, written as minus the sum of the others, is within the float32 logits' error of the float64 reference
     (that error times the others' probability mass); the per-element formula (the same kernel told TOP is elsewhere)
     loses it to the rounding of terms close to 1 (q_top - p_top, softmax_top - 1)."""
-    inp = make_inputs(6, 300, 32, seed=12, spread=2.0, row_weight=None)
-    hot = torch.tensor([5, 40, 99, 150, 201, 299])
+    inp, hot = confident_student(12)
     rows = torch.arange(6)
-    w_hot = inp["ws"][hot]
-    inp["x"] = inp["x"] + (35.0 / w_hot.pow(2).sum(1))[:, None] * w_hot  # row i's logit at hot[i] up by 35
     s = student_logits(inp)
     lead = s[rows, hot] - s.scatter(1, hot[:, None], -math.inf).max(1).values
     assert (lead > 10).all(), lead
-    noise = torch.randn(6, 300, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
-    inp["teacher"] = (student_logits(inp).double() + 0.3 * noise).float()
-    inp["target"] = hot.clone()
     cfg = config("fkl", temperature=1.0, mle_weight=1.0)
-    stats = row_stats(inp, cfg)
-    assert torch.equal(stats[TOP].long(), hot)
-    ours = fused_grad(inp, cfg, stats)
-    ref = reference_grad(inp, cfg)
-    others = torch.ones_like(ref, dtype=torch.bool)
-    others[rows, hot] = False
-    assert_close_grad(torch.where(others, ours.double(), ref), ref, torch.float32)
+    ours, ref, stats, others = grad_away_from_top(inp, cfg, hot)
     # The TOP element: the logits' float32 error (per row) times the other columns' mass in its three terms.
     s64 = student_logits(inp, torch.float64)
     logit_err = (s.double() - s64).abs().amax(1)
@@ -329,6 +412,24 @@ def test_dry_run_on_meta_tensors():
     assert top.hbm_bytes == rows * blocks * 4 + rows * (4 + 8 + 2)
     assert dict(main.meta)["BLOCK_N"] == tiles.block_n
     assert dict(main.meta)["DOT_FP32"] is False  # the GPU multiplies bfloat16 on the tensor cores
+    # Softcaps: the narrower tiles (the epilogue's extra live values), and the top column's factor, 4 B per row,
+    # written by the tile kernel and read by the fix-up.
+    capped = config("rkl", mle_weight=0.5, student_softcap=30.0, teacher_softcap=30.0)
+    with launches.recording(dry_run=True) as recorded:
+        write_grad_fused(torch.empty(rows, hidden, dtype=torch.bfloat16, **meta),
+                         torch.empty(vocab, hidden, dtype=torch.bfloat16, **meta), None,
+                         torch.empty(rows, vocab, **meta), torch.empty(rows, dtype=torch.int64, **meta),
+                         torch.empty(NUM_STATS, rows, **meta), capped, torch.empty(1, **meta).expand(rows), grad_out)
+    capped_tiles = grad_tile_config(torch.device("meta"), capped)
+    assert capped_tiles == fused_tiles.LOSS_GRAD_SOFTCAP and capped_tiles.block_n < tiles.block_n
+    capped_blocks = math.ceil(vocab / capped_tiles.block_n)
+    main, top = recorded
+    assert main.grid == (math.ceil(rows / capped_tiles.block_m) * capped_blocks,)
+    assert dict(main.meta)["BLOCK_N"] == capped_tiles.block_n
+    assert main.hbm_bytes == (operands + rows * vocab * (4 + 2) + rows * per_row + 4 + rows * capped_blocks * 4
+                              + 4 * rows)
+    assert top.hbm_bytes == rows * capped_blocks * 4 + rows * (4 + 8 + 2 + 4)
+    assert dict(main.meta)["S_HAS_SOFTCAP"] and dict(top.meta)["S_HAS_SOFTCAP"]
 
 
 def test_bad_layouts_are_refused():

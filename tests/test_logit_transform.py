@@ -1,11 +1,11 @@
 """Logit scale and final-logit softcapping (``softcap * tanh(scale * x / softcap)``, before the temperature) in every
 op that reads logits, against the float64 reference, on the PyTorch backend and the Triton row kernels.
 
-The backends are named here ("torch", "triton_rows") rather than taken from the ``backend`` fixture: "triton" is to
-become the GEMM-fused kernels, which take the transform in their epilogues later.  Tolerances are those of
-``test_distill.py`` (relative L2 against float64 on the same rounded inputs: 1e-5 on values, 1e-4 on float32
-gradients, 1e-2 on bfloat16 ones).  The softcaps used (5 and 30, Gemma's value) put many logits in the saturated part
-of the tanh, where the chain-rule factor is far from 1 and differs from column to column.
+The backends are named here ("torch", "triton_rows"; for entropy and argmax also "triton", the GEMM-fused selection
+kernels, which apply the transform in their epilogue) rather than taken from the ``backend`` fixture.  Tolerances
+are those of ``test_distill.py`` (relative L2 against float64 on the same rounded inputs: 1e-5 on values, 1e-4 on
+float32 gradients, 1e-2 on bfloat16 ones).  The softcaps used (5 and 30, Gemma's value) put many logits in the
+saturated part of the tanh, where the chain-rule factor is far from 1 and differs from column to column.
 """
 import importlib.util
 import math
@@ -28,6 +28,8 @@ from tests.helpers import assert_close, hidden_and_weight, rel_l2
 from tests.test_distill import GRAD_TOL, H_S, V, make_case, run_both
 
 TRANSFORM_BACKENDS = ["torch"] + (["triton_rows"] if importlib.util.find_spec("triton") is not None else [])
+# The GEMM-fused selection kernels (backend "triton") apply the transform in their epilogue.
+SELECTION_BACKENDS = TRANSFORM_BACKENDS + (["triton"] if "triton_rows" in TRANSFORM_BACKENDS else [])
 DIVERGENCES = ["fkl", "rkl", "jsd", "tvd"]
 BOTH = dict(student_logit_scale=0.8, student_softcap=5.0, teacher_logit_scale=1.3, teacher_softcap=7.0)
 
@@ -36,6 +38,13 @@ BOTH = dict(student_logit_scale=0.8, student_softcap=5.0, teacher_logit_scale=1.
 def tbackend(request, monkeypatch):
     if request.param != "torch":
         monkeypatch.setattr(tiles, "MAX_BLOCK_V", 256)  # V = 1013: 3 full tiles and a ragged one
+    return request.param
+
+
+@pytest.fixture(params=SELECTION_BACKENDS)
+def sbackend(request, monkeypatch):
+    if request.param == "triton_rows":
+        monkeypatch.setattr(tiles, "MAX_BLOCK_V", 256)
     return request.param
 
 
@@ -258,28 +267,28 @@ def test_cross_entropy(tbackend, device, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("softcap", [None, 5.0, 30.0])
-def test_entropy(tbackend, device, dtype, softcap):
+def test_entropy(sbackend, device, dtype, softcap):
     g = torch.Generator().manual_seed(14)
     x, w, b = hidden_and_weight(11, 32, V, logit_std=25.0, dtype=dtype, device=device, generator=g, bias=True)
     opts = dict(temperature=1.7, logit_scale=0.6, softcap=softcap)
-    ours = kidkernels.fused_linear_entropy(x, w, b, backend=tbackend, **opts)
+    ours = kidkernels.fused_linear_entropy(x, w, b, backend=sbackend, **opts)
     ref = reference_fused_linear_entropy(x, w, b, **opts)
     assert ours.dtype == torch.float32 and rel_l2(ours, ref) <= 1e-5
 
 
-def test_argmax_and_selection(tbackend, device):
+def test_argmax_and_selection(sbackend, device):
     """The argmax is that of the raw logits whatever the (increasing) transform, even where a float32 softcap
     saturates two logits to the same value; the selection's entropies take the transform."""
     g = torch.Generator().manual_seed(15)
     x, w, b = hidden_and_weight(11, 32, V, logit_std=3.0, device=device, generator=g, bias=True)
     w[7:9] = 0.0
     b[7], b[8] = 1000.0, 1001.0  # 5 * tanh(200.0) == 5 * tanh(200.2) == 5.0 in float32
-    plain = kidkernels.fused_linear_argmax(x, w, b, backend=tbackend)
+    plain = kidkernels.fused_linear_argmax(x, w, b, backend=sbackend)
     assert (plain == 8).all()
-    assert torch.equal(kidkernels.fused_linear_argmax(x, w, b, backend=tbackend, logit_scale=0.2, softcap=5.0), plain)
+    assert torch.equal(kidkernels.fused_linear_argmax(x, w, b, backend=sbackend, logit_scale=0.2, softcap=5.0), plain)
     valid = torch.ones(1, 11, dtype=torch.bool, device=device)
     opts = dict(logit_scale=0.6, softcap=5.0)
-    mask = kidkernels.fused_linear_select(x[None], w, valid, 0.4, "hard", b, backend=tbackend, **opts)
+    mask = kidkernels.fused_linear_select(x[None], w, valid, 0.4, "hard", b, backend=sbackend, **opts)
     scores = reference_fused_linear_entropy(x, w, b, **opts).float()[None]
     assert torch.equal(mask.cpu(), kidkernels.select_positions(valid, 0.4, "hard", scores=scores.to(device)).cpu())
 

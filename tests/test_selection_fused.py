@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from kidkernels.ops import fused_tiles, launches, selection_fused
+from kidkernels.ops.config import IDENTITY, LogitTransform
 from kidkernels.ops.selection import linear_row_statistic
 from kidkernels.reference import reference_fused_linear_entropy, reference_linear_logits
 from tests.conftest import DEVICE
@@ -51,16 +52,18 @@ def inputs(n, hidden, vocab, *, dtype=torch.float32, row_scales=(0.5, 1.0, 2.0),
     return x.to(DEVICE, dtype), w.to(DEVICE, dtype), (b.to(DEVICE) if b is not None else None)
 
 
-def fused(statistic, x, w, b=None, *, temperature=1.0, workspace_bytes=DEFAULT_BUDGET, monkeypatch=None):
+def fused(statistic, x, w, b=None, *, temperature=1.0, workspace_bytes=DEFAULT_BUDGET, monkeypatch=None,
+          transform=IDENTITY):
     """``selection_fused.fill_row_statistic`` into an output pre-filled with the sentinel, every allocation inside
     poisoned (when ``monkeypatch`` is given)."""
     dtype = torch.float32 if statistic == "entropy" else torch.int64
     out = torch.full((x.shape[0],), SENTINEL[statistic], dtype=dtype, device=x.device)
+    args = (x, w, b, statistic, 1.0 / temperature, out, workspace_bytes, transform)
     if monkeypatch is None:
-        selection_fused.fill_row_statistic(x, w, b, statistic, 1.0 / temperature, out, workspace_bytes)
+        selection_fused.fill_row_statistic(*args)
     else:
         with poisoned_empty(monkeypatch):
-            selection_fused.fill_row_statistic(x, w, b, statistic, 1.0 / temperature, out, workspace_bytes)
+            selection_fused.fill_row_statistic(*args)
     return out
 
 
@@ -70,8 +73,9 @@ def budget_for_rows(rows, vocab, statistic):
     return rows * blocks * selection_fused.STATE_BYTES[statistic]
 
 
-def check_entropy(ours, x, w, b, temperature=1.0):
-    ref = reference_fused_linear_entropy(x, w, b, temperature=temperature)
+def check_entropy(ours, x, w, b, temperature=1.0, transform=IDENTITY):
+    ref = reference_fused_linear_entropy(x, w, b, temperature=temperature, logit_scale=transform.scale,
+                                         softcap=transform.softcap)
     assert ours.dtype == torch.float32 and ours.shape == ref.shape
     assert rel_l2(ours, ref) <= ENTROPY_TOL, rel_l2(ours, ref)
     assert (ours >= 0).all()
@@ -189,6 +193,27 @@ def test_nan_logits_win_the_argmax():
     assert fused("argmax", x, w, b).tolist() == torch.argmax(reference_linear_logits(x, w, b), -1).tolist()
     entropy = fused("entropy", x, w, b)
     assert entropy[3].isnan() and torch.isfinite(entropy[[0, 1, 2, 4, 5]]).all()
+
+
+@pytest.mark.parametrize("dtype, scale, softcap", [
+    (torch.float32, 0.6, None), (torch.float32, 1.7, 30.0), (torch.float16, 1.0, 5.0), (torch.bfloat16, 1.7, 30.0),
+], ids=["fp32-scale", "fp32-both30", "fp16-cap5", "bf16-both30"])
+def test_logit_scale_and_softcap(monkeypatch, dtype, scale, softcap):
+    """The model's scale and softcap in the epilogue (after the bias, before the temperature): ragged 37 x 101 over
+    3 x 4 tiles, logits of spread about 25 (a cap of 5 saturates most of them, 30 bends the tails), -inf bias columns
+    inside the vocabulary (``-softcap`` after the cap, as in the reference; still probability 0 without one) and the
+    lanes past the vocabulary (garbage the cap would make finite: masked after it).  The argmax stays that of the raw
+    logits, transform or not."""
+    transform = LogitTransform(scale, softcap)
+    x, w, b = inputs(37, 24, 101, dtype=dtype, logit_std=25.0, seed=11)
+    b[[0, 40, 100]] = -math.inf
+    entropy = fused("entropy", x, w, b, temperature=1.7, monkeypatch=monkeypatch, transform=transform)
+    check_entropy(entropy, x, w, b, temperature=1.7, transform=transform)
+    plain = fused("entropy", x, w, b, temperature=1.7)
+    assert ((entropy - plain).abs() / plain.abs()).min() > 0.01  # the transform was applied to every row
+    argmax = fused("argmax", x, w, b, monkeypatch=monkeypatch, transform=transform)
+    assert torch.equal(argmax, fused("argmax", x, w, b))
+    assert_argmax_ok(argmax, x, w, b)
 
 
 # ---------------------------------------------------------------------------------------------- launches, memory

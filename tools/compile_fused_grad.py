@@ -37,10 +37,11 @@ HOT_ROWS = (423, 512)  # the chunk of a 368-512 MiB workspace, and a multiple of
 def scenarios(quick: bool = False) -> list[dict]:
     """Keyword sets of :func:`launch_one`: FKL, RKL and the cross-entropy alone (the targets of A') with and without
     the MLE term, at T = 1 and 2, with a broadcast ("mean") and a per-row ("none") row weight, a bias; JSD and TVD
-    too; float16 and float32 operands (not hot).  ``quick``: FKL/RKL + MLE, the cross-entropy, and RKL + MLE at T = 2
-    with per-row weights."""
+    too; float16 and float32 operands (not hot); both models softcapped, or scaled.  ``quick``: FKL/RKL + MLE, the
+    cross-entropy, RKL + MLE at T = 2 with per-row weights, and RKL + MLE with both models softcapped (Gemma's 30)."""
     out = [dict(divergence="rkl", mle_weight=0.5), dict(divergence="fkl", mle_weight=0.5), dict(divergence="ce"),
-           dict(divergence="rkl", mle_weight=0.5, temperature=2.0, row_weight="rows")]
+           dict(divergence="rkl", mle_weight=0.5, temperature=2.0, row_weight="rows"),
+           dict(divergence="rkl", mle_weight=0.5, softcap=30.0)]
     if quick:
         return out
     out += [dict(divergence="rkl"), dict(divergence="rkl", mle_weight=0.5, bias=True),
@@ -48,12 +49,16 @@ def scenarios(quick: bool = False) -> list[dict]:
             dict(divergence="rkl", mle_weight=0.5, rows=HOT_ROWS[1]),
             dict(divergence="rkl", mle_weight=0.5, unaligned=True),
             dict(divergence="rkl", mle_weight=0.5, dtype="float16"),
-            dict(divergence="rkl", mle_weight=0.5, dtype="float32")]
+            dict(divergence="rkl", mle_weight=0.5, dtype="float32"),
+            dict(divergence="fkl", mle_weight=0.5, softcap=30.0), dict(divergence="ce", softcap=30.0),
+            dict(divergence="rkl", mle_weight=0.5, logit_scale=0.5),
+            dict(divergence="rkl", mle_weight=0.5, temperature=2.0, row_weight="rows", bias=True, softcap=30.0),
+            dict(divergence="jsd", mle_weight=0.5, temperature=2.0, softcap=30.0)]
     return out
 
 
 def launch_one(*, divergence="rkl", mle_weight=0.0, temperature=1.0, bias=False, row_weight="mean",
-               rows=HOT_ROWS[0], unaligned=False, dtype="bfloat16") -> None:
+               rows=HOT_ROWS[0], unaligned=False, dtype="bfloat16", softcap=None, logit_scale=1.0) -> None:
     """One call of ``write_grad_fused`` on meta tensors at the hot shape."""
     import torch
 
@@ -63,9 +68,11 @@ def launch_one(*, divergence="rkl", mle_weight=0.0, temperature=1.0, bias=False,
     dt = getattr(torch, dtype)
     meta = dict(device="meta")
     if divergence == "ce":
-        cfg = DistillConfig.cross_entropy(-100)
-    else:
-        cfg = DistillConfig(divergence, 0.5, temperature, 1.0, mle_weight, -100, True)
+        cfg = DistillConfig.cross_entropy(-100, logit_scale, softcap)
+    else:  # both models' logits transformed alike
+        cfg = DistillConfig(divergence, 0.5, temperature, 1.0, mle_weight, -100, True,
+                            student_logit_scale=logit_scale, student_softcap=softcap,
+                            teacher_logit_scale=logit_scale, teacher_softcap=softcap)
     # A chunk of the whole batch's statistics (and target, row weight) starts at an arbitrary row.
     skip = 1 if unaligned else 0
     stats = torch.empty(NUM_STATS, rows + 16, **meta)[:, skip:skip + rows]

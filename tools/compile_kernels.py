@@ -23,7 +23,8 @@ spills fails the check (``--fail-on-spill any`` extends that to every variant).
 Exit status: 0 when every variant compiled and no checked variant spills; 1 when a launch could not be recorded, a
 variant failed to compile or a checked variant spills; 2 for a bad command line.  ``--quick`` (used by the test
 suite) runs the bfloat16 training step at V = 151,936 only: every divergence with the MLE term, the cross-entropy,
-entropy and argmax, and reverse KL over chunks that start at every alignment.  Works with Triton 3.6 and 3.9.
+entropy and argmax, reverse KL over chunks that start at every alignment, and reverse KL and entropy with both
+models' logits softcapped (the heaviest logit transform).  Works with Triton 3.6 and 3.9.
 """
 from __future__ import annotations
 
@@ -77,6 +78,7 @@ class Scenario:
     grad: bool = True
     temperature: float = 1.0
     workspace_bytes: int | None = None  # 1: one row per chunk, so chunks start at every alignment
+    softcap: float | None = None  # final-logit softcapping of every model (Gemma's 30), the heaviest transform
 
     @property
     def hot(self) -> bool:
@@ -102,8 +104,10 @@ def scenarios(quick: bool) -> list[Scenario]:
                 for divergence in DIVERGENCES:
                     add("distill", divergence=divergence, mle_weight=0.5)
                 add("distill", divergence="rkl", mle_weight=0.5, rows=3, workspace_bytes=1)  # unaligned chunks
+                add("distill", divergence="rkl", mle_weight=0.5, softcap=30.0)  # student and teacher capped
                 add("cross_entropy")
                 add("entropy", grad=False)
+                add("entropy", grad=False, softcap=30.0)
                 add("argmax", grad=False)
                 continue
             for divergence in DIVERGENCES:
@@ -118,12 +122,16 @@ def scenarios(quick: bool) -> list[Scenario]:
             add("distill", divergence="rkl", mle_weight=0.5, rows=3, workspace_bytes=1)
             add("distill", divergence="jsd", mle_weight=0.5, rows=3, workspace_bytes=1)
             add("distill", divergence="rkl", mle_weight=0.5, rows=1)
+            for divergence in DIVERGENCES:
+                add("distill", divergence=divergence, mle_weight=0.5, softcap=30.0)
             add("cross_entropy")
+            add("cross_entropy", softcap=30.0)
             add("cross_entropy", bias=True)
             add("cross_entropy", reduction="none")
             add("cross_entropy", grad=False)
             add("cross_entropy", rows=3, workspace_bytes=1)
             add("entropy", grad=False)
+            add("entropy", grad=False, softcap=30.0)
             add("entropy", grad=False, temperature=2.0)
             add("entropy", grad=False, bias=True)
             add("entropy", grad=False, rows=3, workspace_bytes=1)
@@ -160,6 +168,8 @@ def run_scenario(sc: Scenario) -> None:
             xt, wt = randn(n, TEACHER_HIDDEN), randn(vocab, TEACHER_HIDDEN, scale=0.05)
             if sc.bias:
                 opts.update(student_bias=randn(vocab, scale=0.1, grad=True), teacher_bias=randn(vocab, scale=0.1))
+            if sc.softcap is not None:
+                opts.update(student_softcap=sc.softcap, teacher_softcap=sc.softcap)
             loss = kidkernels.fused_linear_distill_loss(
                 xs, ws, xt, wt, target, divergence=sc.divergence, mle_weight=sc.mle_weight,
                 temperature=sc.temperature, **opts)
@@ -173,13 +183,13 @@ def run_scenario(sc: Scenario) -> None:
             x, w = randn(n, HIDDEN, grad=True), randn(vocab, HIDDEN, scale=0.05, grad=True)
             if sc.bias:
                 opts["bias"] = randn(vocab, scale=0.1, grad=True)
-            loss = kidkernels.fused_linear_cross_entropy(x, w, target, **opts)
+            loss = kidkernels.fused_linear_cross_entropy(x, w, target, softcap=sc.softcap, **opts)
             grad_inputs = [x, w]
         elif sc.op in ("entropy", "argmax"):
             x, w = randn(n, HIDDEN), randn(vocab, HIDDEN, scale=0.05)
             bias = randn(vocab, scale=0.1) if sc.bias else None
             if sc.op == "entropy":
-                kidkernels.fused_linear_entropy(x, w, bias, temperature=sc.temperature, **opts)
+                kidkernels.fused_linear_entropy(x, w, bias, temperature=sc.temperature, softcap=sc.softcap, **opts)
             else:
                 kidkernels.fused_linear_argmax(x, w, bias, **opts)
             return

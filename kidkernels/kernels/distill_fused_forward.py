@@ -21,9 +21,11 @@ never read.
 Columns beyond the vocabulary (the ragged last block, whose product reads wrapped-around weight rows) become ``-inf``
 before any reduction, as masked lanes must (``tile_states.py``); a ``-inf`` bias entry is a masked column like them.
 The product becomes the logits in :func:`loss_logits` (bias, masking: what the tiles store, as the row kernels read
-them); the loss then sees them through the temperature, ``a = s * inv_temp`` and ``b = t * inv_temp``, right after each
-model's tile is formed.  A logit transform of the row kernels (softcapping, a logit scale: applied to the logits as
-read, before the temperature) goes at those two points, after the store.
+them).  Each model's logit scale and softcap (``S_HAS_*``, ``T_HAS_*``; :mod:`.logit_transform`) are applied right
+after its tile is formed and stored, by :func:`transformed_logits`: the stored tiles stay raw (the gradient and value
+passes transform them as they read them), the argmax state (TOP) is taken from the raw student logits (an increasing
+transform cannot move the maximum), and every other state, the target's logit included, from the transformed ones,
+through the temperature, ``a = z_s * inv_temp`` and ``b = z_t * inv_temp``.
 
 Register budget (sm_90a, 8 warps): each float32 accumulator of a 128 x 128 tile is 64 registers per thread; with two
 of them and this epilogue, 128 x 128 tiles reach all 255 registers and spill in some variants, so the loss forward
@@ -38,6 +40,7 @@ import triton.language as tl
 
 from . import partials_layout as layout
 from .divergence import FKL, RKL
+from .logit_transform import transform_logits
 from .tile_product import swizzled_tile, tile_logits
 from .tile_states import tile_argmax_state, tile_kl_state, tile_lse_state
 
@@ -60,6 +63,19 @@ def loss_logits(acc, bias_ptr, cols, col_in, HAS_BIAS: tl.constexpr):
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_in, other=0.0).to(tl.float32)[None, :]
     return tl.where(col_in[None, :], acc, float("-inf"))
+
+
+@triton.jit
+def transformed_logits(x, col_in, scale, softcap, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """A model's logits ``z`` of a tile of :func:`loss_logits`: its scale and softcap, and ``-inf`` again at the
+    columns beyond the vocabulary (the cap maps ``-inf`` to ``-softcap``; a ``-inf`` bias inside the vocabulary
+    becomes ``-softcap``, as in the row kernels and the reference).  A scale alone keeps ``-inf`` as it is."""
+    z = x
+    if HAS_SOFTCAP:
+        z = tl.where(col_in[None, :], transform_logits(x, scale, softcap, HAS_SCALE, HAS_SOFTCAP), float("-inf"))
+    elif HAS_SCALE:
+        z = x * scale
+    return z
 
 
 @triton.jit
@@ -89,10 +105,11 @@ def _store_lse_state(part, plane_stride, m_plane, z_plane, x, counted):
 def distill_fused_forward_kernel(
     xs_ptr, xs_row_stride, ws_ptr, ws_row_stride, bs_ptr, xt_ptr, xt_row_stride, wt_ptr, wt_row_stride, bt_ptr,
     target_ptr, part_ptr, plane_stride, row_capacity, s_tile_ptr, s_tile_row_stride, t_tile_ptr, t_tile_row_stride,
-    R, V, K_S, K_T, inv_temp, ignore_index,
+    R, V, K_S, K_T, inv_temp, ignore_index, s_scale, s_softcap, t_scale, t_softcap,
     DIVERGENCE: tl.constexpr, HAS_TEACHER: tl.constexpr, HAS_TARGET: tl.constexpr, SEPARATE_CE_LSE: tl.constexpr,
     HAS_STUDENT_BIAS: tl.constexpr, HAS_TEACHER_BIAS: tl.constexpr, STORE_STUDENT: tl.constexpr,
-    STORE_TEACHER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    STORE_TEACHER: tl.constexpr, S_HAS_SCALE: tl.constexpr, S_HAS_SOFTCAP: tl.constexpr, T_HAS_SCALE: tl.constexpr,
+    T_HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K_S: tl.constexpr, EVEN_K_T: tl.constexpr, DOT_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
@@ -120,14 +137,16 @@ def distill_fused_forward_kernel(
         t = _model_tile(xt_ptr, xt_row_stride, wt_ptr, wt_row_stride, bt_ptr, t_tile_ptr, t_tile_row_stride, R, V,
                         K_T, row0, col0, rows, cols, col_in, counted, HAS_TEACHER_BIAS, STORE_TEACHER, BLOCK_M,
                         BLOCK_N, BLOCK_K, EVEN_K_T, DOT_FP32, INPUT_PRECISION)
+        t = transformed_logits(t, col_in, t_scale, t_softcap, T_HAS_SCALE, T_HAS_SOFTCAP)
         if DIVERGENCE != FKL and DIVERGENCE != RKL:
             _store_lse_state(part, plane_stride, M_TEACHER, Z_TEACHER, t * inv_temp, counted)
     s = _model_tile(xs_ptr, xs_row_stride, ws_ptr, ws_row_stride, bs_ptr, s_tile_ptr, s_tile_row_stride, R, V, K_S,
                     row0, col0, rows, cols, col_in, counted, HAS_STUDENT_BIAS, STORE_STUDENT, BLOCK_M, BLOCK_N,
                     BLOCK_K, EVEN_K_S, DOT_FP32, INPUT_PRECISION)
-    best, best_index = tile_argmax_state(s, cols)
+    best, best_index = tile_argmax_state(s, cols)  # of the raw logits
     tl.store(part + BEST * plane_stride, best, mask=counted)
     tl.store(part + BEST_INDEX * plane_stride, best_index.to(tl.float32), mask=counted)
+    s = transformed_logits(s, col_in, s_scale, s_softcap, S_HAS_SCALE, S_HAS_SOFTCAP)
     if HAS_TARGET:
         # the one block that holds a row's target writes its logit, at that block's slot
         here = counted & (tgt >= col0) & (tgt < col0 + BLOCK_N) & (tgt < V)

@@ -101,17 +101,29 @@ INTERPRETER_MAX_VOCAB_BLOCKS = 32
 MAX_PARTIAL_ELEMENTS = (1 << 31) - 1
 
 
-def geometry(device: torch.device, rows: int, vocab: int) -> tuple[fused_tiles.TileConfig, MergeConfig]:
+def geometry(device: torch.device, rows: int, vocab: int,
+             cfg: DistillConfig | None = None) -> tuple[fused_tiles.TileConfig, MergeConfig]:
     """The tile configuration of the forward and the merge's for ``rows`` x ``vocab`` logits on ``device``: the GPU's
-    on CUDA and on ``meta`` tensors (a dry run records the GPU launches); on CPU tensors the interpreter's
+    on CUDA and on ``meta`` tensors (a dry run records the GPU launches; narrower tiles with a softcap, see
+    :func:`forward_gpu_tiles`); on CPU tensors the interpreter's
     (``fused_tiles.INTERPRETER``), widened at large shapes (:data:`INTERPRETER_MAX_VOCAB_BLOCKS`)."""
-    tiles = fused_tiles.tile_config(fused_tiles.LOSS_FORWARD, device)
+    tiles = fused_tiles.tile_config(forward_gpu_tiles(cfg), device)
     if tiles is not fused_tiles.INTERPRETER:
         return tiles, MERGE
     block_m = max(tiles.block_m, triton.next_power_of_2(triton.cdiv(rows, INTERPRETER_MAX_ROW_BLOCKS)))
     block_n = max(tiles.block_n, triton.next_power_of_2(triton.cdiv(vocab, INTERPRETER_MAX_VOCAB_BLOCKS)))
     merge = dataclasses.replace(MERGE_INTERPRETER, block_r=max(MERGE_INTERPRETER.block_r, block_m // 2))
     return dataclasses.replace(tiles, block_m=block_m, block_n=block_n), merge
+
+
+def forward_gpu_tiles(cfg: DistillConfig | None) -> fused_tiles.TileConfig:
+    """The forward's GPU tiles: narrower where the epilogue holds a softcap's temporaries, narrower still where it
+    also holds both models' tiles (FKL and RKL; see ``fused_tiles``)."""
+    if cfg is None or not (cfg.student_transform.has_softcap or cfg.teacher_transform.has_softcap):
+        return fused_tiles.LOSS_FORWARD
+    if cfg.has_teacher and cfg.one_pass:
+        return fused_tiles.LOSS_FORWARD_KL_SOFTCAP
+    return fused_tiles.LOSS_FORWARD_SOFTCAP
 
 
 def stored_tiles(cfg: DistillConfig, with_grad: bool) -> tuple[bool, bool]:
@@ -154,7 +166,7 @@ def fused_distill_chunks(xs, ws, bs, xt, wt, bt, target, cfg: DistillConfig, wor
     xs, ws, bs = _unit_stride(xs), _unit_stride(ws), _unit_stride(bs)
     if cfg.has_teacher:
         xt, wt, bt = _unit_stride(xt), _unit_stride(wt), _unit_stride(bt)
-    tiles, merge = geometry(xs.device, n, vocab)
+    tiles, merge = geometry(xs.device, n, vocab, cfg)
     num_blocks = triton.cdiv(vocab, tiles.block_n)
     store_student, store_teacher = stored_tiles(cfg, with_grad)
     n_tiles = int(store_student) + int(store_teacher)
@@ -248,7 +260,7 @@ def _launch_forward(xs, ws, bs, xt, wt, bt, target, partials, s_tile, t_tile, cf
         target if target is not None else partials, partials, partials.stride(0), partials.stride(1),
         s_tile if s_tile is not None else partials, s_tile.stride(0) if s_tile is not None else 0,
         t_tile if t_tile is not None else partials, t_tile.stride(0) if t_tile is not None else 0,
-        rows, vocab, hidden_s, max(hidden_t, 1), cfg.inv_temp, cfg.ignore_index,
+        rows, vocab, hidden_s, max(hidden_t, 1), cfg.inv_temp, cfg.ignore_index, **distill_triton._transform_args(cfg),
         flops=flops, hbm_bytes=hbm_bytes,
         DIVERGENCE=cfg.code, HAS_TEACHER=cfg.has_teacher, HAS_TARGET=cfg.has_target,
         SEPARATE_CE_LSE=cfg.separate_ce_lse, HAS_STUDENT_BIAS=bs is not None, HAS_TEACHER_BIAS=bt is not None,

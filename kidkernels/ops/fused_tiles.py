@@ -34,9 +34,18 @@ SELECTION = TileConfig(128, 128, 64, 8, 8, 3)
 # Two float32 128 x 128 accumulators with the forward's epilogue use all 255 registers and spill in hot variants (a
 # bias, T != 1, no target); 128 x 64: 88-216 registers without spills.
 LOSS_FORWARD = TileConfig(128, 64, 64, 8, 8, 3)
+# A softcap's tanh in the forward's epilogue (sm_90a, bf16, tools/compile_kernels.py): at 128 x 128, JSD/TVD spill
+# 312-392 B and the cross-entropy alone 416 B (Triton 3.9); 128 x 64 holds them at 140-188 registers.  FKL and RKL
+# keep both models' tiles live: 680-1,392 B at 128 x 128, still 56 B at 128 x 64 (3.9); 64 x 64 tiles with 4 warps
+# (one warpgroup) compile at 208-248 registers without spills.
+LOSS_FORWARD_SOFTCAP = TileConfig(128, 64, 64, 8, 8, 3)
+LOSS_FORWARD_KL_SOFTCAP = TileConfig(64, 64, 64, 8, 4, 3)
 # The gradient holds the teacher's tile next to the accumulator: at 128 x 128 it reaches 255 registers and spills on
 # sm_90a (Triton 3.6 and 3.9); 128 x 64 compiles at 114-202 registers without spills (tools/compile_fused_grad.py).
 LOSS_GRAD = TileConfig(128, 64, 64, 8, 8, 3)
+# With a softcap (either model's) the epilogue also holds the student's chain-rule factor and the tanh's temporaries:
+# 128 x 64 spills 16-104 B on sm_90a (Triton 3.6 and 3.9); half the columns per program do not.
+LOSS_GRAD_SOFTCAP = TileConfig(128, 32, 64, 8, 8, 3)
 # Every kernel under the interpreter.
 INTERPRETER = TileConfig(16, 32, 16, 2, 4, 1)
 

@@ -46,7 +46,7 @@ def linear_row_statistic(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     if backend == "triton":
         from . import selection_fused  # imports triton: only when used
 
-        selection_fused.fill_row_statistic(x, weight, bias, statistic, inv_temp, out, workspace_bytes)
+        selection_fused.fill_row_statistic(x, weight, bias, statistic, inv_temp, out, workspace_bytes, transform)
         return out
     impl = backend_impl("selection", backend)
     step = chunk_rows(vocab, x.dtype, workspace_bytes, logit_buffers=1, temporaries=impl.TEMPORARIES_PER_ELEMENT)

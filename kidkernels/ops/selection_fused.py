@@ -23,6 +23,7 @@ import triton
 from ..kernels.select_merge import merge_argmax_kernel, merge_entropy_kernel
 from ..kernels.select_tiles import argmax_tiles_kernel, entropy_tiles_kernel
 from . import fused_tiles, launches
+from .config import IDENTITY, LogitTransform
 from .workspace import rows_per_chunk
 
 # Bytes of one (row, vocabulary block) partial state: entropy (m, z, acc) float32; argmax float32 value, int32 index.
@@ -53,9 +54,11 @@ def partial_chunk_rows(n: int, num_blocks: int, statistic: str, budget: int, blo
 
 
 def fill_row_statistic(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, statistic: str,
-                       inv_temp: float, out: torch.Tensor, workspace_bytes: int) -> None:
-    """Fill ``out`` ``[N]`` (float32 entropies of softmax(logits * inv_temp), or int64 argmaxes of the untempered
-    logits; contiguous) for ``logits = x @ weight.T + bias``.
+                       inv_temp: float, out: torch.Tensor, workspace_bytes: int,
+                       transform: LogitTransform = IDENTITY) -> None:
+    """Fill ``out`` ``[N]`` (float32 entropies of softmax(z * inv_temp), ``z`` the logits after the model's scale
+    and softcap ``transform``; or int64 argmaxes of the raw logits, which the increasing transform does not move;
+    contiguous) for ``logits = x @ weight.T + bias``.
 
     x ``[N, H]`` (float32, float16 or bfloat16) and weight ``[V, H]`` of the same dtype, each with unit stride along
     H (as the public API passes them; copied here otherwise, since the tile product reads rows along H); bias ``[V]``
@@ -78,11 +81,12 @@ def fill_row_statistic(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
                  torch.empty(num_blocks, step, device=x.device, dtype=torch.int32))
     for r0 in range(0, n, step):
         rows = min(step, n - r0)
-        _launch_tiles(x[r0:r0 + rows], weight, bias, statistic, inv_temp, parts, step, cfg)
+        _launch_tiles(x[r0:r0 + rows], weight, bias, statistic, inv_temp, transform, parts, step, cfg)
         _launch_merge(parts, statistic, step, out[r0:r0 + rows], num_blocks, merge)
 
 
-def _launch_tiles(x, weight, bias, statistic, inv_temp, parts, row_capacity, cfg: fused_tiles.TileConfig) -> None:
+def _launch_tiles(x, weight, bias, statistic, inv_temp, transform: LogitTransform, parts, row_capacity,
+                  cfg: fused_tiles.TileConfig) -> None:
     rows, hidden = x.shape
     vocab = weight.shape[0]
     num_blocks = triton.cdiv(vocab, cfg.block_n)
@@ -100,8 +104,9 @@ def _launch_tiles(x, weight, bias, statistic, inv_temp, parts, row_capacity, cfg
     if statistic == "entropy":
         (part,) = parts
         launches.launch(entropy_tiles_kernel, grid, x, x.stride(0), weight, weight.stride(0), *bias_args,
-                        part, part.stride(0), row_capacity, rows, vocab, hidden, inv_temp,
-                        flops=flops, hbm_bytes=hbm_bytes, **common)
+                        part, part.stride(0), row_capacity, rows, vocab, hidden, inv_temp, transform.scale,
+                        transform.softcap_value, flops=flops, hbm_bytes=hbm_bytes, HAS_SCALE=transform.has_scale,
+                        HAS_SOFTCAP=transform.has_softcap, **common)
     else:
         best, index = parts
         launches.launch(argmax_tiles_kernel, grid, x, x.stride(0), weight, weight.stride(0), *bias_args,
