@@ -372,7 +372,13 @@ def test_two_pass_methods_hold_one_student_graph_at_a_time(monkeypatch):
     monkeypatch.setitem(train_step.MICRO_BATCH_STEPS, "kidkernels", _one_graph_step)
     both = estimate_step(tiny_plan(method="gkd"))
     assert gkd["plan"]["method_config"]["mle_weight"] == 1.0 and gkd["loss_calls"] == 4  # 2 micro-batches x 2 terms
-    one, two, single = (r["peak_by_label"]["activations"] for r in (gkd, both, rkd))
+    # What a step holds beyond its weights, optimizer state and gradients at its peak: activations, plus the loss's
+    # workspace when the peak falls inside the loss (with the GEMM-fused loss GKD's does: its float32 teacher tile
+    # and gradient chunk are alive next to one pass's activations, while RKD's peak is before its loss call).
+    def transient(r):
+        return r["peak_by_label"]["activations"] + r["peak_by_label"].get("loss workspace", 0)
+
+    one, two, single = (transient(r) for r in (gkd, both, rkd))
     assert one < 0.7 * two
     assert abs(one - single) < 0.1 * single  # the prompts, answers and generated batch are small
     assert gkd["peak_bytes"] < both["peak_bytes"]
