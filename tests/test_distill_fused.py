@@ -3,11 +3,11 @@ ops/distill_fused.py) against the float64 reference and against the cuBLAS + row
 the Triton interpreter.
 
 Shapes are small and ragged against the interpreter's tiles (``fused_tiles.INTERPRETER``: 16 x 32 x 16, GROUP_M 2):
-N = 21 is two row blocks, the last ragged; V = 203 is seven vocabulary blocks, the last ragged; H_s = 24 is not a
-multiple of BLOCK_K, H_t = 32 is.  Tolerances as in test_distill.py: 1e-5 on the loss, 1e-4 on float32 gradients, 1e-2
-on float16/bfloat16 ones (relative L2 against float64 on the same, already-rounded inputs).  bfloat16 operands are
-upcast for the interpreter's dot (``DOT_FP32``), whose bf16 product is wrong: the bf16 tensor-core product itself is
-a GPU check (``test_bf16_tensor_core_dot_on_gpu``).
+N = 21 is two row blocks, the last ragged; V = 203 is seven vocabulary blocks, the last ragged, merged two per step
+(the ``many_blocks`` fixture); H_s = 24 is not a multiple of BLOCK_K, H_t = 32 is.  Tolerances as in test_distill.py:
+1e-5 on the loss, 1e-4 on float32 gradients, 1e-2 on float16/bfloat16 ones (relative L2 against float64 on the same,
+already-rounded inputs).  bfloat16 operands are upcast for the interpreter's dot (``DOT_FP32``), whose bf16 product is
+wrong: the bf16 tensor-core product itself is a GPU check (``test_bf16_tensor_core_dot_on_gpu``).
 
 Until the GEMM-fused gradient kernel (ops/distill_fused_grad.py) is merged, the gradient of FKL, RKL and the
 cross-entropy alone runs through the stand-in of tests/fused_grad_standin.py (the row kernel on recomputed logits).
@@ -32,6 +32,14 @@ from kidkernels.ops.distill import DispatchOptions, linear_distill_chunks  # noq
 interpreter = pytest.mark.skipif(DEVICE != "cpu", reason="interpreter tests (CPU tensors)")
 
 DIVERGENCES = ["fkl", "rkl", "jsd", "tvd"]
+
+
+@pytest.fixture(autouse=True)
+def many_blocks(monkeypatch):
+    """Here the interpreter's tiles stay small at the test shapes (up to 8 vocabulary blocks of 32 columns) and the
+    merge reduces 2 blocks per step, so that every call merges several blocks over several steps."""
+    monkeypatch.setattr(distill_fused, "INTERPRETER_MAX_VOCAB_BLOCKS", 8)
+    monkeypatch.setattr(distill_fused, "MERGE_INTERPRETER", distill_fused.MergeConfig(8, 2, 4))
 N, H_S, H_T, V = 21, 24, 32, 203
 GRAD_TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -139,7 +147,9 @@ def test_several_chunks():
     """Row chunks of whole row blocks (N = 37: 16 + 16 + 5 rows) and of one row each: each chunk's states merge on
     their own, the weight and bias gradients accumulate across chunks."""
     case = make_case(n=37, seed=6)
-    num_blocks = triton.cdiv(V, fused_tiles.INTERPRETER.block_n)
+    tiles, _ = distill_fused.geometry(torch.device("cpu"), 37, V)
+    num_blocks = triton.cdiv(V, tiles.block_n)
+    assert (tiles.block_m, num_blocks) == (16, 7)
     for divergence, per_element in (("rkl", 4), ("jsd", 8)):  # float32: the gradient overwrites a tile
         budget = 16 * (V * per_element + distill_fused.NUM_PARTIALS * 4 * num_blocks) + 100  # 16 rows, not 17
         recorded = forward_launches(lambda: check(
@@ -298,7 +308,8 @@ def test_no_tile_without_gradient(divergence):
     """Evaluation (no gradient) of FKL/RKL and the cross-entropy alone stores no tile at all: the largest tensor the
     call allocates is the partial states, well below one [rows, V] float32 chunk."""
     case = make_case(n=40, vocab=512, seed=13)
-    num_blocks = triton.cdiv(512, fused_tiles.INTERPRETER.block_n)
+    tiles, _ = distill_fused.geometry(torch.device("cpu"), 40, 512)
+    num_blocks = triton.cdiv(512, tiles.block_n)
     with torch.no_grad(), TensorRecorder() as rec:
         if divergence == "ce":
             kidkernels.fused_linear_cross_entropy(case["student_input"], case["student_weight"], case["target"],
