@@ -3,11 +3,11 @@ ops/distill_fused.py) against the float64 reference and against the cuBLAS + row
 the Triton interpreter.
 
 Shapes are small and ragged against the interpreter's tiles (``fused_tiles.INTERPRETER``: 16 x 32 x 16, GROUP_M 2):
-N = 21 is two row blocks, the last ragged; V = 203 is seven vocabulary blocks, the last ragged, merged two per step
-(the ``many_blocks`` fixture); H_s = 24 is not a multiple of BLOCK_K, H_t = 32 is.  Tolerances as in test_distill.py:
-1e-5 on the loss, 1e-4 on float32 gradients, 1e-2 on float16/bfloat16 ones (relative L2 against float64 on the same,
-already-rounded inputs).  bfloat16 operands are upcast for the interpreter's dot (``DOT_FP32``), whose bf16 product is
-wrong: the bf16 tensor-core product itself is a GPU check (``test_bf16_tensor_core_dot_on_gpu``).
+N = 21 is two row blocks, the last ragged; V = 203 is seven vocabulary blocks, the last ragged; H_s = 24 is not a
+multiple of BLOCK_K, H_t = 32 is.  Tolerances as in test_distill.py: 1e-5 on the loss, 1e-4 on float32 gradients, 1e-2
+on float16/bfloat16 ones (relative L2 against float64 on the same, already-rounded inputs).  bfloat16 operands are
+upcast for the interpreter's dot (``DOT_FP32``), whose bf16 product is wrong: the bf16 tensor-core product itself is
+a GPU check (``test_bf16_tensor_core_dot_on_gpu``).
 
 Until the GEMM-fused gradient kernel (ops/distill_fused_grad.py) is merged, the gradient of FKL, RKL and the
 cross-entropy alone runs through the stand-in of tests/fused_grad_standin.py (the row kernel on recomputed logits).
@@ -33,16 +33,18 @@ interpreter = pytest.mark.skipif(DEVICE != "cpu", reason="interpreter tests (CPU
 
 DIVERGENCES = ["fkl", "rkl", "jsd", "tvd"]
 
-
-@pytest.fixture(autouse=True)
-def many_blocks(monkeypatch):
-    """Here the interpreter's tiles stay small at the test shapes (up to 8 vocabulary blocks of 32 columns) and the
-    merge reduces 2 blocks per step, so that every call merges several blocks over several steps."""
-    monkeypatch.setattr(distill_fused, "INTERPRETER_MAX_VOCAB_BLOCKS", 8)
-    monkeypatch.setattr(distill_fused, "MERGE_INTERPRETER", distill_fused.MergeConfig(8, 2, 4))
 N, H_S, H_T, V = 21, 24, 32, 203
 GRAD_TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+@pytest.fixture(autouse=True)
+def many_blocks(monkeypatch):
+    """The dispatch widens the interpreter's tiles to at most 4 vocabulary blocks per call and merges 4 per step (fast
+    for the other test files); here up to 8 blocks (V = 203: seven of 32 columns) are merged 2 per step, so that every
+    call merges several blocks over several steps."""
+    monkeypatch.setattr(distill_fused, "INTERPRETER_MAX_VOCAB_BLOCKS", 8)
+    monkeypatch.setattr(distill_fused, "MERGE_INTERPRETER", distill_fused.MergeConfig(8, 2, 4))
 
 
 def make_case(*, n=N, vocab=V, h_s=H_S, h_t=H_T, dtype=torch.float32, logit_std=3.0, bias=True, ignored=(2, 9),
