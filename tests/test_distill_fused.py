@@ -32,7 +32,6 @@ from kidkernels.ops.distill import DispatchOptions, linear_distill_chunks  # noq
 interpreter = pytest.mark.skipif(DEVICE != "cpu", reason="interpreter tests (CPU tensors)")
 
 DIVERGENCES = ["fkl", "rkl", "jsd", "tvd"]
-
 N, H_S, H_T, V = 21, 24, 32, 203
 GRAD_TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
