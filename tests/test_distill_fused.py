@@ -35,6 +35,15 @@ GRAD_TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
+@pytest.fixture(autouse=True)
+def many_blocks(monkeypatch):
+    """The dispatch widens the interpreter's tiles to at most 4 vocabulary blocks per call and merges 4 per step (fast
+    for the other test files); here up to 8 blocks (V = 203: seven of 32 columns) are merged 2 per step, so that every
+    call merges several blocks over several steps."""
+    monkeypatch.setattr(distill_fused, "INTERPRETER_MAX_VOCAB_BLOCKS", 8)
+    monkeypatch.setattr(distill_fused, "MERGE_INTERPRETER", distill_fused.MergeConfig(8, 2, 4))
+
+
 def make_case(*, n=N, vocab=V, h_s=H_S, h_t=H_T, dtype=torch.float32, logit_std=3.0, bias=True, ignored=(2, 9),
               seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -183,7 +192,9 @@ def test_several_chunks():
     """Row chunks of whole row blocks (N = 37: 16 + 16 + 5 rows) and of one row each: each chunk's states merge on
     their own, the weight and bias gradients accumulate across chunks."""
     case = make_case(n=37, seed=6)
-    num_blocks = triton.cdiv(V, fused_tiles.INTERPRETER.block_n)
+    tiles, _ = distill_fused.geometry(torch.device("cpu"), 37, V)
+    num_blocks = triton.cdiv(V, tiles.block_n)
+    assert (tiles.block_m, num_blocks) == (16, 7)
     for divergence, per_element in (("rkl", 4), ("jsd", 8)):  # float32: the gradient overwrites a tile
         budget = 16 * (V * per_element + distill_fused.NUM_PARTIALS * 4 * num_blocks) + 100  # 16 rows, not 17
         recorded = forward_launches(lambda: check(
@@ -342,7 +353,8 @@ def test_no_tile_without_gradient(divergence):
     """Evaluation (no gradient) of FKL/RKL and the cross-entropy alone stores no tile at all: the largest tensor the
     call allocates is the partial states, well below one [rows, V] float32 chunk."""
     case = make_case(n=40, vocab=512, seed=13)
-    num_blocks = triton.cdiv(512, fused_tiles.INTERPRETER.block_n)
+    tiles, _ = distill_fused.geometry(torch.device("cpu"), 40, 512)
+    num_blocks = triton.cdiv(512, tiles.block_n)
     with torch.no_grad(), TensorRecorder() as rec:
         if divergence == "ce":
             kidkernels.fused_linear_cross_entropy(case["student_input"], case["student_weight"], case["target"],

@@ -56,12 +56,6 @@ NO_INDEX = tl.constexpr(MAX_VOCAB)
 
 
 @triton.jit
-def _plane(slab, which, plane_stride, inside, identity):
-    """One quantity's ``[BLOCK_R, BLOCK_B]`` states (``identity`` outside)."""
-    return tl.load(slab + which * plane_stride, mask=inside, other=identity)
-
-
-@triton.jit
 def _merge_lse_slab(m, z, slab_m, slab_z):
     """The running log-sum-exp states ``[BLOCK_R]`` merged with a slab's ``[BLOCK_R, BLOCK_B]``: each block's state is
     re-referenced to the slab's maximum (``merge_lse`` with an empty state there), then the sums are added."""
@@ -124,27 +118,29 @@ def distill_fused_merge_kernel(
         blocks = b0 + tl.arange(0, BLOCK_B)
         inside = counted[:, None] & (blocks < num_blocks)[None, :]
         slab = part_ptr + blocks.to(tl.int64)[None, :] * row_capacity + rows[:, None]
-        s_m = _plane(slab, M_STUDENT, plane_stride, inside, float("-inf"))
-        s_z = _plane(slab, Z_STUDENT, plane_stride, inside, 0.0)
+        # one quantity's states: tl.load(slab + QUANTITY * plane_stride), the merges' empty state outside
+        s_m = tl.load(slab + M_STUDENT * plane_stride, mask=inside, other=float("-inf"))
+        s_z = tl.load(slab + Z_STUDENT * plane_stride, mask=inside, other=0.0)
         if HAS_TEACHER:
-            t_m = _plane(slab, M_TEACHER, plane_stride, inside, float("-inf"))
-            t_z = _plane(slab, Z_TEACHER, plane_stride, inside, 0.0)
-            if DIVERGENCE == RKL:  # the one-pass KL state of the weighting model x (the student) and the other y
-                m_s, z_s, m_t, z_t, kl = _merge_kl_slab(m_s, z_s, m_t, z_t, kl, s_m, s_z, t_m, t_z,
-                                                        _plane(slab, KL_SUM, plane_stride, inside, 0.0))
-            elif DIVERGENCE == FKL:  # x the teacher
-                m_t, z_t, m_s, z_s, kl = _merge_kl_slab(m_t, z_t, m_s, z_s, kl, t_m, t_z, s_m, s_z,
-                                                        _plane(slab, KL_SUM, plane_stride, inside, 0.0))
+            t_m = tl.load(slab + M_TEACHER * plane_stride, mask=inside, other=float("-inf"))
+            t_z = tl.load(slab + Z_TEACHER * plane_stride, mask=inside, other=0.0)
+            if DIVERGENCE == FKL or DIVERGENCE == RKL:
+                slab_kl = tl.load(slab + KL_SUM * plane_stride, mask=inside, other=0.0)
+                if DIVERGENCE == RKL:  # the one-pass KL state of the weighting model x (the student) and the other y
+                    m_s, z_s, m_t, z_t, kl = _merge_kl_slab(m_s, z_s, m_t, z_t, kl, s_m, s_z, t_m, t_z, slab_kl)
+                else:  # x the teacher
+                    m_t, z_t, m_s, z_s, kl = _merge_kl_slab(m_t, z_t, m_s, z_s, kl, t_m, t_z, s_m, s_z, slab_kl)
             else:
                 m_s, z_s = _merge_lse_slab(m_s, z_s, s_m, s_z)
                 m_t, z_t = _merge_lse_slab(m_t, z_t, t_m, t_z)
         else:
             m_s, z_s = _merge_lse_slab(m_s, z_s, s_m, s_z)
         if SEPARATE_CE_LSE:
-            m_c, z_c = _merge_lse_slab(m_c, z_c, _plane(slab, M_CE, plane_stride, inside, float("-inf")),
-                                       _plane(slab, Z_CE, plane_stride, inside, 0.0))
-        best, top = _merge_argmax_slab(best, top, _plane(slab, BEST, plane_stride, inside, float("-inf")),
-                                       _plane(slab, BEST_INDEX, plane_stride, inside, NO_INDEX).to(tl.int32), blocks)
+            m_c, z_c = _merge_lse_slab(m_c, z_c, tl.load(slab + M_CE * plane_stride, mask=inside, other=float("-inf")),
+                                       tl.load(slab + Z_CE * plane_stride, mask=inside, other=0.0))
+        slab_best = tl.load(slab + BEST * plane_stride, mask=inside, other=float("-inf"))
+        slab_index = tl.load(slab + BEST_INDEX * plane_stride, mask=inside, other=NO_INDEX).to(tl.int32)
+        best, top = _merge_argmax_slab(best, top, slab_best, slab_index, blocks)
 
     # Rows not counted keep the start states: z = 1 there keeps their (unstored) values free of log(0) and 0 / 0.
     z_s = tl.where(counted, z_s, 1.0)

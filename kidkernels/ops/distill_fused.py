@@ -90,13 +90,13 @@ class MergeConfig:
 
 
 MERGE = MergeConfig(16, 64, 4)
-# Under the interpreter: several loop steps over the blocks of a test-sized vocabulary.  Read at every launch.
-MERGE_INTERPRETER = MergeConfig(8, 8, 4)
-# The interpreter's cost is per program (each runs the kernel's Python once): at larger shapes its tiles grow so that
-# a call has at most this many row blocks and vocabulary blocks (at test shapes: fused_tiles.INTERPRETER's small
-# tiles, several blocks of each and ragged edges).
+# Under the interpreter (whose cost is per program and per loop step: each runs the kernel's Python once) the tiles
+# grow with the shape, so that a call has at most this many row blocks and vocabulary blocks (fused_tiles.INTERPRETER's
+# small tiles at test shapes, ragged edges at every shape), and the merge reduces them in one step at most.  Read at
+# every launch: tests lower them to exercise many blocks and merge steps.
+MERGE_INTERPRETER = MergeConfig(8, 4, 4)
 INTERPRETER_MAX_ROW_BLOCKS = 4
-INTERPRETER_MAX_VOCAB_BLOCKS = 32
+INTERPRETER_MAX_VOCAB_BLOCKS = 4
 # Partial-state arrays stay below 2**31 elements (int32 offsets in the kernels).
 MAX_PARTIAL_ELEMENTS = (1 << 31) - 1
 
