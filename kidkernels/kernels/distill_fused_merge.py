@@ -22,7 +22,6 @@ rows; CE NaN for a target outside the vocabulary (caught earlier by validation; 
 import triton
 import triton.language as tl
 
-from . import partials_layout as layout
 from .distill_forward import (
     CE,
     CENTER,
@@ -36,21 +35,23 @@ from .distill_forward import (
     NUM_STATS,
     TOP,
 )
+from .distill_fused_forward import (
+    BEST,
+    BEST_INDEX,
+    KL_SUM,
+    M_CE,
+    M_STUDENT,
+    M_TEACHER,
+    TARGET_LOGIT,
+    Z_CE,
+    Z_STUDENT,
+    Z_TEACHER,
+)
 from .divergence import FKL, RKL
 from .online_softmax import finish_kl, finish_lse, kl_offset, merge_kl, merge_lse
 from .stats_layout import MAX_VOCAB
 from .tile_states import merge_argmax, tile_argmax_state
 
-M_STUDENT = tl.constexpr(layout.M_STUDENT)
-Z_STUDENT = tl.constexpr(layout.Z_STUDENT)
-M_TEACHER = tl.constexpr(layout.M_TEACHER)
-Z_TEACHER = tl.constexpr(layout.Z_TEACHER)
-KL_SUM = tl.constexpr(layout.KL_SUM)
-M_CE = tl.constexpr(layout.M_CE)
-Z_CE = tl.constexpr(layout.Z_CE)
-BEST = tl.constexpr(layout.BEST)
-BEST_INDEX = tl.constexpr(layout.BEST_INDEX)
-TARGET_LOGIT = tl.constexpr(layout.TARGET_LOGIT)
 # The argmax merge's identity index: above every column (vocabularies are below 2**24 columns, exact in float32).
 NO_INDEX = tl.constexpr(MAX_VOCAB)
 

@@ -106,6 +106,11 @@ class DistillConfig:
         return LogitTransform(self.teacher_logit_scale, self.teacher_softcap)
 
     @property
+    def capped(self) -> bool:
+        """Whether either model's logits are softcapped (the fused kernels then take narrower tiles)."""
+        return self.student_transform.has_softcap or self.teacher_transform.has_softcap
+
+    @property
     def effective_divergence(self) -> str:
         """The divergence the kernels compute: "jsd" at beta 0 is forward KL and at beta 1 reverse KL (TRL's
         convention: the mixture form tends to 0 at both ends, as beta KL(p||q) and (1-beta) KL(q||p))."""

@@ -119,7 +119,7 @@ def geometry(device: torch.device, rows: int, vocab: int,
 def forward_gpu_tiles(cfg: DistillConfig | None) -> fused_tiles.TileConfig:
     """The forward's GPU tiles: narrower where the epilogue holds a softcap's temporaries, narrower still where it
     also holds both models' tiles (FKL and RKL; see ``fused_tiles``)."""
-    if cfg is None or not (cfg.student_transform.has_softcap or cfg.teacher_transform.has_softcap):
+    if cfg is None or not cfg.capped:
         return fused_tiles.LOSS_FORWARD
     if cfg.has_teacher and cfg.one_pass:
         return fused_tiles.LOSS_FORWARD_KL_SOFTCAP
@@ -260,7 +260,7 @@ def _launch_forward(xs, ws, bs, xt, wt, bt, target, partials, s_tile, t_tile, cf
         target if target is not None else partials, partials, partials.stride(0), partials.stride(1),
         s_tile if s_tile is not None else partials, s_tile.stride(0) if s_tile is not None else 0,
         t_tile if t_tile is not None else partials, t_tile.stride(0) if t_tile is not None else 0,
-        rows, vocab, hidden_s, max(hidden_t, 1), cfg.inv_temp, cfg.ignore_index, **distill_triton._transform_args(cfg),
+        rows, vocab, hidden_s, max(hidden_t, 1), cfg.inv_temp, cfg.ignore_index, **distill_triton.transform_args(cfg),
         flops=flops, hbm_bytes=hbm_bytes,
         DIVERGENCE=cfg.code, HAS_TEACHER=cfg.has_teacher, HAS_TARGET=cfg.has_target,
         SEPARATE_CE_LSE=cfg.separate_ce_lse, HAS_STUDENT_BIAS=bs is not None, HAS_TEACHER_BIAS=bt is not None,

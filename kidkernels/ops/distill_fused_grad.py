@@ -17,7 +17,7 @@ import triton
 from ..kernels.distill_fused_grad import distill_fused_grad_kernel, distill_fused_top_kernel
 from . import fused_tiles, launches
 from .config import DistillConfig
-from .distill_triton import _transform_args as transform_args  # the row kernels' transform arguments, shared
+from .distill_triton import transform_args
 
 # Statistics rows the tile kernel reads per row: MAX/LOGZ of the student, TOP; with a teacher MAX/LOGZ of the
 # teacher and the two centers; LSE_CE when the MLE term has its own normaliser.
@@ -31,7 +31,7 @@ def grad_tile_config(device: torch.device, cfg: DistillConfig | None = None) -> 
     """:data:`fused_tiles.LOSS_GRAD` (:data:`fused_tiles.LOSS_GRAD_SOFTCAP` when either model of ``cfg`` has a
     softcap) on CUDA and on ``meta`` tensors (a dry run records the GPU launches), :data:`fused_tiles.INTERPRETER` on
     CPU tensors."""
-    capped = cfg is not None and (cfg.student_transform.has_softcap or cfg.teacher_transform.has_softcap)
+    capped = cfg is not None and cfg.capped
     return fused_tiles.tile_config(fused_tiles.LOSS_GRAD_SOFTCAP if capped else fused_tiles.LOSS_GRAD, device)
 
 

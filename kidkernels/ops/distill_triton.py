@@ -51,7 +51,7 @@ def _stats_written_by_stats_pass(cfg: DistillConfig) -> int:
     return 5 + teacher + (3 if cfg.one_pass else 0)
 
 
-def _transform_args(cfg: DistillConfig) -> dict:
+def transform_args(cfg: DistillConfig) -> dict:
     """The logit-transform arguments every kernel takes (see ``kernels/logit_transform.py``), by keyword."""
     s, t = cfg.student_transform, cfg.teacher_transform
     return dict(s_scale=s.scale, s_softcap=s.softcap_value, t_scale=t.scale, t_softcap=t.softcap_value,
@@ -75,7 +75,7 @@ def fill_stats(student, teacher, target, stats, cfg: DistillConfig) -> None:
         student, student.stride(0), *_teacher_args(student, teacher), _or(target, stats), stats, stats.stride(0),
         vocab, cfg.inv_temp, cfg.ignore_index, hbm_bytes=stats_pass_bytes,
         DIVERGENCE=cfg.code, HAS_TEACHER=cfg.has_teacher, HAS_TARGET=cfg.has_target,
-        SEPARATE_CE_LSE=cfg.separate_ce_lse, BLOCK_V=block, **_transform_args(cfg),
+        SEPARATE_CE_LSE=cfg.separate_ce_lse, BLOCK_V=block, **transform_args(cfg),
         # Both models' tanh on top of the one-pass KL state spilled 16 B at 8 warps (sm_90a, V = 151,936): 16 warps.
         num_warps=tiles.num_warps(block, heavy=cfg.student_transform.has_softcap and cfg.teacher_transform.has_softcap),
     )
@@ -100,7 +100,7 @@ def fill_values(student, teacher, target, stats, cfg: DistillConfig) -> None:
         vocab, cfg.inv_temp, cfg.beta, cfg.log_beta, cfg.log_one_minus_beta, cfg.ignore_index,
         hbm_bytes=value_pass_bytes,
         DIVERGENCE=cfg.code, HAS_TARGET=cfg.has_target, BLOCK_V=block, num_warps=tiles.num_warps(block, heavy=True),
-        **_transform_args(cfg),
+        **transform_args(cfg),
     )
 
 
@@ -129,7 +129,7 @@ def write_grad(student, teacher, target, stats, cfg: DistillConfig, row_weight, 
         cfg.kd_weight * cfg.inv_temp, cfg.mle_weight, cfg.ignore_index, hbm_bytes=grad_pass_bytes,
         DIVERGENCE=cfg.code, HAS_TARGET=cfg.has_target, HAS_MLE=cfg.ce_in_grad,
         HAS_ROW_WEIGHT=row_weight is not None, HAS_TEACHER=cfg.has_teacher, SEPARATE_CE_LSE=cfg.separate_ce_lse,
-        BLOCK_V=block, num_warps=tiles.num_warps(block), **_transform_args(cfg),
+        BLOCK_V=block, num_warps=tiles.num_warps(block), **transform_args(cfg),
     )
 
 
